@@ -1,0 +1,103 @@
+"""The one source of configuration: args.json -> optional --config FILE -> command line.
+
+Every script builds its parser here from the keys of args.json whose group it uses, so a
+flag is declared once. Types come from the default values (lists take as many values as the
+default has, or any number when the default is empty; booleans are --key / --no-key).
+Unknown keys, on the command line or in a --config file, are errors that name the key and
+suggest the closest one.
+"""
+import argparse
+import difflib
+import json
+import os
+from pathlib import Path
+
+ARGS_FILE = Path(__file__).resolve().parent / "args.json"
+SCRIPT_GROUPS = {
+    "train": ("data", "loader", "model", "train", "common"),
+    "inference": ("inference", "loader", "common"),
+    "ensemble": ("ensemble",),
+}
+
+
+def load_spec(path=ARGS_FILE):
+    with open(path) as f:
+        return json.load(f)
+
+
+def default_config(script="train"):
+    """The defaults of a script's keys (environment variables applied), as a plain dict."""
+    spec = load_spec()
+    return {key: _env_default(entry) for key, entry in spec.items() if entry["group"] in SCRIPT_GROUPS[script]}
+
+
+def _env_default(entry):
+    value = os.environ.get(entry.get("env", ""), "")
+    return value if value else entry["default"]
+
+
+def _add_argument(parser, key, entry):
+    default, flag = entry["default"], f"--{key}"
+    kwargs = {"help": entry["help"], "default": argparse.SUPPRESS}
+    if isinstance(default, bool):
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+    elif isinstance(default, list):
+        item_type = type(default[0]) if default else str
+        nargs = len(default) if default else "*"
+        parser.add_argument(flag, type=item_type, nargs=nargs, metavar=key.upper(), **kwargs)
+    else:
+        parser.add_argument(flag, type=type(default), metavar=type(default).__name__.upper(), **kwargs)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # argparse says "unrecognized arguments: --lrr 0.1"; add the closest known flag.
+        if message.startswith("unrecognized arguments:"):
+            flags = [a for a in message.split(":", 1)[1].split() if a.startswith("--")]
+            hints = [_suggest(f[2:].split("=")[0], self.known_keys) for f in flags]
+            message += "".join(h for h in hints if h)
+        super().error(message)
+
+
+def _suggest(key, known):
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return f" (did you mean --{close[0]}?)" if close else ""
+
+
+def build_parser(script, description=None):
+    spec = load_spec()
+    parser = _Parser(description=description, allow_abbrev=False,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", default=argparse.SUPPRESS,
+                        help="JSON file of key: value overrides, applied before the command line")
+    keys = [k for k, e in spec.items() if e["group"] in SCRIPT_GROUPS[script]]
+    parser.known_keys = keys
+    for key in keys:
+        _add_argument(parser, key, spec[key])
+    return parser
+
+
+def read_config_file(path, known_keys):
+    """Read a flat JSON override file; unknown keys are an error naming the file and the key."""
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: cannot read config file {path}: {e}")
+    if not isinstance(values, dict):
+        raise SystemExit(f"error: config file {path} must hold a JSON object of key: value")
+    for key in values:
+        if key not in known_keys:
+            raise SystemExit(f"error: unknown key '{key}' in config file {path}{_suggest(key, known_keys)}")
+    return values
+
+
+def parse_config(script, argv=None, description=None):
+    """Resolve a script's configuration: args.json defaults, then --config FILE, then argv."""
+    parser = build_parser(script, description)
+    cli = vars(parser.parse_args(argv))
+    cfg = default_config(script)
+    if "config" in cli:
+        cfg.update(read_config_file(cli.pop("config"), parser.known_keys))
+    cfg.update(cli)
+    return cfg

@@ -1,0 +1,457 @@
+"""The competition data: reading and checking it, labels, corrections, splits by person,
+a decoded-image cache, augmentation presets and batch mixing.
+
+Layout read (exactly as the competition ships it):
+    train/train.csv                     id,gender,race,age,path
+    train/images/{path}/mask1..mask5, incorrect_mask, normal  (.jpg .jpeg .png, any case)
+    eval/info.csv                       ImageID,ans
+    eval/images/{ImageID}
+
+Everything here is a function of its arguments: no class attributes hold data, so a second
+dataset object never shares or duplicates the first one's state.
+"""
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from sklearn.model_selection import StratifiedGroupKFold
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+log = logging.getLogger("mask")
+
+# ---------------------------------------------------------------------------------------------
+# Labels
+MASK_FILES = {"mask1": 0, "mask2": 0, "mask3": 0, "mask4": 0, "mask5": 0, "incorrect_mask": 1, "normal": 2}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png"}
+GENDERS = {"male": 0, "female": 1}
+MASK_NAMES = ("wear", "incorrect", "not_wear")
+GENDER_NAMES = ("male", "female")
+AGE_NAMES = ("<30", "30-59", ">=60")
+NUM_CLASSES = 18
+# A pseudo-labelled or CSV-listed image knows only its age band; it gets this age for the
+# age-regression output (inside the band for any age_threshold from 31 to 65).
+BAND_AGES = (25, 45, 65)
+
+
+def age_band(age, age_threshold=60):
+    """0: age < 30, 1: 30 <= age < age_threshold, 2: age >= age_threshold (works on arrays)."""
+    age = np.asarray(age)
+    return np.where(age < 30, 0, np.where(age < age_threshold, 1, 2))
+
+
+def encode_class(mask, gender, band):
+    return np.asarray(mask) * 6 + np.asarray(gender) * 3 + np.asarray(band)
+
+
+def decode_class(label):
+    """18-class code -> (mask, gender, age band); works on ints, arrays and tensors."""
+    return label // 6, (label // 3) % 2, label % 3
+
+
+def class_name(label):
+    mask, gender, band = decode_class(int(label))
+    return f"{MASK_NAMES[mask]}/{GENDER_NAMES[gender]}/{AGE_NAMES[band]}"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and what is wrong."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and checking
+def read_csv(path, columns):
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot parse CSV ({e})")
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {list(table.columns)}")
+    return table
+
+
+def train_root(data_dir):
+    """Accept the train folder or its images/ folder (the starter code pointed at images/)."""
+    data_dir = Path(data_dir)
+    return data_dir.parent if data_dir.name == "images" and not (data_dir / "train.csv").exists() else data_dir
+
+
+def read_people(data_dir):
+    """train.csv as a table of people: id (string), gender (0/1), age (int), path (folder)."""
+    csv_path = train_root(data_dir) / "train.csv"
+    people = read_csv(csv_path, ["id", "gender", "race", "age", "path"])
+    for row, rec in enumerate(people.itertuples(), start=2):  # line 1 is the header
+        if not rec.age.strip().isdigit():
+            raise DataError(f"{csv_path}: line {row}: age '{rec.age}' is not a whole number")
+        if rec.gender.strip().lower() not in GENDERS:
+            raise DataError(f"{csv_path}: line {row}: gender '{rec.gender}' is not male or female")
+    duplicated = people["id"][people["id"].duplicated()].tolist()
+    if duplicated:
+        raise DataError(f"{csv_path}: duplicate id(s) {duplicated[:10]}")
+    return pd.DataFrame({
+        "id": people["id"].str.strip(),
+        "gender": people["gender"].str.strip().str.lower().map(GENDERS).astype(int),
+        "age": people["age"].astype(int),
+        "path": people["path"].str.strip(),
+    })
+
+
+def person_images(folder):
+    """The 7 image files of a person folder as {stem: path}; anything missing or extra is an error.
+    Hidden files (names starting with '.', such as the macOS '._mask1.jpg' copies in the
+    competition archive) are not images and are ignored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: person folder not found")
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        stem, ext = path.stem, path.suffix.lower()
+        if stem not in MASK_FILES or ext not in IMAGE_EXTENSIONS:
+            raise DataError(f"{path}: unexpected file (expected {sorted(MASK_FILES)} as .jpg/.jpeg/.png)")
+        if stem in found:
+            raise DataError(f"{folder}: two files for {stem}: {found[stem].name} and {path.name}")
+        found[stem] = path
+    missing = sorted(set(MASK_FILES) - set(found))
+    if missing:
+        raise DataError(f"{folder}: missing image(s) {missing}")
+    return found
+
+
+def read_train_images(data_dir, corrections="", source="train"):
+    """One row per image: id, file, image_path, mask, gender, age, source."""
+    root = train_root(data_dir)
+    people = read_people(root)
+    files = {rec.id: person_images(root / "images" / rec.path) for rec in people.itertuples()}
+    if corrections:
+        people, files = apply_corrections(people, files, corrections)
+    rows = [
+        {"id": rec.id, "file": stem, "image_path": str(path), "mask": MASK_FILES[stem],
+         "gender": rec.gender, "age": rec.age, "source": source}
+        for rec in people.itertuples() for stem, path in files[rec.id].items()
+    ]
+    return pd.DataFrame(rows)
+
+
+def read_eval_images(eval_dir):
+    """info.csv in its order, with the path of every image (missing images are an error)."""
+    eval_dir = Path(eval_dir)
+    info = read_csv(eval_dir / "info.csv", ["ImageID", "ans"])
+    paths = [eval_dir / "images" / image_id for image_id in info["ImageID"]]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"{eval_dir / 'info.csv'}: {len(missing)} listed image(s) not found, e.g. {missing[:3]}")
+    duplicated = info["ImageID"][info["ImageID"].duplicated()].tolist()
+    if duplicated:
+        raise DataError(f"{eval_dir / 'info.csv'}: duplicate ImageID(s) {duplicated[:5]}")
+    return pd.DataFrame({"ImageID": info["ImageID"], "image_path": [str(p) for p in paths]})
+
+
+def read_label_csv(csv_path, source):
+    """A CSV of extra training images: path (relative to the CSV), class (0..17), optional age."""
+    csv_path = Path(csv_path)
+    table = read_csv(csv_path, ["path", "class"])
+    labels = pd.to_numeric(table["class"], errors="coerce")
+    bad = table["class"][labels.isna() | ~labels.between(0, NUM_CLASSES - 1)].tolist()
+    if bad:
+        raise DataError(f"{csv_path}: class value(s) {bad[:5]} are not integers 0..17")
+    labels = labels.astype(int).to_numpy()
+    mask, gender, band = decode_class(labels)
+    ages = table["age"].astype(int).to_numpy() if "age" in table else np.take(BAND_AGES, band)
+    paths = [str((csv_path.parent / p).resolve()) for p in table["path"]]
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"{csv_path}: {len(missing)} listed image(s) not found, e.g. {missing[:3]}")
+    return pd.DataFrame({"id": [f"{source}:{Path(p).stem}" for p in paths], "file": [Path(p).stem for p in paths],
+                         "image_path": paths, "mask": mask, "gender": gender, "age": ages, "source": source})
+
+
+def read_extra(paths):
+    """Extra training-only data: competition-layout folders or label CSVs, ids prefixed by source."""
+    tables = []
+    for k, path in enumerate(paths):
+        source = f"extra{k}"
+        if Path(path).is_dir():
+            table = read_train_images(path, source=source)
+            table["id"] = source + ":" + table["id"]
+        else:
+            table = read_label_csv(path, source)
+        log.info("extra data %s: %d images", path, len(table))
+        tables.append(table)
+    return tables
+
+
+def add_labels(images, age_threshold):
+    """Add age_band and the 18-class label from mask, gender and age."""
+    images = images.copy()
+    images["age_band"] = age_band(images["age"], age_threshold)
+    images["label"] = encode_class(images["mask"], images["gender"], images["age_band"])
+    return images
+
+
+# ---------------------------------------------------------------------------------------------
+# Corrections
+def apply_corrections(people, files, corrections_csv):
+    """Apply a corrections CSV (id,field,value), one log line per correction.
+    field gender: male / female / flip; field age: a whole number;
+    field swap: two file stems separated by a space, e.g. 'incorrect_mask normal'."""
+    table = read_csv(corrections_csv, ["id", "field", "value"])
+    people = people.set_index("id", drop=False)
+    files = {k: dict(v) for k, v in files.items()}
+    for row, rec in enumerate(table.itertuples(), start=2):
+        where = f"{corrections_csv}: line {row}"
+        if rec.id not in people.index:
+            log.warning("%s: id %s is not in the data; correction not applied", where, rec.id)
+            continue
+        if rec.field == "gender":
+            old = int(people.at[rec.id, "gender"])
+            new = 1 - old if rec.value == "flip" else GENDERS.get(rec.value)
+            if new is None:
+                raise DataError(f"{where}: gender value '{rec.value}' is not male, female or flip")
+            people.at[rec.id, "gender"] = new
+            log.info("correction %s: gender %s -> %s", rec.id, GENDER_NAMES[old], GENDER_NAMES[new])
+        elif rec.field == "age":
+            if not rec.value.isdigit():
+                raise DataError(f"{where}: age value '{rec.value}' is not a whole number")
+            log.info("correction %s: age %s -> %s", rec.id, people.at[rec.id, "age"], rec.value)
+            people.at[rec.id, "age"] = int(rec.value)
+        elif rec.field == "swap":
+            stems = rec.value.split()
+            if len(stems) != 2 or not set(stems) <= set(MASK_FILES):
+                raise DataError(f"{where}: swap value '{rec.value}' must be two of {sorted(MASK_FILES)}")
+            a, b = stems
+            files[rec.id][a], files[rec.id][b] = files[rec.id][b], files[rec.id][a]
+            log.info("correction %s: swapped %s and %s", rec.id, a, b)
+        else:
+            raise DataError(f"{where}: field '{rec.field}' is not gender, age or swap")
+    return people.reset_index(drop=True), files
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits by person
+def num_folds(val_ratio):
+    if not 0 < val_ratio < 1:
+        raise ValueError(f"val_ratio must be between 0 and 1 for a split, got {val_ratio}")
+    return max(2, round(1 / val_ratio))
+
+
+def assign_folds(images, n_folds, seed):
+    """Fold of every person: stratified group k-fold over images, stratified on gender x age
+    band, grouped by person, so all of a person's images fall in one fold."""
+    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    strata = images["gender"] * 3 + images["age_band"]
+    fold_of = {}
+    for fold, (_, valid_idx) in enumerate(splitter.split(images, strata, groups=images["id"])):
+        fold_of.update({pid: fold for pid in images["id"].iloc[valid_idx]})
+    return images["id"].map(fold_of).astype(int)
+
+
+def load_training_images(cfg):
+    """All training images with labels and a fold column (-1 for extra data: train only),
+    after corrections, relabeling and dropping of cfg['drop_ages'] from training people."""
+    images = add_labels(read_train_images(cfg["data_dir"], cfg["corrections"]), cfg["age_threshold"])
+    images["fold"] = assign_folds(images, num_folds(cfg["val_ratio"]), cfg["seed"]) if cfg["val_ratio"] > 0 else -1
+    extra = [add_labels(t, cfg["age_threshold"]).assign(fold=-1) for t in read_extra(cfg["extra_data"])]
+    return pd.concat([images, *extra], ignore_index=True)
+
+
+def split_train_valid(images, fold, drop_ages=()):
+    """Training and validation rows for one fold (fold None: everybody trains, validation is
+    None); drop_ages leave training only."""
+    in_valid = images["fold"] == fold if fold is not None else np.zeros(len(images), bool)
+    train = images[~in_valid & ~images["age"].isin(list(drop_ages))].reset_index(drop=True)
+    if fold is None:
+        return train, None
+    valid = images[in_valid].reset_index(drop=True)
+    assert not set(train["id"]) & set(valid["id"]), "a person is on both sides of the split"
+    return train, valid
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding and the decoded-image cache
+def decode_image(path, size, center_crop=(1.0, 1.0)):
+    """Read an image as RGB, keep the central fraction center_crop (h, w), resize to size (h, w);
+    returns a uint8 array (h, w, 3). Raises DataError naming the file if it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if tuple(center_crop) != (1.0, 1.0):
+                w, h = img.size
+                cw, ch = w * center_crop[1], h * center_crop[0]
+                img = img.crop((round((w - cw) / 2), round((h - ch) / 2), round((w + cw) / 2), round((h + ch) / 2)))
+            img = img.resize((size[1], size[0]), Image.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: unreadable or truncated image ({e})")
+
+
+class _DecodeAll(Dataset):
+    """Decodes images for building the cache; returns (index, array or None, error)."""
+
+    def __init__(self, paths, size, center_crop):
+        self.paths, self.size, self.center_crop = paths, size, center_crop
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            return i, decode_image(self.paths[i], self.size, self.center_crop), ""
+        except DataError as e:
+            return i, np.zeros((*self.size, 3), np.uint8), str(e)
+
+
+def cache_key(paths, size, center_crop):
+    """Changes whenever a file, its size or modification time, the order or the size changes."""
+    h = hashlib.sha1(json.dumps([list(size), list(center_crop)]).encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:20]
+
+
+def build_cache(paths, size, center_crop, cache_dir, num_workers=0):
+    """Decode every image once into cache_dir/<key>.npy (uint8, N x H x W x 3) and return
+    (path to the array file, list of per-image error messages, '' for a good image).
+    Written under a temporary name and renamed when complete, so an interrupted build never
+    leaves a half-written cache behind; later runs with the same files and size reuse it."""
+    from tqdm import tqdm
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = cache_key(paths, size, center_crop)
+    array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
+    if array_path.exists() and meta_path.exists():
+        return array_path, json.loads(meta_path.read_text())["errors"]
+    tmp_path = cache_dir / f"{key}.tmp{os.getpid()}.npy"
+    array = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(paths), *size, 3))
+    errors = [""] * len(paths)
+    loader = DataLoader(_DecodeAll(paths, tuple(size), tuple(center_crop)), batch_size=32,
+                        num_workers=num_workers, collate_fn=lambda batch: batch)
+    for batch in tqdm(loader, desc=f"decoding {len(paths)} images into the cache", unit="batch", leave=False):
+        for i, img, err in batch:
+            array[i], errors[i] = img, err
+    array.flush()
+    del array
+    os.replace(tmp_path, array_path)
+    meta_path.write_text(json.dumps({"size": list(size), "center_crop": list(center_crop), "count": len(paths),
+                                     "errors": errors}))
+    return array_path, errors
+
+
+def check_decode_errors(paths, errors, skip_bad_images):
+    """Raise on the first unreadable image, or (skip_bad_images) return the indices to keep and
+    the skipped (path, error) list, which the caller writes to the run folder."""
+    bad = [(p, e) for p, e in zip(paths, errors) if e]
+    if bad and not skip_bad_images:
+        raise DataError(f"{bad[0][1]} ({len(bad)} bad image(s) in all; --skip_bad_images lists and skips them)")
+    keep = [i for i, e in enumerate(errors) if not e]
+    return keep, bad
+
+
+class FaceDataset(Dataset):
+    """Images (from a cache array file, or decoded on each access) with their labels.
+    Items: (uint8 image tensor C x H x W transformed by `transform`, label, age, index)."""
+
+    def __init__(self, paths, labels, ages, size, center_crop, transform, cache_file=None, rows=None):
+        self.paths, self.labels, self.ages = list(paths), np.asarray(labels), np.asarray(ages, np.float32)
+        self.size, self.center_crop, self.transform = tuple(size), tuple(center_crop), transform
+        self.cache_file, self.rows = cache_file, rows  # rows: index of each item in the cache array
+        self._array = None  # opened lazily, once per worker process
+
+    def __len__(self):
+        return len(self.paths)
+
+    def image(self, i):
+        if self.cache_file is None:
+            return decode_image(self.paths[i], self.size, self.center_crop)
+        if self._array is None:
+            self._array = np.load(self.cache_file, mmap_mode="r")
+        return np.array(self._array[self.rows[i]])
+
+    def __getitem__(self, i):
+        img = torch.from_numpy(self.image(i)).permute(2, 0, 1)
+        return self.transform(img), int(self.labels[i]), self.ages[i], i
+
+
+def make_dataset(table, cfg, transform, skip_log=None):
+    """A FaceDataset over a table with image_path (and label/age when known), using the cache
+    when cfg['cache_dir'] is set. Unreadable images raise, or with skip_bad_images are dropped
+    and appended to skip_log (a list) so the caller can write them out."""
+    paths = table["image_path"].tolist()
+    labels = table["label"].to_numpy() if "label" in table else np.zeros(len(table), int)
+    ages = table["age"].to_numpy() if "age" in table else np.zeros(len(table))
+    size, crop = tuple(cfg["resize"]), tuple(cfg["center_crop"])
+    if not cfg["cache_dir"]:
+        return FaceDataset(paths, labels, ages, size, crop, transform)
+    cache_file, errors = build_cache(paths, size, crop, cfg["cache_dir"], cfg["num_workers"])
+    keep, bad = check_decode_errors(paths, errors, cfg["skip_bad_images"])
+    if skip_log is not None:
+        skip_log.extend(bad)
+    return FaceDataset([paths[i] for i in keep], labels[keep], ages[keep], size, crop, transform,
+                       cache_file=cache_file, rows=keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Augmentation (on uint8 tensors, after the cache) and batch mixing
+def build_transform(preset, size, mean, std):
+    """plain: normalize only (validation and inference always use it); light: flip and mild
+    brightness/contrast; strong: random resized crop, flip, colour jitter, grayscale, Gaussian
+    noise and random erasing (the techniques of the competition reports)."""
+    to_float = [v2.ToDtype(torch.float32, scale=True)]
+    normalize = [v2.Normalize(mean, std)]
+    if preset == "plain":
+        steps = to_float + normalize
+    elif preset == "light":
+        steps = [v2.RandomHorizontalFlip(), v2.ColorJitter(brightness=0.1, contrast=0.1)] + to_float + normalize
+    elif preset == "strong":
+        ratio = size[1] / size[0]
+        steps = [v2.RandomResizedCrop(tuple(size), scale=(0.7, 1.0), ratio=(ratio * 0.9, ratio * 1.1), antialias=True),
+                 v2.RandomHorizontalFlip(), v2.ColorJitter(0.2, 0.2, 0.2, 0.02), v2.RandomGrayscale(0.1),
+                 ] + to_float + [v2.GaussianNoise(sigma=0.03)] + normalize + [v2.RandomErasing(p=0.25)]
+    else:
+        raise ValueError(f"augmentation '{preset}' is not plain, light or strong")
+    return v2.Compose(steps)
+
+
+def mix_batch(images, mode, alpha):
+    """Mix a batch with a shuffled copy of itself. Returns (images, permutation, lam): the loss
+    is lam * loss(targets) + (1 - lam) * loss(targets[permutation]).
+    mixup blends whole images; cutmix pastes a random box; vertical_cutmix takes the left half
+    from one face and the right half from another (lam = share of area kept).
+    Draws from torch's global generator, which train.py reseeds every epoch."""
+    perm = torch.randperm(images.size(0)).to(images.device)
+    if mode == "mixup":
+        lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha > 0 else 0.5
+        return lam * images + (1 - lam) * images[perm], perm, lam
+    h, w = images.shape[-2:]
+    mixed = images.clone()
+    if mode == "vertical_cutmix":
+        mixed[..., w // 2:] = images[perm][..., w // 2:]
+        return mixed, perm, (w // 2) / w
+    if mode == "cutmix":
+        lam = float(torch.distributions.Beta(alpha, alpha).sample()) if alpha > 0 else 0.5
+        cut_h, cut_w = int(h * (1 - lam) ** 0.5), int(w * (1 - lam) ** 0.5)
+        cy, cx = (int(torch.randint(n, (1,))) for n in (h, w))
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+        mixed[..., y0:y1, x0:x1] = images[perm][..., y0:y1, x0:x1]
+        return mixed, perm, 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    raise ValueError(f"mix '{mode}' is not none, mixup, cutmix or vertical_cutmix")
+
+
+def class_balanced_weights(labels):
+    """Per-sample weights 1 / (count of its class) for a WeightedRandomSampler."""
+    counts = np.bincount(labels, minlength=NUM_CLASSES)
+    return torch.as_tensor(1.0 / counts[labels], dtype=torch.double)

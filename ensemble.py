@@ -1,0 +1,156 @@
+"""Combine the eval predictions of several runs into one submission.
+
+    python ensemble.py --members runs/a runs/b runs/c                     # soft voting
+    python ensemble.py --members runs/a runs/b --member_weights 2 1
+    python ensemble.py --members runs/a runs/b runs/c --method hard       # ties: best validation F1
+    python ensemble.py --members runs/a runs/b runs/c --method per_task --task_members 0 1 2
+    make ensemble RUNS="runs/a runs/b" METHOD=soft
+
+A member is a run folder (its eval_probs.csv, written by inference.py, and its validation or
+out-of-fold probabilities) or an eval_probs.csv file. Members must cover the same ImageIDs.
+Besides the submission, it writes <submission>.report.json: agreement between members and,
+where validation probabilities of the same images exist, each member's and the ensemble's F1.
+"""
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from config import parse_config
+from dataset import NUM_CLASSES, encode_class
+from train import score, setup_logging
+from inference import write_submission
+
+log = logging.getLogger("mask")
+PROB_COLUMNS = [f"p{c}" for c in range(NUM_CLASSES)]
+
+
+class Member:
+    """One ensemble member: eval probabilities (ImageID order kept) and, when the run has them,
+    validation probabilities keyed by image path with true labels."""
+
+    def __init__(self, path):
+        path = Path(path)
+        self.name = str(path)
+        eval_file = path / "eval_probs.csv" if path.is_dir() else path
+        if not eval_file.is_file():
+            raise SystemExit(f"error: {eval_file} not found (run inference.py --run {path} first)")
+        self.eval = pd.read_csv(eval_file)
+        missing = [c for c in ["ImageID", *PROB_COLUMNS] if c not in self.eval.columns]
+        if missing:
+            raise SystemExit(f"error: {eval_file} lacks column(s) {missing}")
+        run_dir = path if path.is_dir() else path.parent
+        self.valid = None
+        for name in ("oof_probs.csv", "valid_probs.csv"):
+            if (run_dir / name).is_file():
+                self.valid = pd.read_csv(run_dir / name).set_index("image_path")
+                break
+        self.valid_f1 = score(self.valid["label"], self.valid["pred"])["f1"] if self.valid is not None else None
+
+    @property
+    def probs(self):
+        return self.eval[PROB_COLUMNS].to_numpy()
+
+
+def check_same_ids(members):
+    """Refuse members whose ImageIDs differ, naming the ids."""
+    reference = members[0]
+    for m in members[1:]:
+        if m.eval["ImageID"].tolist() != reference.eval["ImageID"].tolist():
+            a, b = set(reference.eval["ImageID"]), set(m.eval["ImageID"])
+            only_a, only_b = sorted(a - b)[:5], sorted(b - a)[:5]
+            detail = f"only in {reference.name}: {only_a}; only in {m.name}: {only_b}" if a != b else "same ids in another order"
+            raise SystemExit(f"error: members {reference.name} and {m.name} have different ImageIDs ({detail})")
+
+
+def soft_vote(probs, weights=None):
+    """Weighted mean of the members' probabilities (list of N x 18 arrays)."""
+    weights = np.ones(len(probs)) if not weights else np.asarray(weights, float)
+    return sum(w * p for w, p in zip(weights, probs)) / weights.sum()
+
+
+def hard_vote(preds, member_f1=None):
+    """Majority class per image; a tie goes to the tied class of the member with the best
+    validation F1 (member order when F1s are unknown)."""
+    preds = np.asarray(preds)  # members x images
+    order = np.argsort(-np.nan_to_num(np.asarray(member_f1, float), nan=-1), kind="stable") if member_f1 else np.arange(len(preds))
+    result = np.empty(preds.shape[1], int)
+    for i in range(preds.shape[1]):
+        counts = np.bincount(preds[:, i], minlength=NUM_CLASSES)
+        tied = set(np.flatnonzero(counts == counts.max()))
+        result[i] = next(preds[m, i] for m in order if preds[m, i] in tied)
+    return result
+
+
+def per_task(probs, task_members):
+    """Mask from member a, gender from member b, age from member c (indices into probs)."""
+    a, b, c = task_members
+    grids = [p.reshape(-1, 3, 2, 3) for p in probs]
+    mask = grids[a].sum((2, 3)).argmax(1)
+    gender = grids[b].sum((1, 3)).argmax(1)
+    age = grids[c].sum((1, 2)).argmax(1)
+    return encode_class(mask, gender, age)
+
+
+def combine(probs, cfg, member_f1=None):
+    method = cfg["method"]
+    if method == "soft":
+        return soft_vote(probs, cfg["member_weights"]).argmax(1)
+    if method == "hard":
+        return hard_vote([p.argmax(1) for p in probs], member_f1)
+    if method == "per_task":
+        if len(cfg["task_members"]) != 3 or max(cfg["task_members"]) >= len(probs):
+            raise SystemExit("error: per_task needs --task_members A B C (member indices for mask, gender, age)")
+        return per_task(probs, cfg["task_members"])
+    raise SystemExit(f"error: method '{method}' is not soft, hard or per_task")
+
+
+def validation_report(members, cfg):
+    """Each member's and the ensemble's F1 on the validation images all members share."""
+    if any(m.valid is None for m in members):
+        return {}
+    shared = sorted(set.intersection(*(set(m.valid.index) for m in members)))
+    if not shared:
+        return {}
+    labels = members[0].valid.loc[shared, "label"].to_numpy()
+    probs = [m.valid.loc[shared, PROB_COLUMNS].to_numpy() for m in members]
+    f1s = [score(labels, p.argmax(1))["f1"] for p in probs]
+    return {"images": len(shared), "member_f1": f1s, "ensemble": score(labels, combine(probs, cfg, f1s))}
+
+
+def main(cfg):
+    setup_logging()
+    if not cfg["members"]:
+        raise SystemExit("error: give the members with --members RUN_OR_CSV ...")
+    members = [Member(p) for p in cfg["members"]]
+    check_same_ids(members)
+    probs = [m.probs for m in members]
+    preds = combine(probs, cfg, [m.valid_f1 for m in members])
+    member_preds = [p.argmax(1) for p in probs]
+    report = {
+        "method": cfg["method"], "members": [m.name for m in members],
+        "member_valid_f1": [m.valid_f1 for m in members],
+        "agreement": [[float((a == b).mean()) for b in member_preds] for a in member_preds],
+        "agreement_with_ensemble": [float((p == preds).mean()) for p in member_preds],
+        "validation": validation_report(members, cfg),
+    }
+    out = Path(cfg["submission"])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_submission(members[0].eval["ImageID"], preds, out.parent)
+    if out.name != "submission.csv":
+        (out.parent / "submission.csv").replace(out)
+    Path(f"{out}.report.json").write_text(json.dumps(report, indent=2))
+    for name, f1, agree in zip(report["members"], report["member_valid_f1"], report["agreement_with_ensemble"]):
+        log.info("member %s: validation F1 %s, agrees with the ensemble on %.1f%%", name,
+                 "n/a" if f1 is None else f"{f1:.4f}", 100 * agree)
+    if report["validation"]:
+        log.info("ensemble validation macro F1 %.4f on %d shared images", report["validation"]["ensemble"]["f1"],
+                 report["validation"]["images"])
+    log.info("wrote %s and %s.report.json", out, out)
+    return out, report
+
+
+if __name__ == "__main__":
+    main(parse_config("ensemble", description=__doc__))

@@ -1,0 +1,124 @@
+"""Predict eval/info.csv with a trained run and write a submission.
+
+    python inference.py --run runs/exp                    # submission.csv + eval_probs.csv in the run
+    python inference.py --run runs/kfold --tta flip_crops  # a k-fold run: its folds are averaged
+    python inference.py --run runs/exp --eval_dir data/eval --output_dir out
+    python inference.py --run runs/exp --pseudo_threshold 0.95   # also pseudo_labels.csv
+
+The model, image size and normalization come from the run's saved config; only where to read,
+where to write, batch size, device and TTA are chosen here.
+"""
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+
+from config import parse_config
+from dataset import NUM_CLASSES, build_transform, make_dataset, read_eval_images, train_root
+from model import create_model, task_probabilities
+from train import autocast_for, predict, probs_table, resolve_device, setup_logging, write_csv_atomic
+
+log = logging.getLogger("mask")
+
+
+def find_checkpoints(run_dir, checkpoint="best"):
+    """best.pt / last.pt of a run, or of each fold<k>/ of a k-fold run."""
+    run_dir = Path(run_dir)
+    if (run_dir / f"{checkpoint}.pt").is_file():
+        return [run_dir / f"{checkpoint}.pt"]
+    folds = sorted(run_dir.glob(f"fold*/{checkpoint}.pt"))
+    if not folds:
+        raise SystemExit(f"error: no {checkpoint}.pt in {run_dir} or its fold folders")
+    return folds
+
+
+def load_model(path, device):
+    """Rebuild a model from a checkpoint alone (its saved config), no ImageNet download."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = create_model(ckpt["config"], pretrained=False)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt["config"]
+
+
+def default_eval_dir(train_cfg):
+    """The competition ships train/ and eval/ side by side."""
+    return str(train_root(train_cfg["data_dir"]).parent / "eval")
+
+
+def predict_eval(checkpoints, cfg, device):
+    """Mean 18-class probabilities of the checkpoints over eval/info.csv, and the info table."""
+    autocast, _ = autocast_for(device, True)
+    total, images = 0, None
+    for path in checkpoints:
+        model, train_cfg = load_model(path, device)
+        eval_dir = cfg["eval_dir"] or default_eval_dir(train_cfg)
+        images = read_eval_images(eval_dir)
+        data_cfg = {**train_cfg, "cache_dir": cfg["cache_dir"], "num_workers": cfg["num_workers"], "skip_bad_images": False}
+        dataset = make_dataset(images, data_cfg, build_transform("plain", train_cfg["resize"], train_cfg["mean"], train_cfg["std"]))
+        loader = DataLoader(dataset, batch_size=cfg["valid_batch_size"], num_workers=cfg["num_workers"])
+        channels_last = train_cfg["channels_last"]
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        log.info("predicting %d images of %s with %s (tta %s)", len(dataset), eval_dir, path, cfg["tta"])
+        total = total + predict(model, loader, device, autocast, channels_last, cfg["tta"])
+    return total / len(checkpoints), images
+
+
+def check_submission(submission, info_ids):
+    """Every ImageID of info.csv exactly once, in its order, and every class in 0..17."""
+    if submission["ImageID"].tolist() != list(info_ids):
+        raise ValueError("submission ImageIDs differ from info.csv (missing, extra, duplicated or reordered)")
+    bad = submission["ans"][~submission["ans"].between(0, NUM_CLASSES - 1)]
+    if len(bad):
+        raise ValueError(f"submission has classes outside 0..17: {bad.unique()[:5]}")
+
+
+def eval_probs_table(image_ids, probs):
+    """ImageID, p0..p17, pred, and the per-task probabilities (mask0-2, gender0-1, age0-2)."""
+    table = probs_table(image_ids, probs)
+    for task, p in task_probabilities(torch.from_numpy(probs)).items():
+        for k in range(p.shape[1]):
+            table[f"{task}{k}"] = p[:, k].numpy()
+    return table
+
+
+def write_submission(image_ids, preds, out_dir):
+    submission = pd.DataFrame({"ImageID": list(image_ids), "ans": np.asarray(preds, dtype=int)})
+    check_submission(submission, image_ids)
+    write_csv_atomic(submission, Path(out_dir) / "submission.csv")
+    return Path(out_dir) / "submission.csv"
+
+
+def write_pseudo_labels(images, probs, threshold, path):
+    """Eval images whose top probability is at least threshold, as a label CSV (path,class)
+    that train.py takes with --extra_data."""
+    confident = probs.max(1) >= threshold
+    table = pd.DataFrame({"path": [str(Path(p).resolve()) for p in images["image_path"][confident]],
+                          "class": probs.argmax(1)[confident]})
+    write_csv_atomic(table, path)
+    log.info("pseudo labels: %d of %d eval images at probability >= %.2f -> %s", len(table), len(probs), threshold, path)
+    return path
+
+
+def main(cfg):
+    setup_logging()
+    if not cfg["run"]:
+        raise SystemExit("error: give a run folder with --run RUN")
+    device = resolve_device(cfg["device"])
+    checkpoints = [c for run in cfg["run"] for c in find_checkpoints(run, cfg["checkpoint"])]
+    probs, images = predict_eval(checkpoints, cfg, device)
+    out_dir = Path(cfg["output_dir"] or cfg["run"][0])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv_atomic(eval_probs_table(images["ImageID"], probs), out_dir / "eval_probs.csv")
+    path = write_submission(images["ImageID"], probs.argmax(1), out_dir)
+    if cfg["pseudo_threshold"] > 0:
+        write_pseudo_labels(images, probs, cfg["pseudo_threshold"], out_dir / "pseudo_labels.csv")
+    log.info("wrote %s and %s", path, out_dir / "eval_probs.csv")
+    return path
+
+
+if __name__ == "__main__":
+    main(parse_config("inference", description=__doc__))

@@ -1,0 +1,98 @@
+"""Losses: cross-entropy, focal, label smoothing (optionally only towards adjacent age bands),
+a soft macro-F1 loss, and MSE for the age regression output, combined per head with weights
+from the config. `Criterion(outputs, targets)` returns (total, {part: detached value}) for logging."""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dataset import NUM_CLASSES, decode_class
+
+CRITERIA = ("cross_entropy", "focal", "label_smoothing", "f1")
+
+
+def soft_targets(target, num_classes, smoothing=0.0, age_smoothing=0.0, age_band_of=None):
+    """Target distributions (B x C). `smoothing` spreads over all other classes;
+    `age_smoothing` moves mass only to the classes whose age band is next to the true one (and
+    which agree on everything else). age_band_of[c] is the age band of class c, None if the
+    classes are not age-banded."""
+    dist = F.one_hot(target, num_classes).float()
+    if age_smoothing > 0 and age_band_of is not None:
+        band = age_band_of.to(target.device)
+        # neighbours: the classes next to the true one whose age band is one step away
+        offset = torch.arange(num_classes, device=target.device)[None, :] - target[:, None]
+        neighbour = (offset.abs() == 1) & (band[None, :] - band[target][:, None] == offset)
+        share = neighbour.float() / neighbour.float().sum(1, keepdim=True).clamp(min=1)
+        has = neighbour.any(1, keepdim=True).float()
+        dist = dist * (1 - age_smoothing * has) + age_smoothing * share
+    if smoothing > 0:
+        dist = dist * (1 - smoothing) + (1 - dist) * smoothing / (num_classes - 1)
+    return dist
+
+
+def focal_loss(logits, target_dist, gamma=2.0, weight=None):
+    """Focal loss (Lin et al.) on soft targets: -sum_c w_c t_c (1 - p_c)^gamma log p_c.
+    With gamma 0 and no weights it is the cross-entropy."""
+    log_p = logits.float().log_softmax(1)
+    per_class = -target_dist * (1 - log_p.exp()) ** gamma * log_p
+    if weight is not None:
+        per_class = per_class * weight[None, :]
+    return per_class.sum(1).mean()
+
+
+def soft_f1_loss(logits, target, num_classes, eps=1e-7):
+    """1 - soft macro F1, with probabilities standing in for hard predictions (differentiable)."""
+    p = logits.float().softmax(1)
+    t = F.one_hot(target, num_classes).float()
+    tp, fp, fn = (p * t).sum(0), (p * (1 - t)).sum(0), ((1 - p) * t).sum(0)
+    f1 = 2 * tp / (2 * tp + fp + fn + eps)
+    return 1 - f1.mean()
+
+
+def frequency_weights(labels, num_classes):
+    """1 - frequency of each class in the training labels (the reports' class weights)."""
+    freq = np.bincount(labels, minlength=num_classes) / max(len(labels), 1)
+    return torch.tensor(1 - freq, dtype=torch.float32)
+
+
+class Criterion:
+    """The training loss of a config. Targets: 18-class labels (B) and ages in years (B)."""
+
+    def __init__(self, cfg, train_labels=None):
+        if cfg["criterion"] not in CRITERIA:
+            raise ValueError(f"criterion '{cfg['criterion']}' is not one of {CRITERIA}")
+        self.cfg = cfg
+        self.head_weights = ({"logits": 1.0} if cfg["head"] == "single" else
+                             {"mask": cfg["mask_weight"], "gender": cfg["gender_weight"], "age": cfg["age_weight"]})
+        self.class_weights = {}
+        if cfg["class_weights"] and train_labels is not None:
+            mask, gender, band = decode_class(np.asarray(train_labels))
+            task_labels = {"logits": train_labels, "mask": mask, "gender": gender, "age": band}
+            self.class_weights = {h: frequency_weights(task_labels[h], self.num_classes(h)) for h in self.head_weights}
+
+    @staticmethod
+    def num_classes(head):
+        return {"logits": NUM_CLASSES, "mask": 3, "gender": 2, "age": 3}[head]
+
+    def head_loss(self, head, logits, target):
+        cfg, n = self.cfg, self.num_classes(head)
+        if cfg["criterion"] == "f1":
+            return soft_f1_loss(logits, target, n)
+        band_of = (torch.arange(n) % 3) if head in ("logits", "age") else None
+        smoothing = cfg["label_smoothing"] if cfg["criterion"] == "label_smoothing" else 0.0
+        dist = soft_targets(target, n, smoothing, cfg["age_smoothing"], band_of)
+        gamma = cfg["focal_gamma"] if cfg["criterion"] == "focal" else 0.0
+        weight = self.class_weights.get(head)
+        loss = focal_loss(logits, dist, gamma, None if weight is None else weight.to(logits.device))
+        if cfg["f1_weight"] > 0:
+            loss = loss + cfg["f1_weight"] * soft_f1_loss(logits, target, n)
+        return loss
+
+    def __call__(self, outputs, labels, ages):
+        mask, gender, band = decode_class(labels)
+        targets = {"logits": labels, "mask": mask, "gender": gender, "age": band}
+        parts = {h: self.head_loss(h, outputs[h], targets[h]) for h in self.head_weights}
+        total = sum(w * parts[h] for h, w in self.head_weights.items())
+        if "age_value" in outputs:
+            parts["age_value"] = F.mse_loss(outputs["age_value"].float(), ages.float() / 100)
+            total = total + self.cfg["age_regression"] * parts["age_value"]
+        return total, {k: v.detach() for k, v in parts.items()}

