@@ -17,6 +17,7 @@ SCRIPT_GROUPS = {
     "train": ("data", "loader", "model", "train", "common"),
     "inference": ("inference", "loader", "common"),
     "ensemble": ("ensemble",),
+    "score": ("score",),
 }
 
 
@@ -25,10 +26,16 @@ def load_spec(path=ARGS_FILE):
         return json.load(f)
 
 
+def script_keys(script, spec):
+    """The keys a script uses: those whose group (a name or a list of names) it reads."""
+    groups = set(SCRIPT_GROUPS[script])
+    return [k for k, e in spec.items() if groups & ({e["group"]} if isinstance(e["group"], str) else set(e["group"]))]
+
+
 def default_config(script="train"):
     """The defaults of a script's keys (environment variables applied), as a plain dict."""
     spec = load_spec()
-    return {key: _env_default(entry) for key, entry in spec.items() if entry["group"] in SCRIPT_GROUPS[script]}
+    return {key: _env_default(spec[key]) for key in script_keys(script, spec)}
 
 
 def _env_default(entry):
@@ -70,7 +77,7 @@ def build_parser(script, description=None):
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", default=argparse.SUPPRESS,
                         help="JSON file of key: value overrides, applied before the command line")
-    keys = [k for k, e in spec.items() if e["group"] in SCRIPT_GROUPS[script]]
+    keys = script_keys(script, spec)
     parser.known_keys = keys
     for key in keys:
         _add_argument(parser, key, spec[key])

@@ -1,0 +1,52 @@
+# make install | demo | test | ensemble RUNS="runs/a runs/b" | bench | sample | clean
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# tcmalloc makes CPU training 2.5-3.5x faster here (the default allocator spends 40-60% of the
+# time faulting in fresh tensors); used when installed: apt-get install libtcmalloc-minimal4
+TCMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4))
+RUN := $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC) )$(PY)
+
+RUNS ?=
+METHOD ?= soft
+SUBMISSION ?= submission.csv
+DEMO := runs/demo
+MASKBENCH ?= ../shared/maskbench
+
+.PHONY: install demo test ensemble bench sample clean
+
+install: $(VENV)/.installed
+
+# Re-runs only when requirements.txt changes.
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+sample: install
+	$(PY) make_sample_data.py --out data/sample
+
+test: install
+	$(RUN) -m pytest -q tests
+
+# Sample data -> two short trainings -> inference for each -> ensemble -> submission.csv
+demo: sample
+	$(RUN) train.py --output_dir $(DEMO)/multi --overwrite --head multi --epochs 6
+	$(RUN) train.py --output_dir $(DEMO)/single --overwrite --head single --epochs 6
+	$(RUN) inference.py --run $(DEMO)/multi
+	$(RUN) inference.py --run $(DEMO)/single
+	$(MAKE) --no-print-directory ensemble RUNS="$(DEMO)/multi $(DEMO)/single" SUBMISSION=$(DEMO)/submission.csv
+	@for s in multi/submission.csv single/submission.csv submission.csv; do \
+	  echo "== $(DEMO)/$$s"; $(PY) score.py --answers data/sample/eval/answers.csv --submission $(DEMO)/$$s; done
+	@echo "Demo done: runs in $(DEMO)/multi and $(DEMO)/single, ensemble submission $(DEMO)/submission.csv"
+
+ensemble: install
+	@test -n "$(RUNS)" || (echo 'usage: make ensemble RUNS="runs/a runs/b" [METHOD=soft|hard|per_task] [SUBMISSION=file]'; exit 2)
+	$(PY) ensemble.py --members $(RUNS) --method $(METHOD) --submission $(SUBMISSION)
+
+bench: install
+	$(RUN) bench.py --maskbench $(MASKBENCH)
+
+clean:
+	rm -rf runs cache data/sample .pytest_cache
