@@ -46,6 +46,8 @@ def _env_default(entry):
 def _add_argument(parser, key, entry):
     default, flag = entry["default"], f"--{key}"
     kwargs = {"help": entry["help"], "default": argparse.SUPPRESS}
+    if "choices" in entry:
+        kwargs["choices"] = entry["choices"]
     if isinstance(default, bool):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
     elif isinstance(default, list):
@@ -54,6 +56,10 @@ def _add_argument(parser, key, entry):
         parser.add_argument(flag, type=item_type, nargs=nargs, metavar=key.upper(), **kwargs)
     else:
         parser.add_argument(flag, type=type(default), metavar=type(default).__name__.upper(), **kwargs)
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the scripts' usage docstrings kept as written."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,8 +79,7 @@ def _suggest(key, known):
 
 def build_parser(script, description=None):
     spec = load_spec()
-    parser = _Parser(description=description, allow_abbrev=False,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=description, allow_abbrev=False, formatter_class=_Formatter)
     parser.add_argument("--config", default=argparse.SUPPRESS,
                         help="JSON file of key: value overrides, applied before the command line")
     keys = script_keys(script, spec)
@@ -84,8 +89,19 @@ def build_parser(script, description=None):
     return parser
 
 
+def check_value(key, value, entry, where):
+    """A config-file value must have its default's type (an int is a float too) and be one of the choices."""
+    default = entry["default"]
+    expected = (int, float) if type(default) is float else type(default)
+    if not isinstance(value, expected) or (isinstance(value, bool) and not isinstance(default, bool)):
+        raise SystemExit(f"error: {where}: '{key}' should be {type(default).__name__}, got {value!r}")
+    if "choices" in entry and value not in entry["choices"]:
+        raise SystemExit(f"error: {where}: '{key}' is {value!r}, not one of {entry['choices']}")
+
+
 def read_config_file(path, known_keys):
-    """Read a flat JSON override file; unknown keys are an error naming the file and the key."""
+    """Read a flat JSON override file; unknown keys and values of the wrong type or outside the
+    choices are errors naming the file and the key."""
     try:
         with open(path) as f:
             values = json.load(f)
@@ -93,9 +109,11 @@ def read_config_file(path, known_keys):
         raise SystemExit(f"error: cannot read config file {path}: {e}")
     if not isinstance(values, dict):
         raise SystemExit(f"error: config file {path} must hold a JSON object of key: value")
-    for key in values:
+    spec = load_spec()
+    for key, value in values.items():
         if key not in known_keys:
             raise SystemExit(f"error: unknown key '{key}' in config file {path}{_suggest(key, known_keys)}")
+        check_value(key, value, spec[key], f"config file {path}")
     return values
 
 

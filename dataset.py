@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -268,9 +269,10 @@ def load_training_images(cfg):
 
 def split_train_valid(images, fold, drop_ages=()):
     """Training and validation rows for one fold (fold None: everybody trains, validation is
-    None); drop_ages leave training only."""
+    None); drop_ages leave training only. They may arrive as strings (the command line types
+    an empty-list default's items as str), so they are compared as whole numbers."""
     in_valid = images["fold"] == fold if fold is not None else np.zeros(len(images), bool)
-    train = images[~in_valid & ~images["age"].isin(list(drop_ages))].reset_index(drop=True)
+    train = images[~in_valid & ~images["age"].isin([int(a) for a in drop_ages])].reset_index(drop=True)
     if fold is None:
         return train, None
     valid = images[in_valid].reset_index(drop=True)
@@ -339,7 +341,9 @@ def build_cache(paths, size, center_crop, cache_dir, num_workers=0):
     errors = [""] * len(paths)
     loader = DataLoader(_DecodeAll(paths, tuple(size), tuple(center_crop)), batch_size=32,
                         num_workers=num_workers, collate_fn=lambda batch: batch)
-    for batch in tqdm(loader, desc=f"decoding {len(paths)} images into the cache", unit="batch", leave=False):
+    bar = tqdm(loader, desc=f"decoding {len(paths)} images into the cache", unit="batch", leave=False,
+               disable=not sys.stderr.isatty())
+    for batch in bar:
         for i, img, err in batch:
             array[i], errors[i] = img, err
     array.flush()

@@ -138,9 +138,7 @@ def main(cfg):
     }
     out = Path(cfg["submission"])
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_submission(members[0].eval["ImageID"], preds, out.parent)
-    if out.name != "submission.csv":
-        (out.parent / "submission.csv").replace(out)
+    write_submission(members[0].eval["ImageID"], preds, out.parent, out.name)
     Path(f"{out}.report.json").write_text(json.dumps(report, indent=2))
     for name, f1, agree in zip(report["members"], report["member_valid_f1"], report["agreement_with_ensemble"]):
         log.info("member %s: validation F1 %s, agrees with the ensemble on %.1f%%", name,

@@ -25,8 +25,13 @@ log = logging.getLogger("mask")
 
 
 def find_checkpoints(run_dir, checkpoint="best"):
-    """best.pt / last.pt of a run, or of each fold<k>/ of a k-fold run."""
+    """best.pt / last.pt of a run, or of each fold<k>/ of a k-fold run; refit: the run's
+    refit/best.pt (train.py --refit writes the model trained on everyone there)."""
     run_dir = Path(run_dir)
+    if checkpoint == "refit":
+        if not (run_dir / "refit" / "best.pt").is_file():
+            raise SystemExit(f"error: no refit/best.pt in {run_dir} (train with --refit)")
+        return [run_dir / "refit" / "best.pt"]
     if (run_dir / f"{checkpoint}.pt").is_file():
         return [run_dir / f"{checkpoint}.pt"]
     folds = sorted(run_dir.glob(f"fold*/{checkpoint}.pt"))
@@ -85,11 +90,11 @@ def eval_probs_table(image_ids, probs):
     return table
 
 
-def write_submission(image_ids, preds, out_dir):
+def write_submission(image_ids, preds, out_dir, name="submission.csv"):
     submission = pd.DataFrame({"ImageID": list(image_ids), "ans": np.asarray(preds, dtype=int)})
     check_submission(submission, image_ids)
-    write_csv_atomic(submission, Path(out_dir) / "submission.csv")
-    return Path(out_dir) / "submission.csv"
+    write_csv_atomic(submission, Path(out_dir) / name)
+    return Path(out_dir) / name
 
 
 def write_pseudo_labels(images, probs, threshold, path):

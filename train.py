@@ -236,8 +236,8 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
             totals[key] = totals.get(key, 0.0) + value * n
         if (step + 1) % cfg["log_interval"] == 0:
             log.debug("epoch %d step %d/%d loss %.4f lr %.2e", epoch + 1, step + 1, len(loader),
-                      float(loss), optimizer.param_groups[0]["lr"])
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+                      loss.item(), optimizer.param_groups[0]["lr"])
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     elapsed = time.time() - start
     stats = {f"train_{k}": float(v) / max(seen, 1) for k, v in totals.items()}
     stats.update(train_images_per_s=seen / max(elapsed, 1e-9), train_seconds=elapsed)
@@ -256,7 +256,6 @@ def fit(cfg, out_dir, train_table, valid_table, device):
     """Train one model into out_dir (resuming from out_dir/last.pt if present) and return its
     summary. valid_table None: no validation, the last epoch is kept as best.pt."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg["seed"])
     size, mean, std = cfg["resize"], cfg["mean"], cfg["std"]
     skipped = []
     train_set = make_dataset(train_table, cfg, build_transform(cfg["augmentation"], size, mean, std), skipped)
@@ -268,6 +267,9 @@ def fit(cfg, out_dir, train_table, valid_table, device):
     log.info("%s: %d training images (%d people), %s", out_dir, len(train_set), train_table["id"].nunique(),
              f"{len(valid_set)} validation images ({valid_table['id'].nunique()} people)" if valid_set else "no validation")
 
+    # seeded here, after the datasets: building the image cache draws from torch's global RNG
+    # (DataLoader seeds), so seeding earlier gave a different initial model on a cold cache
+    seed_everything(cfg["seed"])
     model = create_model(cfg).to(device)
     channels_last = cfg["channels_last"]
     if channels_last:

