@@ -43,23 +43,27 @@ def _env_default(entry):
     return value if value else entry["default"]
 
 
+ITEM_TYPES = {"str": str, "int": int, "float": float}
+
+
+def item_type(entry):
+    """The type of a list key's items: its first default item's, or 'item_type' for empty defaults."""
+    return ITEM_TYPES[entry["item_type"]] if "item_type" in entry else type(entry["default"][0])
+
+
 def _add_argument(parser, key, entry):
     default, flag = entry["default"], f"--{key}"
-    kwargs = {"help": entry["help"], "default": argparse.SUPPRESS}
+    # SUPPRESS keeps unset flags out of the namespace, so they cannot override a --config file.
+    kwargs = {"help": f"{entry['help']} (default: {json.dumps(default)})", "default": argparse.SUPPRESS}
     if "choices" in entry:
         kwargs["choices"] = entry["choices"]
     if isinstance(default, bool):
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
     elif isinstance(default, list):
-        item_type = type(default[0]) if default else str
         nargs = len(default) if default else "*"
-        parser.add_argument(flag, type=item_type, nargs=nargs, metavar=key.upper(), **kwargs)
+        parser.add_argument(flag, type=item_type(entry), nargs=nargs, metavar=key.upper(), **kwargs)
     else:
         parser.add_argument(flag, type=type(default), metavar=type(default).__name__.upper(), **kwargs)
-
-
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help, and the scripts' usage docstrings kept as written."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,7 +83,7 @@ def _suggest(key, known):
 
 def build_parser(script, description=None):
     spec = load_spec()
-    parser = _Parser(description=description, allow_abbrev=False, formatter_class=_Formatter)
+    parser = _Parser(description=description, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=argparse.SUPPRESS,
                         help="JSON file of key: value overrides, applied before the command line")
     keys = script_keys(script, spec)
@@ -92,9 +96,15 @@ def build_parser(script, description=None):
 def check_value(key, value, entry, where):
     """A config-file value must have its default's type (an int is a float too) and be one of the choices."""
     default = entry["default"]
-    expected = (int, float) if type(default) is float else type(default)
-    if not isinstance(value, expected) or (isinstance(value, bool) and not isinstance(default, bool)):
-        raise SystemExit(f"error: {where}: '{key}' should be {type(default).__name__}, got {value!r}")
+
+    def fits(v, kind):
+        return isinstance(v, (int, float) if kind is float else kind) and (kind is bool or not isinstance(v, bool))
+
+    ok = fits(value, type(default))
+    if ok and isinstance(default, list):
+        ok = all(fits(v, item_type(entry)) for v in value) and (not default or len(value) == len(default))
+    if not ok:
+        raise SystemExit(f"error: {where}: '{key}' should look like {json.dumps(default)}, got {value!r}")
     if "choices" in entry and value not in entry["choices"]:
         raise SystemExit(f"error: {where}: '{key}' is {value!r}, not one of {entry['choices']}")
 

@@ -72,7 +72,7 @@ def read_csv(path, columns):
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        table = pd.read_csv(path, dtype=str, keep_default_na=False).apply(lambda col: col.str.strip())
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot parse CSV ({e})")
     missing = [c for c in columns if c not in table.columns]
@@ -92,18 +92,18 @@ def read_people(data_dir):
     csv_path = train_root(data_dir) / "train.csv"
     people = read_csv(csv_path, ["id", "gender", "race", "age", "path"])
     for row, rec in enumerate(people.itertuples(), start=2):  # line 1 is the header
-        if not rec.age.strip().isdigit():
+        if not rec.age.isdigit():
             raise DataError(f"{csv_path}: line {row}: age '{rec.age}' is not a whole number")
-        if rec.gender.strip().lower() not in GENDERS:
+        if rec.gender.lower() not in GENDERS:
             raise DataError(f"{csv_path}: line {row}: gender '{rec.gender}' is not male or female")
     duplicated = people["id"][people["id"].duplicated()].tolist()
     if duplicated:
         raise DataError(f"{csv_path}: duplicate id(s) {duplicated[:10]}")
     return pd.DataFrame({
-        "id": people["id"].str.strip(),
-        "gender": people["gender"].str.strip().str.lower().map(GENDERS).astype(int),
+        "id": people["id"],
+        "gender": people["gender"].str.lower().map(GENDERS).astype(int),
         "age": people["age"].astype(int),
-        "path": people["path"].str.strip(),
+        "path": people["path"],
     })
 
 
@@ -169,7 +169,13 @@ def read_label_csv(csv_path, source):
         raise DataError(f"{csv_path}: class value(s) {bad[:5]} are not integers 0..17")
     labels = labels.astype(int).to_numpy()
     mask, gender, band = decode_class(labels)
-    ages = table["age"].astype(int).to_numpy() if "age" in table else np.take(BAND_AGES, band)
+    if "age" in table:
+        bad_ages = [a for a in table["age"] if not a.isdigit()]
+        if bad_ages:
+            raise DataError(f"{csv_path}: age value(s) {bad_ages[:5]} are not whole numbers")
+        ages = table["age"].astype(int).to_numpy()
+    else:
+        ages = np.take(BAND_AGES, band)
     paths = [str((csv_path.parent / p).resolve()) for p in table["path"]]
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
@@ -217,7 +223,7 @@ def apply_corrections(people, files, corrections_csv):
             continue
         if rec.field == "gender":
             old = int(people.at[rec.id, "gender"])
-            new = 1 - old if rec.value == "flip" else GENDERS.get(rec.value)
+            new = 1 - old if rec.value.lower() == "flip" else GENDERS.get(rec.value.lower())
             if new is None:
                 raise DataError(f"{where}: gender value '{rec.value}' is not male, female or flip")
             people.at[rec.id, "gender"] = new
@@ -293,7 +299,7 @@ def decode_image(path, size, center_crop=(1.0, 1.0)):
                 cw, ch = w * center_crop[1], h * center_crop[0]
                 img = img.crop((round((w - cw) / 2), round((h - ch) / 2), round((w + cw) / 2), round((h + ch) / 2)))
             img = img.resize((size[1], size[0]), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
+            return np.array(img, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: unreadable or truncated image ({e})")
 
@@ -397,9 +403,13 @@ def make_dataset(table, cfg, transform, skip_log=None):
     labels = table["label"].to_numpy() if "label" in table else np.zeros(len(table), int)
     ages = table["age"].to_numpy() if "age" in table else np.zeros(len(table))
     size, crop = tuple(cfg["resize"]), tuple(cfg["center_crop"])
-    if not cfg["cache_dir"]:
-        return FaceDataset(paths, labels, ages, size, crop, transform)
-    cache_file, errors = build_cache(paths, size, crop, cfg["cache_dir"], cfg["num_workers"])
+    if cfg["cache_dir"]:
+        cache_file, errors = build_cache(paths, size, crop, cfg["cache_dir"], cfg["num_workers"])
+    elif cfg["skip_bad_images"]:  # no cache: one decoding pass finds the images to skip
+        decoder = _DecodeAll(paths, size, crop)
+        cache_file, errors = None, [decoder[i][2] for i in range(len(paths))]
+    else:  # no cache, no skipping: a bad image raises, naming the file, when it is read
+        cache_file, errors = None, [""] * len(paths)
     keep, bad = check_decode_errors(paths, errors, cfg["skip_bad_images"])
     if skip_log is not None:
         skip_log.extend(bad)

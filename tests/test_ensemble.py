@@ -1,0 +1,281 @@
+"""ensemble.py (soft / hard / per-task voting, member checks, main) and score.py, on
+probability tables written by hand."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import ensemble
+import score
+from config import default_config
+from dataset import NUM_CLASSES, encode_class
+
+PROBS = [f"p{c}" for c in range(NUM_CLASSES)]
+
+
+def ens_cfg(tmp_path=None, **overrides):
+    cfg = default_config("ensemble")
+    cfg.update(method="soft", member_weights=[], task_members=[], members=[])
+    if tmp_path is not None:
+        cfg["submission"] = str(tmp_path / "submission.csv")
+    cfg.update(overrides)
+    return cfg
+
+
+def peaked(classes, peak=0.5):
+    """One row per class: `peak` on that class, the rest spread evenly."""
+    probs = np.full((len(classes), NUM_CLASSES), (1 - peak) / (NUM_CLASSES - 1))
+    probs[np.arange(len(classes)), classes] = peak
+    return probs
+
+
+def random_probs(n, seed):
+    p = np.random.default_rng(seed).random((n, NUM_CLASSES))
+    return p / p.sum(1, keepdims=True)
+
+
+def write_probs(path, ids, probs):
+    table = pd.DataFrame(probs, columns=PROBS)
+    table.insert(0, "ImageID", ids)
+    table["pred"] = probs.argmax(1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, index=False)
+    return path
+
+
+def write_run(folder, ids, probs, valid_paths=None, valid_probs=None, labels=None):
+    """A member run folder: eval_probs.csv and, optionally, valid_probs.csv."""
+    write_probs(folder / "eval_probs.csv", ids, probs)
+    if valid_probs is not None:
+        table = pd.DataFrame(valid_probs, columns=PROBS)
+        table.insert(0, "image_path", valid_paths)
+        table["pred"] = valid_probs.argmax(1)
+        table["label"] = labels
+        table.to_csv(folder / "valid_probs.csv", index=False)
+    return folder
+
+
+IDS = [f"{k:02d}.jpg" for k in range(NUM_CLASSES)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft voting
+def test_soft_vote_of_one_member_is_its_argmax():
+    probs = random_probs(40, 0)
+    np.testing.assert_array_equal(ensemble.combine([probs], ens_cfg()), probs.argmax(1))
+    np.testing.assert_allclose(ensemble.soft_vote([probs]), probs)
+
+
+def test_soft_vote_with_weights():
+    a = np.zeros((1, NUM_CLASSES))
+    a[0, :2] = [0.6, 0.4]
+    b = np.zeros((1, NUM_CLASSES))
+    b[0, :2] = [0.1, 0.9]
+    np.testing.assert_allclose(ensemble.soft_vote([a, b]), (a + b) / 2)
+    np.testing.assert_allclose(ensemble.soft_vote([a, b], [5, 1]), (5 * a + b) / 6)
+    assert ensemble.combine([a, b], ens_cfg()).tolist() == [1]
+    assert ensemble.combine([a, b], ens_cfg(member_weights=[5, 1])).tolist() == [0]
+    assert ensemble.combine([a, b], ens_cfg(member_weights=[1, 5])).tolist() == [1]
+    assert ensemble.combine([a, b], ens_cfg(member_weights=[1.0, 1.0])).tolist() == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hard voting
+def test_hard_vote_majority():
+    preds = [[1, 2, 3, 7], [1, 5, 3, 8], [4, 5, 3, 8]]
+    assert ensemble.hard_vote(preds).tolist() == [1, 5, 3, 8]
+    probs = [peaked(p) for p in preds]
+    assert ensemble.combine(probs, ens_cfg(method="hard")).tolist() == [1, 5, 3, 8]
+
+
+def test_hard_vote_tie_goes_to_the_best_validation_f1():
+    preds = [[1, 6], [2, 6]]
+    assert ensemble.hard_vote(preds, [0.2, 0.8]).tolist() == [2, 6]
+    assert ensemble.hard_vote(preds, [0.8, 0.2]).tolist() == [1, 6]
+    # a tie between classes 1 and 2: the best member (class 3) is not in the tie, so the next best decides
+    preds = [[1], [1], [2], [2], [3]]
+    assert ensemble.hard_vote(preds, [0.1, 0.2, 0.5, 0.3, 0.9]).tolist() == [2]
+    assert ensemble.hard_vote(preds, [0.1, 0.6, 0.5, 0.3, 0.9]).tolist() == [1]
+
+
+@pytest.mark.parametrize("f1", [None, [None, None], [0.5, 0.5], [float("nan"), float("nan")]],
+                         ids=["no_f1", "unknown", "equal", "nan"])
+def test_hard_vote_tie_with_equal_or_unknown_f1_follows_member_order(f1):
+    assert ensemble.hard_vote([[4, 9], [7, 9]], f1).tolist() == [4, 9]
+    assert ensemble.hard_vote([[7, 9], [4, 9]], f1).tolist() == [7, 9]
+
+
+def test_hard_vote_known_f1_beats_unknown():
+    assert ensemble.hard_vote([[4], [7]], [None, 0.1]).tolist() == [7]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per task
+def product_probs(mask, gender, age):
+    """18-class probabilities of independent task distributions (rows)."""
+    p = mask[:, :, None, None] * gender[:, None, :, None] * age[:, None, None, :]
+    return p.reshape(len(mask), NUM_CLASSES)
+
+
+def test_per_task_takes_each_task_from_its_member():
+    # member 0 is right about mask, member 1 about gender, member 2 about age; each is wrong elsewhere
+    masks = [np.array([[0.1, 0.1, 0.8], [0.7, 0.2, 0.1]]), np.array([[0.8, 0.1, 0.1], [0.1, 0.1, 0.8]]),
+             np.array([[0.1, 0.8, 0.1], [0.1, 0.8, 0.1]])]
+    genders = [np.array([[0.9, 0.1], [0.1, 0.9]]), np.array([[0.2, 0.8], [0.6, 0.4]]),
+               np.array([[0.7, 0.3], [0.3, 0.7]])]
+    ages = [np.array([[0.1, 0.1, 0.8], [0.8, 0.1, 0.1]]), np.array([[0.1, 0.8, 0.1], [0.1, 0.1, 0.8]]),
+            np.array([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])]
+    probs = [product_probs(m, g, a) for m, g, a in zip(masks, genders, ages)]
+    expected = [int(encode_class(2, 1, 0)), int(encode_class(0, 0, 2))]
+    assert ensemble.per_task(probs, [0, 1, 2]).tolist() == expected
+    assert ensemble.combine(probs, ens_cfg(method="per_task", task_members=[0, 1, 2])).tolist() == expected
+    for p in probs:  # no single member, nor the soft vote, gives that answer
+        assert p.argmax(1).tolist() != expected
+    assert ensemble.combine(probs, ens_cfg()).tolist() != expected
+    # the same member for every task is that member's own answer
+    for k, p in enumerate(probs):
+        assert ensemble.per_task(probs, [k, k, k]).tolist() == p.argmax(1).tolist()
+
+
+@pytest.mark.parametrize("task_members", [[0, 1], [0, 1, 3]])
+def test_per_task_needs_three_valid_members(task_members):
+    with pytest.raises(SystemExit, match="task_members"):
+        ensemble.combine([random_probs(3, k) for k in range(3)], ens_cfg(method="per_task", task_members=task_members))
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(SystemExit, match="median"):
+        ensemble.combine([random_probs(3, 0)], ens_cfg(method="median"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Members
+def test_members_with_different_ids_are_refused(tmp_path):
+    a = write_probs(tmp_path / "a.csv", ["x1.jpg", "x2.jpg", "x3.jpg"], random_probs(3, 0))
+    b = write_probs(tmp_path / "b.csv", ["x1.jpg", "x2.jpg", "x4.jpg"], random_probs(3, 1))
+    with pytest.raises(SystemExit) as error:
+        ensemble.check_same_ids([ensemble.Member(a), ensemble.Member(b)])
+    message = str(error.value)
+    assert "x3.jpg" in message and "x4.jpg" in message and "x1.jpg" not in message
+    with pytest.raises(SystemExit, match="x4.jpg"):
+        ensemble.main(ens_cfg(tmp_path, members=[str(a), str(b)]))
+    assert not (tmp_path / "submission.csv").exists()
+
+
+def test_members_in_another_order_are_refused(tmp_path):
+    a = write_probs(tmp_path / "a.csv", ["x1.jpg", "x2.jpg"], random_probs(2, 0))
+    b = write_probs(tmp_path / "b.csv", ["x2.jpg", "x1.jpg"], random_probs(2, 1))
+    with pytest.raises(SystemExit, match="another order"):
+        ensemble.check_same_ids([ensemble.Member(a), ensemble.Member(b)])
+
+
+def test_member_files_are_checked(tmp_path):
+    with pytest.raises(SystemExit, match="not found"):
+        ensemble.Member(tmp_path / "missing.csv")
+    with pytest.raises(SystemExit, match="not found"):
+        ensemble.Member(tmp_path)  # a folder without eval_probs.csv
+    pd.DataFrame({"ImageID": ["a"], "p0": [1.0]}).to_csv(tmp_path / "short.csv", index=False)
+    with pytest.raises(SystemExit, match="p17"):
+        ensemble.Member(tmp_path / "short.csv")
+    with pytest.raises(SystemExit, match="--members"):
+        ensemble.main(ens_cfg(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+def test_main_with_two_member_files(tmp_path):
+    a_probs, b_probs = random_probs(len(IDS), 0), random_probs(len(IDS), 1)
+    a = write_probs(tmp_path / "a" / "eval_probs.csv", IDS, a_probs)
+    b = write_probs(tmp_path / "b" / "eval_probs.csv", IDS, b_probs)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    (out_dir / "submission.csv").write_text("an older submission\n")
+    out, report = ensemble.main(ens_cfg(members=[str(a), str(b)], submission=str(out_dir / "ens.csv")))
+    assert out == out_dir / "ens.csv"
+    submission = pd.read_csv(out)
+    assert submission["ImageID"].tolist() == IDS
+    assert submission["ans"].between(0, NUM_CLASSES - 1).all()
+    expected = ((a_probs + b_probs) / 2).argmax(1)
+    np.testing.assert_array_equal(submission["ans"], expected)
+    assert (out_dir / "submission.csv").read_text() == "an older submission\n"  # left alone
+
+    saved = json.loads((out_dir / "ens.csv.report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert saved["method"] == "soft" and saved["members"] == [str(a), str(b)]
+    assert saved["member_valid_f1"] == [None, None] and saved["validation"] == {}
+    a_pred, b_pred = a_probs.argmax(1), b_probs.argmax(1)
+    between = float((a_pred == b_pred).mean())
+    assert 0 < between < 1
+    np.testing.assert_allclose(saved["agreement"], [[1.0, between], [between, 1.0]])
+    np.testing.assert_allclose(saved["agreement_with_ensemble"],
+                               [(a_pred == expected).mean(), (b_pred == expected).mean()])
+
+
+def test_main_with_run_folders_reports_validation_and_breaks_ties_by_f1(tmp_path):
+    ids = IDS[:6]
+    valid_paths = [f"/data/train/{k}.jpg" for k in range(8)]
+    labels = np.array([0, 1, 2, 3, 4, 5, 6, 7])
+    good_valid = peaked(labels)  # right on every validation image
+    bad_valid = peaked((labels + 1) % NUM_CLASSES)  # wrong on every one
+    a_eval, b_eval = peaked([0, 1, 2, 3, 4, 5]), peaked([6, 7, 8, 9, 10, 5])  # disagree except the last
+    a = write_run(tmp_path / "a", ids, a_eval, valid_paths, bad_valid, labels)
+    b = write_run(tmp_path / "b", ids, b_eval, valid_paths, good_valid, labels)
+    out, report = ensemble.main(ens_cfg(tmp_path, members=[str(a), str(b)], method="hard"))
+    assert out == tmp_path / "submission.csv"
+    # every 1-1 tie goes to member b, whose validation F1 is better
+    assert pd.read_csv(out)["ans"].tolist() == [6, 7, 8, 9, 10, 5]
+    assert report["member_valid_f1"][0] == 0.0 and report["member_valid_f1"][1] == 1.0
+    validation = report["validation"]
+    assert validation["images"] == len(valid_paths)
+    assert validation["member_f1"] == [0.0, 1.0]
+    assert validation["ensemble"]["f1"] == 1.0
+    assert report["agreement"][0][1] == pytest.approx(1 / 6)
+    saved = json.loads((tmp_path / "submission.csv.report.json").read_text())
+    assert saved["validation"]["ensemble"]["f1"] == 1.0
+
+
+def test_main_per_task(tmp_path):
+    probs = [random_probs(len(IDS), k) for k in range(3)]
+    members = [str(write_probs(tmp_path / f"m{k}.csv", IDS, p)) for k, p in enumerate(probs)]
+    out, _ = ensemble.main(ens_cfg(tmp_path, members=members, method="per_task", task_members=[2, 0, 1]))
+    np.testing.assert_array_equal(pd.read_csv(out)["ans"], ensemble.per_task(probs, [2, 0, 1]))
+
+
+# ---------------------------------------------------------------------------------------------
+# score.py
+@pytest.fixture
+def answers(tmp_path):
+    ids = [f"{k:03d}.jpg" for k in range(2 * NUM_CLASSES)]
+    table = pd.DataFrame({"ImageID": ids, "ans": list(range(NUM_CLASSES)) * 2})
+    table.to_csv(tmp_path / "answers.csv", index=False)
+    return table
+
+
+def test_score_of_the_answers_is_perfect(tmp_path, answers):
+    answers.sample(frac=1, random_state=0).to_csv(tmp_path / "submission.csv", index=False)  # order is free
+    result = score.score_files(tmp_path / "answers.csv", tmp_path / "submission.csv")
+    assert result["f1"] == 1.0 and result["accuracy"] == 1.0
+    assert result["mask_f1"] == result["gender_f1"] == result["age_f1"] == 1.0
+
+
+def test_score_of_a_wrong_submission(tmp_path, answers):
+    wrong = answers.assign(ans=(answers["ans"] + 1) % NUM_CLASSES)
+    wrong.to_csv(tmp_path / "submission.csv", index=False)
+    result = score.score_files(tmp_path / "answers.csv", tmp_path / "submission.csv")
+    assert result["f1"] == 0.0 and result["accuracy"] == 0.0
+    half = answers.copy()
+    half.loc[::2, "ans"] = (half.loc[::2, "ans"] + 6) % NUM_CLASSES  # wrong mask on every other image
+    half.to_csv(tmp_path / "submission.csv", index=False)
+    result = score.score_files(tmp_path / "answers.csv", tmp_path / "submission.csv")
+    assert result["accuracy"] == 0.5 and result["gender_f1"] == 1.0 and result["age_f1"] == 1.0
+    assert result["mask_f1"] < 1.0
+
+
+@pytest.mark.parametrize("change", ["missing", "extra"])
+def test_score_refuses_other_ids(tmp_path, answers, change):
+    submission = answers.iloc[1:] if change == "missing" else pd.concat(
+        [answers, pd.DataFrame({"ImageID": ["zzz.jpg"], "ans": [0]})])
+    submission.to_csv(tmp_path / "submission.csv", index=False)
+    with pytest.raises(SystemExit, match="ImageIDs"):
+        score.score_files(tmp_path / "answers.csv", tmp_path / "submission.csv")

@@ -1,0 +1,281 @@
+"""inference.py: submission and eval probabilities of a run, TTA, the submission check,
+k-fold averaging, checkpoints, and the pseudo-label round trip through train.py."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import inference
+import train
+from config import default_config
+from dataset import NUM_CLASSES, decode_class
+from make_sample_data import make_sample_dataset
+from model import create_model
+
+PROBS = [f"p{c}" for c in range(NUM_CLASSES)]
+TASK_COLUMNS = ["mask0", "mask1", "mask2", "gender0", "gender1", "age0", "age1", "age2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inference_data")
+    make_sample_dataset(root / "sample", n_train_people=18, n_eval_people=6, size=(48, 64), seed=0)
+    return root
+
+
+def make_train_cfg(data, model_dir, **overrides):
+    cfg = default_config("train")
+    cfg.update(data_dir=str(data / "sample" / "train"), model="basemodel", pretrained=False, weights="",
+               resize=[32, 24], epochs=1, batch_size=16, valid_batch_size=32, num_workers=0,
+               cache_dir=str(data / "cache"), model_dir=str(model_dir), output_dir="", resume="", val_ratio=0.34,
+               fold="0", extra_data=[], log_interval=1000, device="cpu", name="exp")
+    cfg.update(overrides)
+    return cfg
+
+
+def make_inference_cfg(data, run, output_dir, **overrides):
+    cfg = default_config("inference")
+    cfg.update(run=[str(r) for r in (run if isinstance(run, list) else [run])], output_dir=str(output_dir),
+               eval_dir="", checkpoint="best", num_workers=0, cache_dir=str(data / "cache"), tta="none",
+               pseudo_threshold=0.0, device="cpu", valid_batch_size=16)
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def run_dir(data, tmp_path_factory):
+    run, _ = train.main(make_train_cfg(data, tmp_path_factory.mktemp("runs")))
+    return run
+
+
+@pytest.fixture(scope="module")
+def kfold_dir(data, tmp_path_factory):
+    run, _ = train.main(make_train_cfg(data, tmp_path_factory.mktemp("kfold"), val_ratio=0.5, fold="all",
+                                       refit=True, name="kfold"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def predicted(data, run_dir, tmp_path_factory):
+    """inference.main on the run with TTA flip, written to its own folder."""
+    out = tmp_path_factory.mktemp("predicted")
+    path = inference.main(make_inference_cfg(data, run_dir, out, tta="flip"))
+    return path, out
+
+
+def info_ids(data):
+    return pd.read_csv(data / "sample" / "eval" / "info.csv")["ImageID"].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Submission and eval probabilities
+def test_submission_matches_info_csv(data, predicted):
+    path, out = predicted
+    assert path == out / "submission.csv"
+    submission = pd.read_csv(path)
+    assert list(submission.columns) == ["ImageID", "ans"]
+    assert submission["ImageID"].tolist() == info_ids(data)
+    assert len(submission) == 6 * 7
+    assert submission["ans"].dtype.kind == "i"
+    assert submission["ans"].between(0, NUM_CLASSES - 1).all()
+
+
+def test_eval_probs_table(data, predicted):
+    _, out = predicted
+    probs = pd.read_csv(out / "eval_probs.csv")
+    assert list(probs.columns) == ["ImageID", *PROBS, "pred", *TASK_COLUMNS]
+    assert probs["ImageID"].tolist() == info_ids(data)
+    p = probs[PROBS].to_numpy()
+    np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
+    np.testing.assert_array_equal(probs["pred"], p.argmax(1))
+    np.testing.assert_array_equal(pd.read_csv(out / "submission.csv")["ans"], probs["pred"])
+    mask, gender, band = decode_class(np.arange(NUM_CLASSES))
+    for task, codes, n in (("mask", mask, 3), ("gender", gender, 2), ("age", band, 3)):
+        columns = [f"{task}{k}" for k in range(n)]
+        np.testing.assert_allclose(probs[columns].sum(axis=1), 1, atol=1e-5)
+        for k in range(n):
+            np.testing.assert_allclose(probs[f"{task}{k}"], p[:, codes == k].sum(1), atol=1e-6)
+
+
+def test_output_dir_defaults_to_the_run(data, run_dir):
+    path = inference.main(make_inference_cfg(data, run_dir, ""))
+    assert path == run_dir / "submission.csv"
+    assert (run_dir / "eval_probs.csv").is_file()
+    assert pd.read_csv(path)["ImageID"].tolist() == info_ids(data)
+
+
+def test_explicit_eval_dir(data, run_dir, tmp_path):
+    inference.main(make_inference_cfg(data, run_dir, tmp_path / "a"))
+    inference.main(make_inference_cfg(data, run_dir, tmp_path / "b", eval_dir=str(data / "sample" / "eval")))
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a" / "eval_probs.csv"),
+                                  pd.read_csv(tmp_path / "b" / "eval_probs.csv"))
+
+
+def test_no_run_is_an_error(data, tmp_path):
+    with pytest.raises(SystemExit, match="--run"):
+        inference.main(make_inference_cfg(data, [], tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# TTA
+def _loader(images):
+    return DataLoader(TensorDataset(images, torch.zeros(len(images), dtype=torch.long)), batch_size=3)
+
+
+def test_tta_flip_is_the_mean_of_the_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = create_model({**default_config("train"), "model": "basemodel", "pretrained": False})
+    device = torch.device("cpu")
+    img = torch.randn(5, 3, 32, 24)
+    symmetric = (img + img.flip(-1)) / 2
+    assert torch.equal(symmetric, symmetric.flip(-1))
+    none = train.predict(model, _loader(symmetric), device, tta="none")
+    flip = train.predict(model, _loader(symmetric), device, tta="flip")
+    assert none.shape == flip.shape == (5, NUM_CLASSES)
+    np.testing.assert_allclose(flip, none, atol=1e-5)
+
+    none = train.predict(model, _loader(img), device, tta="none")
+    flip = train.predict(model, _loader(img), device, tta="flip")
+    mirrored = train.predict(model, _loader(img.flip(-1)), device, tta="none")
+    assert np.abs(flip - none).max() > 1e-4
+    np.testing.assert_allclose(flip, (none + mirrored) / 2, atol=1e-6)
+    crops = train.predict(model, _loader(img), device, tta="flip_crops")
+    np.testing.assert_allclose(crops.sum(1), 1, atol=1e-5)
+    assert np.abs(crops - flip).max() > 1e-6
+
+
+def test_inference_tta_flip_changes_the_eval_probabilities(data, run_dir, predicted, tmp_path):
+    inference.main(make_inference_cfg(data, run_dir, tmp_path, tta="none"))
+    plain = pd.read_csv(tmp_path / "eval_probs.csv")[PROBS].to_numpy()
+    flipped = pd.read_csv(predicted[1] / "eval_probs.csv")[PROBS].to_numpy()
+    assert np.abs(plain - flipped).max() > 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Submission check
+IDS = ["a.jpg", "b.jpg", "c.jpg"]
+
+
+def submission(ids, ans=None):
+    return pd.DataFrame({"ImageID": ids, "ans": ans if ans is not None else [0] * len(ids)})
+
+
+def test_check_submission_accepts_a_valid_one():
+    inference.check_submission(submission(IDS, [0, 17, 5]), IDS)
+
+
+@pytest.mark.parametrize("ids", [["a.jpg", "b.jpg"], ["a.jpg", "b.jpg", "c.jpg", "d.jpg"],
+                                 ["a.jpg", "b.jpg", "b.jpg"], ["c.jpg", "b.jpg", "a.jpg"]],
+                         ids=["missing", "extra", "duplicated", "reordered"])
+def test_check_submission_rejects_wrong_ids(ids):
+    with pytest.raises(ValueError, match="ImageIDs"):
+        inference.check_submission(submission(ids), IDS)
+
+
+@pytest.mark.parametrize("bad", [18, -1])
+def test_check_submission_rejects_classes_outside_0_17(bad):
+    with pytest.raises(ValueError, match=str(bad)):
+        inference.check_submission(submission(IDS, [0, bad, 1]), IDS)
+
+
+def test_write_submission_refuses_a_bad_class(tmp_path):
+    with pytest.raises(ValueError):
+        inference.write_submission(IDS, [0, 1, 18], tmp_path)
+    assert not (tmp_path / "submission.csv").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: k-fold, last, refit
+def test_kfold_run_averages_its_folds(data, kfold_dir, tmp_path):
+    assert inference.find_checkpoints(kfold_dir) == [kfold_dir / "fold0" / "best.pt", kfold_dir / "fold1" / "best.pt"]
+    inference.main(make_inference_cfg(data, kfold_dir, tmp_path / "all"))
+    folds = []
+    for k in (0, 1):
+        inference.main(make_inference_cfg(data, kfold_dir / f"fold{k}", tmp_path / f"fold{k}"))
+        folds.append(pd.read_csv(tmp_path / f"fold{k}" / "eval_probs.csv")[PROBS].to_numpy())
+    averaged = pd.read_csv(tmp_path / "all" / "eval_probs.csv")
+    np.testing.assert_allclose(averaged[PROBS].to_numpy(), (folds[0] + folds[1]) / 2, atol=1e-6)
+    assert np.abs(folds[0] - folds[1]).max() > 1e-4  # two different models were averaged
+    assert pd.read_csv(tmp_path / "all" / "submission.csv")["ImageID"].tolist() == info_ids(data)
+
+
+def test_two_runs_are_averaged_too(data, run_dir, kfold_dir, tmp_path):
+    inference.main(make_inference_cfg(data, [run_dir, kfold_dir], tmp_path / "both"))
+    inference.main(make_inference_cfg(data, run_dir, tmp_path / "one"))
+    inference.main(make_inference_cfg(data, kfold_dir, tmp_path / "folds"))
+    one = pd.read_csv(tmp_path / "one" / "eval_probs.csv")[PROBS].to_numpy()
+    folds = pd.read_csv(tmp_path / "folds" / "eval_probs.csv")[PROBS].to_numpy()
+    both = pd.read_csv(tmp_path / "both" / "eval_probs.csv")[PROBS].to_numpy()
+    np.testing.assert_allclose(both, (one + 2 * folds) / 3, atol=1e-6)  # the mean over all 3 checkpoints
+
+
+def test_checkpoint_last_and_refit(data, run_dir, kfold_dir, tmp_path):
+    assert inference.find_checkpoints(run_dir, "last") == [run_dir / "last.pt"]
+    assert inference.find_checkpoints(kfold_dir, "last") == [kfold_dir / "fold0" / "last.pt",
+                                                            kfold_dir / "fold1" / "last.pt"]
+    assert inference.find_checkpoints(kfold_dir, "refit") == [kfold_dir / "refit" / "best.pt"]
+    inference.main(make_inference_cfg(data, kfold_dir, tmp_path, checkpoint="refit"))
+    assert pd.read_csv(tmp_path / "submission.csv")["ImageID"].tolist() == info_ids(data)
+    with pytest.raises(SystemExit, match="refit"):
+        inference.find_checkpoints(run_dir, "refit")
+    with pytest.raises(SystemExit, match="best.pt"):
+        inference.find_checkpoints(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pseudo labels
+def test_write_pseudo_labels_keeps_confident_images(tmp_path):
+    images = pd.DataFrame({"ImageID": ["a", "b", "c"], "image_path": [str(tmp_path / n) for n in "abc"]})
+    probs = np.full((3, NUM_CLASSES), 0.01)
+    probs[0, 4], probs[1, 9], probs[2, 17] = 0.95, 0.5, 0.9
+    path = inference.write_pseudo_labels(images, probs, 0.9, tmp_path / "pseudo.csv")
+    table = pd.read_csv(path)
+    assert list(table.columns) == ["path", "class"]
+    assert table["path"].tolist() == [str(tmp_path / "a"), str(tmp_path / "c")]
+    assert table["class"].tolist() == [4, 17]
+
+
+def training_images_logged(run):
+    found = re.findall(re.escape(str(run)) + r": (\d+) training images \((\d+) people\)",
+                       (Path(run) / "train.log").read_text())
+    return tuple(int(v) for v in found[-1])
+
+
+def test_pseudo_label_round_trip(data, run_dir, predicted, tmp_path):
+    top = pd.read_csv(predicted[1] / "eval_probs.csv")[PROBS].to_numpy().max(1)
+    threshold = float(np.median(top))
+    inference.main(make_inference_cfg(data, run_dir, tmp_path / "pseudo", tta="flip", pseudo_threshold=threshold))
+    pseudo = pd.read_csv(tmp_path / "pseudo" / "pseudo_labels.csv")
+    eval_probs = pd.read_csv(tmp_path / "pseudo" / "eval_probs.csv")
+    confident = eval_probs[eval_probs[PROBS].max(axis=1) >= threshold]
+    assert len(pseudo) == len(confident) >= 21  # the median keeps at least half of the 42 images
+    eval_images = data / "sample" / "eval" / "images"
+    assert pseudo["path"].tolist() == [str((eval_images / i).resolve()) for i in confident["ImageID"]]
+    assert pseudo["class"].tolist() == confident["pred"].tolist()
+
+    cfg = make_train_cfg(data, tmp_path / "runs", extra_data=[str(tmp_path / "pseudo" / "pseudo_labels.csv")])
+    extra_run, _ = train.main(cfg)
+    split = pd.read_csv(extra_run / "split.csv", dtype={"id": str})
+    extra = split[split["id"].str.startswith("extra0:")]
+    assert len(extra) == len(pseudo)
+    assert (extra["fold"] == -1).all() and (extra["source"] == "extra0").all()
+    assert sorted(extra["id"]) == sorted(f"extra0:{Path(p).stem}" for p in pseudo["path"])
+    classes = dict(zip((Path(p).stem for p in pseudo["path"]), pseudo["class"]))
+    for rec in extra.itertuples():
+        _, gender, band = decode_class(classes[rec.id.split(":", 1)[1]])
+        assert (rec.gender, rec.age_band) == (gender, band)
+    own = split[~split["id"].str.startswith("extra0:")]
+    assert len(own) == 18 and (own["fold"] >= 0).all()
+    # the split of the competition data is unchanged by the extra rows
+    base_split = pd.read_csv(run_dir / "split.csv", dtype={"id": str})
+    pd.testing.assert_frame_equal(own.reset_index(drop=True), base_split)
+
+    valid = pd.read_csv(extra_run / "valid_probs.csv")
+    assert not set(valid["image_path"]) & set(pseudo["path"])  # never validated on
+    pd.testing.assert_series_equal(valid["image_path"], pd.read_csv(run_dir / "valid_probs.csv")["image_path"])
+    images, people = training_images_logged(run_dir)
+    assert training_images_logged(extra_run) == (images + len(pseudo), people + len(pseudo))

@@ -1,0 +1,383 @@
+"""train.py end to end on tiny data: run folders, determinism, resume, checkpoints, k-fold,
+refit, no-validation runs and the training options."""
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import inference
+import train
+from config import default_config
+from dataset import MASK_FILES, NUM_CLASSES, age_band, build_transform, encode_class, make_dataset
+from make_sample_data import make_sample_dataset
+from model import class_probabilities, create_model
+
+TIMING = ["train_images_per_s", "train_seconds", "valid_images_per_s"]
+N_PEOPLE = 18
+RUN_FILES = ["config.json", "train.log", "split.csv", "metrics.csv", "best.pt", "last.pt", "valid_probs.csv",
+             "summary.json"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Its own copy of the tiny dataset (18 people, 126 images) and a shared image cache."""
+    root = tmp_path_factory.mktemp("train_data")
+    make_sample_dataset(root / "sample", n_train_people=N_PEOPLE, n_eval_people=6, size=(48, 64), seed=0)
+    return root
+
+
+def make_cfg(data, model_dir, **overrides):
+    cfg = default_config("train")
+    cfg.update(data_dir=str(data / "sample" / "train"), model="basemodel", pretrained=False, weights="",
+               resize=[32, 24], epochs=1, batch_size=16, valid_batch_size=32, num_workers=0,
+               cache_dir=str(data / "cache"), model_dir=str(model_dir), output_dir="", overwrite=False, resume="",
+               val_ratio=0.34, fold="0", extra_data=[], log_interval=1000, device="cpu", name="exp")
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def base_run(data, tmp_path_factory):
+    """One finished 1-epoch run, shared by the read-only tests below."""
+    cfg = make_cfg(data, tmp_path_factory.mktemp("base_runs"))
+    run_dir, summaries = train.main(cfg)
+    return run_dir, cfg, summaries
+
+
+@pytest.fixture(scope="module")
+def kfold_run(data, tmp_path_factory):
+    """fold='all' with val_ratio 0.5 (two folds) and a refit on everybody."""
+    cfg = make_cfg(data, tmp_path_factory.mktemp("kfold_runs"), val_ratio=0.5, fold="all", refit=True,
+                   name="kfold")
+    run_dir, summaries = train.main(cfg)
+    return run_dir, cfg, summaries
+
+
+def all_training_images(data):
+    return sorted(str(p) for p in (data / "sample" / "train" / "images").glob("*/*.jpg"))
+
+
+def true_label(path):
+    """The 18-class label of a sample image from its folder name and file stem."""
+    path = Path(path)
+    _, gender, _, age = path.parent.name.split("_")
+    return int(encode_class(MASK_FILES[path.stem], {"male": 0, "female": 1}[gender], age_band(int(age))))
+
+
+def metrics_without_timing(run_dir):
+    return pd.read_csv(Path(run_dir) / "metrics.csv").drop(columns=TIMING)
+
+
+def model_state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def training_images_logged(run_dir, out_dir=None):
+    """(images, people) from the 'N training images (P people)' line of train.log."""
+    text = (Path(run_dir) / "train.log").read_text()
+    prefix = re.escape(str(out_dir or run_dir)) + ": "
+    found = re.findall(prefix + r"(\d+) training images \((\d+) people\)", text)
+    assert found, f"no training-images line for {out_dir or run_dir} in train.log"
+    return tuple(int(v) for v in found[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder
+def test_run_folder_is_complete(base_run, data):
+    run_dir, cfg, summaries = base_run
+    assert run_dir == Path(cfg["model_dir"]) / "exp"
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "config.json").read_text()) == cfg
+
+    split = pd.read_csv(run_dir / "split.csv", dtype={"id": str})
+    assert len(split) == N_PEOPLE and split["id"].is_unique
+    assert set(split.columns) >= {"id", "gender", "age", "age_band", "fold"}
+    assert set(split["fold"]) == {0, 1, 2}  # round(1 / 0.34) = 3 folds
+
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert len(metrics) == cfg["epochs"] == 1
+    assert metrics["epoch"].tolist() == [1]
+    for column in ["lr", "train_loss", "train_mask", "train_gender", "train_age", "valid_f1", "valid_accuracy",
+                   "valid_mask_f1", "valid_gender_f1", "valid_age_f1", *TIMING]:
+        assert column in metrics.columns, column
+        assert np.isfinite(metrics[column]).all(), column
+    assert math.isclose(metrics.loc[0, "train_loss"],
+                        metrics.loc[0, ["train_mask", "train_gender", "train_age"]].sum(), rel_tol=1e-5)
+
+    probs = pd.read_csv(run_dir / "valid_probs.csv")
+    assert list(probs.columns) == ["image_path", *[f"p{c}" for c in range(NUM_CLASSES)], "pred", "label"]
+    valid_people = set(split.loc[split["fold"] == 0, "id"])
+    assert len(probs) == 7 * len(valid_people)
+    assert {Path(p).parent.name.split("_")[0] for p in probs["image_path"]} == valid_people
+    p = probs[[f"p{c}" for c in range(NUM_CLASSES)]].to_numpy()
+    np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
+    np.testing.assert_array_equal(probs["pred"], p.argmax(1))
+    assert probs["label"].tolist() == [true_label(path) for path in probs["image_path"]]
+    accuracy = (probs["pred"] == probs["label"]).mean()
+    assert math.isclose(metrics.loc[0, "valid_accuracy"], accuracy)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["best_epoch"] == 1 and summary["epochs_run"] == 1
+    assert math.isclose(summary["best_valid_f1"], metrics.loc[0, "valid_f1"])
+    assert summaries == {0: summary}
+
+    log_text = (run_dir / "train.log").read_text()
+    assert "epoch 1: train loss" in log_text and "18-class confusion" in log_text
+    assert training_images_logged(run_dir) == (7 * (N_PEOPLE - len(valid_people)), N_PEOPLE - len(valid_people))
+
+
+def test_checkpoints_load_with_weights_only(base_run):
+    run_dir = base_run[0]
+    best = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    assert best["epoch"] == last["epoch"] == 1
+    assert best["config"]["model"] == "basemodel"
+    assert {"optimizer", "scheduler", "state", "rng"} <= set(last)
+    assert last["state"]["epoch"] == 1 and len(last["state"]["history"]) == 1
+    assert_same_state(best["model"], last["model"])  # one epoch: the last is the best
+
+
+def test_checkpoint_round_trip_gives_the_trained_predictions(base_run):
+    run_dir = base_run[0]
+    loaded, cfg = inference.load_model(run_dir / "best.pt", "cpu")
+    assert not loaded.training
+    ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
+    fresh = create_model(ckpt["config"], pretrained=False)
+    fresh.load_state_dict(ckpt["model"])
+    fresh.eval()
+    x = torch.randn(4, 3, 32, 24)
+    with torch.no_grad():
+        a, b = loaded(x), fresh(x)
+    assert a.keys() == b.keys() == {"mask", "gender", "age"}
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    # the loaded model reproduces the validation probabilities written during training
+    table = pd.read_csv(run_dir / "valid_probs.csv")
+    dataset = make_dataset(table.assign(label=table["label"]), {**cfg, "cache_dir": ""},
+                           build_transform("plain", cfg["resize"], cfg["mean"], cfg["std"]))
+    probs = train.predict(loaded, DataLoader(dataset, batch_size=64), torch.device("cpu"))
+    np.testing.assert_allclose(probs, table[[f"p{c}" for c in range(NUM_CLASSES)]].to_numpy(), atol=1e-5)
+
+
+def test_same_name_goes_to_a_new_folder(data, tmp_path):
+    cfg = make_cfg(data, tmp_path / "runs", name="same")
+    first, _ = train.main(cfg)
+    second, _ = train.main(cfg)
+    assert first == tmp_path / "runs" / "same"
+    assert second == tmp_path / "runs" / "same2"
+    assert (first / "best.pt").is_file() and (second / "best.pt").is_file()
+    assert json.loads((first / "config.json").read_text())["name"] == "same"
+
+
+def test_output_dir_not_empty_is_refused_without_overwrite(data, tmp_path):
+    out = tmp_path / "exact"
+    out.mkdir()
+    (out / "old.txt").write_text("keep me")
+    cfg = make_cfg(data, tmp_path / "runs", output_dir=str(out))
+    with pytest.raises(SystemExit, match="--overwrite"):
+        train.main(cfg)
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    run_dir, _ = train.main({**cfg, "overwrite": True})
+    assert run_dir == out and (out / "best.pt").is_file() and (out / "old.txt").read_text() == "keep me"
+    assert not (tmp_path / "runs").exists()  # an exact output_dir never touches model_dir
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run_dir, _ = train.main({**cfg, "output_dir": str(empty)})
+    assert run_dir == empty and (empty / "metrics.csv").is_file()
+
+
+def test_same_seed_repeats_the_run_exactly(data, tmp_path):
+    """Two runs with one seed give the same metrics and weights, the first with a cold image
+    cache and the second reusing it; another seed gives another run."""
+    cfg = make_cfg(data, tmp_path / "runs", cache_dir=str(tmp_path / "cold_cache"))
+    first, _ = train.main(cfg)
+    second, _ = train.main(cfg)
+    pd.testing.assert_frame_equal(metrics_without_timing(first), metrics_without_timing(second), check_exact=True)
+    assert_same_state(model_state(first / "best.pt"), model_state(second / "best.pt"))
+    other, _ = train.main({**cfg, "seed": 7})
+    assert metrics_without_timing(other)["train_loss"][0] != metrics_without_timing(first)["train_loss"][0]
+
+
+class _StopAfter:
+    """A loader that raises KeyboardInterrupt after `batches` batches (Ctrl-C mid-epoch)."""
+
+    def __init__(self, loader, batches):
+        self.loader, self.batches = loader, batches
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, item in enumerate(self.loader):
+            if i == self.batches:
+                raise KeyboardInterrupt
+            yield item
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(data, tmp_path, monkeypatch):
+    full, _ = train.main(make_cfg(data, tmp_path / "runs", epochs=2, name="full"))
+
+    real, calls = train.train_one_epoch, []
+
+    def interrupted(model, loader, *args, **kwargs):
+        calls.append(1)
+        # epoch 2: one optimizer step, then Ctrl-C (that step must not reach any checkpoint)
+        return real(model, _StopAfter(loader, 1) if len(calls) == 2 else loader, *args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    cut_cfg = make_cfg(data, tmp_path / "runs", epochs=2, name="cut")
+    with pytest.raises(SystemExit) as stop:
+        train.main(cut_cfg)
+    assert stop.value.code == 130
+    cut = tmp_path / "runs" / "cut"
+    assert len(calls) == 2
+    assert torch.load(cut / "last.pt", map_location="cpu", weights_only=True)["epoch"] == 1
+    assert len(pd.read_csv(cut / "metrics.csv")) == 1
+    assert not (cut / "summary.json").exists()
+    assert "--resume" in (cut / "train.log").read_text()
+    monkeypatch.undo()
+
+    resume_cfg = {**default_config("train"), "resume": str(cut), "num_workers": 0, "device": "cpu"}
+    run_dir, _ = train.main(resume_cfg)
+    assert run_dir == cut
+    assert "resuming" in (cut / "train.log").read_text()
+    resumed, uninterrupted = metrics_without_timing(cut), metrics_without_timing(full)
+    assert resumed["epoch"].tolist() == [1, 2]
+    pd.testing.assert_frame_equal(resumed, uninterrupted, check_exact=True)
+    assert_same_state(model_state(cut / "best.pt"), model_state(full / "best.pt"))
+    assert_same_state(model_state(cut / "last.pt"), model_state(full / "last.pt"))
+    summaries = [{k: v for k, v in json.loads((d / "summary.json").read_text()).items() if k not in TIMING}
+                 for d in (cut, full)]
+    assert summaries[0] == summaries[1] and summaries[0]["epochs_run"] == 2
+
+
+def test_resume_of_a_folder_that_is_not_a_run_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="not a run folder"):
+        train.main({**default_config("train"), "resume": str(tmp_path), "device": "cpu"})
+
+
+# ---------------------------------------------------------------------------------------------
+# k-fold, refit, no validation
+def test_fold_all_writes_every_fold_and_out_of_fold_probabilities(kfold_run, data):
+    run_dir, cfg, summaries = kfold_run
+    assert set(summaries) == {0, 1}
+    split = pd.read_csv(run_dir / "split.csv", dtype={"id": str})
+    assert set(split["fold"]) == {0, 1}
+    for k in (0, 1):
+        fold_dir = run_dir / f"fold{k}"
+        for name in ["metrics.csv", "best.pt", "last.pt", "valid_probs.csv", "summary.json"]:
+            assert (fold_dir / name).is_file(), f"fold{k}/{name}"
+        valid = pd.read_csv(fold_dir / "valid_probs.csv")
+        people = {Path(p).parent.name.split("_")[0] for p in valid["image_path"]}
+        assert people == set(split.loc[split["fold"] == k, "id"])
+    assert not (run_dir / "best.pt").exists()  # the folds hold the models
+
+    oof = pd.read_csv(run_dir / "oof_probs.csv")
+    assert oof["image_path"].is_unique
+    assert sorted(oof["image_path"]) == all_training_images(data)
+    assert oof["label"].tolist() == [true_label(p) for p in oof["image_path"]]
+    p = oof[[f"p{c}" for c in range(NUM_CLASSES)]].to_numpy()
+    np.testing.assert_array_equal(oof["pred"], p.argmax(1))
+    folds = pd.concat([pd.read_csv(run_dir / f"fold{k}" / "valid_probs.csv") for k in (0, 1)], ignore_index=True)
+    pd.testing.assert_frame_equal(oof, folds)
+
+
+def test_refit_trains_on_everybody(kfold_run):
+    run_dir, cfg, summaries = kfold_run
+    refit = run_dir / "refit"
+    assert (refit / "best.pt").is_file() and (refit / "last.pt").is_file()
+    assert not (refit / "valid_probs.csv").exists()
+    epochs = int(np.median([s["best_epoch"] for s in summaries.values()]))
+    assert len(pd.read_csv(refit / "metrics.csv")) == epochs
+    assert torch.load(refit / "best.pt", map_location="cpu", weights_only=True)["config"]["epochs"] == epochs
+    assert training_images_logged(run_dir, refit) == (7 * N_PEOPLE, N_PEOPLE)
+    for k in (0, 1):
+        assert training_images_logged(run_dir, run_dir / f"fold{k}")[0] < 7 * N_PEOPLE
+
+
+def test_val_ratio_0_trains_on_everybody(data, tmp_path):
+    run_dir, summaries = train.main(make_cfg(data, tmp_path / "runs", val_ratio=0.0))
+    split = pd.read_csv(run_dir / "split.csv")
+    assert len(split) == N_PEOPLE and (split["fold"] == -1).all()
+    assert not (run_dir / "valid_probs.csv").exists()
+    assert (run_dir / "best.pt").is_file() and (run_dir / "summary.json").is_file()
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert len(metrics) == 1 and not any(c.startswith("valid_") for c in metrics.columns)
+    assert summaries[None]["best_epoch"] == 1
+    assert training_images_logged(run_dir) == (7 * N_PEOPLE, N_PEOPLE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options: each trains one tiny epoch
+@pytest.fixture(scope="module")
+def plain_loss(data, tmp_path_factory):
+    run_dir, _ = train.main(make_cfg(data, tmp_path_factory.mktemp("plain_runs")))
+    return float(pd.read_csv(run_dir / "metrics.csv")["train_loss"][0])
+
+
+OPTIONS = {
+    "mixup": dict(mix="mixup", mix_prob=1.0),
+    "cutmix": dict(mix="cutmix", mix_prob=1.0),
+    "vertical_cutmix": dict(mix="vertical_cutmix", mix_prob=1.0),
+    "balanced_sampler": dict(balanced_sampler=True),
+    "sched_none": dict(scheduler="none"),
+    "sched_step": dict(scheduler="step", lr_decay_step=1),
+    "sched_cosine": dict(scheduler="cosine"),
+    "sched_cosine_restarts": dict(scheduler="cosine_restarts", lr_decay_step=1),
+    "SGD": dict(optimizer="SGD", scheduler="none"),
+    "Adam": dict(optimizer="Adam", scheduler="none"),
+    "focal_single_head": dict(criterion="focal", head="single"),
+    "label_smoothing_age_smoothing": dict(criterion="label_smoothing", age_smoothing=0.1),
+    "f1_class_weights": dict(criterion="f1", class_weights=True),
+    "age_regression_grad_clip": dict(age_regression=0.5, f1_weight=0.2, grad_clip=1.0),
+    "strong_augmentation": dict(augmentation="strong"),
+}
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_option_trains_one_epoch(option, data, tmp_path, plain_loss):
+    overrides = OPTIONS[option]
+    run_dir, _ = train.main(make_cfg(data, tmp_path / "runs", **overrides))
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert len(metrics) == 1
+    assert np.isfinite(metrics["train_loss"]).all() and np.isfinite(metrics["valid_f1"]).all()
+    expected_lr = 1e-3 / 25 if overrides.get("scheduler", "one_cycle") == "one_cycle" else 1e-3
+    assert math.isclose(metrics.loc[0, "lr"], expected_lr, rel_tol=1e-6)
+    if "mix" in overrides or "balanced_sampler" in overrides:  # other batches than the plain run
+        assert metrics.loc[0, "train_loss"] != plain_loss
+    if overrides.get("age_regression"):
+        assert np.isfinite(metrics["train_age_value"]).all()
+    with torch.no_grad():
+        model, _ = inference.load_model(run_dir / "best.pt", "cpu")
+        probs = class_probabilities(model(torch.randn(2, 3, 32, 24)))
+    torch.testing.assert_close(probs.sum(1), torch.ones(2))
+
+
+def test_scheduler_lr_after_two_epochs(data, tmp_path):
+    """step decays by lr_gamma every lr_decay_step epochs; the recorded lr is the epoch's start."""
+    run_dir, _ = train.main(make_cfg(data, tmp_path / "runs", epochs=2, scheduler="step", lr_decay_step=1,
+                                     lr_gamma=0.5))
+    np.testing.assert_allclose(pd.read_csv(run_dir / "metrics.csv")["lr"], [1e-3, 5e-4])
+
+
+def test_unknown_optimizer_or_scheduler_raises():
+    model = torch.nn.Linear(2, 2)
+    cfg = default_config("train")
+    with pytest.raises(ValueError, match="RMSprop"):
+        train.build_optimizer({**cfg, "optimizer": "RMSprop"}, model)
+    optimizer = train.build_optimizer(cfg, model)
+    with pytest.raises(ValueError, match="linear"):
+        train.build_scheduler({**cfg, "scheduler": "linear"}, optimizer, 4, 2)
