@@ -40,6 +40,16 @@ def build_maskbench(maskbench, size, out):
                     "--workers", str(os.cpu_count())], check=True)
 
 
+def check_counts(table, data):
+    """The dataset reads every person: its 18-class counts equal build_info.json's."""
+    expected = json.loads((data / "build_info.json").read_text())["train_class_counts"]
+    found = np.bincount(table["label"], minlength=18).tolist()
+    if found != expected:
+        raise SystemExit(f"error: class counts read {found} differ from build_info.json {expected}")
+    print(f"read {table['id'].nunique()} people, {len(table)} images; class counts match build_info.json")
+    return True
+
+
 def loader_throughput(cfg, table, max_images=2000):
     """Images/s of the training loader (light augmentation, batch 32) decoding every epoch vs
     reading the decode cache (after it is built; the build time is reported apart)."""
@@ -139,10 +149,11 @@ def machine():
     return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, {preload}"
 
 
-def write_report(args, loader, results):
+def write_report(args, loader, results, counts_match):
     lines = [f"\n## bench {time.strftime('%Y-%m-%d %H:%M')}\n", f"- machine: {machine()}",
              f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-             f"- data: maskbench built at {args.size}, {args.out / 'data'}\n"]
+             f"- data: maskbench built at {args.size}; the reader's 18-class counts "
+             f"{'match' if counts_match else 'DO NOT match'} build_info.json\n"]
     if loader:
         lines += ["| loader (light augmentation, batch 32) | images/s |", "| --- | --- |",
                   f"| decoding every epoch | {loader['uncached_images_per_s']:.0f} |",
@@ -183,13 +194,14 @@ def main(argv=None):
     cfg = {**default_config("train"), "data_dir": str(data / "train"), "resize": [height, width],
            "cache_dir": str(args.cache_dir), "num_workers": args.num_workers, "val_ratio": 0.2}
     table = load_training_images(cfg)
+    counts_match = check_counts(table, data)
     loader = None if args.skip_loader else loader_throughput(cfg, table)
     results = []
     if not args.skip_training:
         device = resolve_device("auto")
         n_train = int(len(table) * 0.8)
         results = [run_recipe(r, args, data, args.out / "runs", device, n_train) for r in args.recipes]
-    write_report(args, loader, results)
+    write_report(args, loader, results, counts_match)
 
 
 if __name__ == "__main__":

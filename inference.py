@@ -25,13 +25,8 @@ log = logging.getLogger("mask")
 
 
 def find_checkpoints(run_dir, checkpoint="best"):
-    """best.pt / last.pt of a run, or of each fold<k>/ of a k-fold run; refit: the run's
-    refit/best.pt (train.py --refit writes the model trained on everyone there)."""
+    """best.pt / last.pt of a run, or of each fold<k>/ of a k-fold run."""
     run_dir = Path(run_dir)
-    if checkpoint == "refit":
-        if not (run_dir / "refit" / "best.pt").is_file():
-            raise SystemExit(f"error: no refit/best.pt in {run_dir} (train with --refit)")
-        return [run_dir / "refit" / "best.pt"]
     if (run_dir / f"{checkpoint}.pt").is_file():
         return [run_dir / f"{checkpoint}.pt"]
     folds = sorted(run_dir.glob(f"fold*/{checkpoint}.pt"))

@@ -56,7 +56,9 @@ def make_run_dir(cfg):
 
 def setup_logging(log_file=None):
     """Console at INFO; the run folder's log file at DEBUG (it also holds confusion matrices)."""
-    log.handlers.clear()
+    for handler in log.handlers[:]:
+        handler.close()
+        log.removeHandler(handler)
     log.setLevel(logging.DEBUG)
     log.propagate = False
     console = logging.StreamHandler(sys.stdout)
@@ -127,6 +129,8 @@ def score(labels, preds):
 def predict(model, loader, device, autocast=contextlib.nullcontext, channels_last=False, tta="none"):
     """18-class probabilities for every item of a loader, in order. tta: none; flip (average
     with the mirrored image); flip_crops (also a 90% centre crop, plain and mirrored)."""
+    if tta not in ("none", "flip", "flip_crops"):
+        raise ValueError(f"tta '{tta}' is not none, flip or flip_crops")
     model.eval()
     probs = []
     for images, *_ in loader:
@@ -288,7 +292,7 @@ def fit(cfg, out_dir, train_table, valid_table, device):
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
-        log.info("resuming %s after epoch %d (best macro F1 %.4f at epoch %d)", out_dir, state["epoch"],
+        log.info("resuming %s after epoch %d (best macro F1 %s at epoch %d)", out_dir, state["epoch"],
                  state["best_f1"], state["best_epoch"])
     writer = tensorboard_writer(out_dir)
     valid_loader = (DataLoader(valid_set, batch_size=cfg["valid_batch_size"], num_workers=cfg["num_workers"],
@@ -316,7 +320,7 @@ def fit(cfg, out_dir, train_table, valid_table, device):
         state["history"].append(row)
         state["epoch"] = epoch + 1
         if improved:
-            state.update(best_f1=row.get("valid_f1", float("nan")), best_epoch=epoch + 1, bad_epochs=0)
+            state.update(best_f1=row.get("valid_f1"), best_epoch=epoch + 1, bad_epochs=0)
             save_atomic({"model": model.state_dict(), "config": cfg, "epoch": epoch + 1,
                          "metric": state["best_f1"]}, out_dir / "best.pt")
             if valid_loader is not None:
@@ -371,7 +375,7 @@ def train(cfg, run_dir, device):
             continue
         train_table, valid_table = split_train_valid(images, fold, cfg["drop_ages"])
         summaries[fold] = fit(cfg, out_dir, train_table, valid_table, device)
-        log.info("fold %s: best validation macro F1 %.4f at epoch %d", fold, summaries[fold]["best_valid_f1"],
+        log.info("fold %s: best validation macro F1 %s at epoch %d", fold, summaries[fold]["best_valid_f1"],
                  summaries[fold]["best_epoch"])
     if len(folds) > 1:
         oof = pd.concat([pd.read_csv(run_dir / f"fold{k}" / "valid_probs.csv") for k in folds], ignore_index=True)

@@ -24,6 +24,16 @@ RUN_FILES = ["config.json", "train.log", "split.csv", "metrics.csv", "best.pt", 
              "summary.json"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tiny models gain nothing from intra-op threads, and on a busy CPU the threads'
+    spin-waiting made the runs up to 10x slower; the previous setting comes back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Its own copy of the tiny dataset (18 people, 126 images) and a shared image cache."""
