@@ -172,7 +172,13 @@ def grad_cam(model, images, size):
     log p(class) averaged over space weighs each channel; relu of the weighted sum, upsampled to
     size (h, w) and scaled to 0..1 per image. Returns (cams B x h x w, class probabilities)."""
     features = []
-    hook = model.backbone.register_forward_hook(lambda module, inputs, output: features.append(output))
+
+    def cut(module, inputs, output):
+        """Continue the forward pass from a leaf copy of the feature map: the gradient stops there."""
+        features.append(output.detach().requires_grad_())
+        return features[-1]
+
+    hook = model.backbone.register_forward_hook(cut)
     try:
         with torch.enable_grad():
             probs = class_probabilities(model(images))
@@ -206,9 +212,9 @@ def gradcam_sheet(model, cfg, table, names, device, images_per_class, batch_size
         overlay = Image.fromarray((0.55 * image + 0.45 * jet(cam)).astype(np.uint8))
         rows.setdefault(label, []).append(tile(overlay, [f"true: {class_label(label, names)}",
                                                           f"pred: {class_label(pred, names)} (p={p[pred]:.2f})"]))
-    tiles = [t for row in rows.values() for t in row + [None] * (images_per_class - len(row))]
+    tiles = [t for row in rows.values() for t in row]
     per_row = max(1, 6 // images_per_class)  # about 6 tiles a row, whole classes only
-    return titled(grid(tiles, images_per_class * per_row), [
+    return titled(grid(tiles, 6), [
         f"Grad-CAM of the predicted class, up to {images_per_class} validation images per true class",
         "red: regions that raise the predicted class's probability most; blue: none"])
 
@@ -220,7 +226,7 @@ def worst_sheet(table, cfg, names):
                   [f"true: {class_label(r.label, names)} (p={r.p_true:.2f})",
                    f"pred: {class_label(r.pred, names)} (p={getattr(r, f'p{r.pred}'):.2f})",
                    f"{Path(r.image_path).parent.name}/{Path(r.image_path).name}"]) for r in worst.itertuples()]
-    return titled(grid(tiles, 4), [f"the {len(tiles)} validation images with the lowest probability of their true class"])
+    return titled(grid(tiles, 4), [f"the {len(tiles)} validation images with the lowest probability of the true class"])
 
 
 # ---------------------------------------------------------------------------------------------

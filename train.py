@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,12 +40,17 @@ log = logging.getLogger("mask")
 # ---------------------------------------------------------------------------------------------
 # Run folder, logging, device
 def make_run_dir(cfg):
-    """runs/<name>, or name2, name3... if taken; or exactly --output_dir (refused if not empty
-    unless --overwrite). A new run never writes into an old one by accident."""
+    """runs/<name>, or name2, name3... if taken; or exactly --output_dir: refused if not empty,
+    unless --overwrite and it is an old run folder, which is then deleted first (so nothing of
+    the old run, such as a last.pt to resume from, mixes with the new one)."""
     if cfg["output_dir"]:
         run_dir = Path(cfg["output_dir"])
-        if run_dir.exists() and any(run_dir.iterdir()) and not cfg["overwrite"]:
-            raise SystemExit(f"error: {run_dir} is not empty; pass --overwrite to write into it anyway")
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if not cfg["overwrite"]:
+                raise SystemExit(f"error: {run_dir} is not empty; pass --overwrite to replace the run in it")
+            if not (run_dir / "config.json").is_file():
+                raise SystemExit(f"error: {run_dir} is not a run folder (no config.json); not overwriting it")
+            shutil.rmtree(run_dir)
     else:
         base = Path(cfg["model_dir"]) / cfg["name"]
         run_dir, n = base, 2
@@ -269,7 +275,8 @@ def fit(cfg, out_dir, train_table, valid_table, device):
         pd.DataFrame(skipped, columns=["path", "error"]).to_csv(out_dir / "skipped.csv", index=False)
         log.warning("skipped %d unreadable image(s); listed in %s", len(skipped), out_dir / "skipped.csv")
     log.info("%s: %d training images (%d people), %s", out_dir, len(train_set), train_table["id"].nunique(),
-             f"{len(valid_set)} validation images ({valid_table['id'].nunique()} people)" if valid_set else "no validation")
+             f"{len(valid_set)} validation images ({valid_table['id'].nunique()} people)" if valid_set is not None
+             else "no validation")
 
     # seeded here, after the datasets: building the image cache draws from torch's global RNG
     # (DataLoader seeds), so seeding earlier gave a different initial model on a cold cache
@@ -296,7 +303,7 @@ def fit(cfg, out_dir, train_table, valid_table, device):
                  state["best_f1"], state["best_epoch"])
     writer = tensorboard_writer(out_dir)
     valid_loader = (DataLoader(valid_set, batch_size=cfg["valid_batch_size"], num_workers=cfg["num_workers"],
-                               pin_memory=device.type == "cuda") if valid_set else None)
+                               pin_memory=device.type == "cuda") if valid_set is not None else None)
 
     for epoch in range(state["epoch"], cfg["epochs"]):
         seed_everything(cfg["seed"] * 1000 + epoch)  # dropout, mixing: a function of (seed, epoch)

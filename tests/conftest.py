@@ -4,12 +4,23 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import default_config  # noqa: E402
 from make_sample_data import make_sample_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The tests' tiny models gain nothing from intra-op threads, and on a busy CPU the threads'
+    spin-waiting made runs up to 10x slower; the previous setting comes back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

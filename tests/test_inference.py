@@ -20,16 +20,6 @@ PROBS = [f"p{c}" for c in range(NUM_CLASSES)]
 TASK_COLUMNS = ["mask0", "mask1", "mask2", "gender0", "gender1", "age0", "age1", "age2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models gain nothing from intra-op threads, and on a busy CPU the threads'
-    spin-waiting made the runs up to 10x slower; the previous setting comes back afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("inference_data")

@@ -22,16 +22,6 @@ BACKBONES = [
 EXPECTED_SHAPES = {"logits": (NUM_CLASSES,), "mask": (3,), "gender": (2,), "age": (3,), "age_value": ()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models gain nothing from intra-op threads, and on a busy CPU the threads'
-    spin-waiting made the runs up to 10x slower; the previous setting comes back afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def model_cfg(**overrides):
     cfg = default_config("train")
     cfg.update(model="basemodel", pretrained=False, weights="", head="multi", dropout=0.2, age_regression=0.0)

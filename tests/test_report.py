@@ -1,17 +1,16 @@
 """report.py: every picture of a trained run is a readable PNG whose size follows its content,
 Grad-CAM is a heat map of the predicted class, a k-fold run gets one report per fold, and a folder
 without validation is refused by name."""
+import re
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import train
-from dataset import NUM_CLASSES
-from inference import load_model
-from model import class_probabilities, create_model
+import report
+from model import MaskModel, class_probabilities, create_model
 from report import grad_cam, write_report
 
 NAMES = ["confusion_18", "confusion_mask", "confusion_gender", "confusion_age", "curves", "worst", "gradcam"]
@@ -60,16 +59,46 @@ def test_grad_cam_is_a_heat_map_of_the_predicted_class(train_cfg):
     assert not model.backbone._forward_hooks  # the hook is removed again
 
 
-def test_grad_cam_follows_the_backbone_gradient(run_dir):
-    """With the features of a 1 x 1 map the CAM is relu(sum of features * gradients): compare
-    with a hand-made computation on a trained model."""
-    model, _ = load_model(run_dir / "best.pt", "cpu")
-    images = torch.randn(2, 3, 32, 24)
-    cams, probs = grad_cam(model, images, (4, 3))
-    features = model.backbone(images).detach().requires_grad_()
-    out = {name: head(torch.nn.functional.adaptive_avg_pool2d(features, 1).flatten(1)) for name, head in model.heads.items()}
-    p = class_probabilities(out)
-    p[torch.arange(2), p.argmax(1)].log().sum().backward()
-    expected = torch.relu((features.grad.mean((2, 3), keepdim=True) * features).sum(1, keepdim=True)).detach()
-    expected = torch.nn.functional.interpolate(expected, size=(4, 3), mode="bilinear", align_corners=False)[:, 0]
-    torch.testing.assert_close(cams, expected / expected.amax((1, 2), keepdim=True))
+class FirstChannel(torch.nn.Module):
+    """A backbone whose feature map is the image's first channel, pixel for pixel."""
+    num_features = 1
+
+    def forward(self, x):
+        return x[:, :1]
+
+
+def test_grad_cam_points_at_the_evidence_for_the_predicted_class():
+    """Class 5's logit grows with the mean brightness, so in an image that is dark but for one
+    bright patch the patch is all of class 5's evidence: the map is 1 there and 0 elsewhere."""
+    model = MaskModel(FirstChannel(), head="single", dropout=0.0).eval()
+    with torch.no_grad():
+        model.heads["logits"].weight.zero_()
+        model.heads["logits"].bias.zero_()
+        model.heads["logits"].weight[5, 0] = 50.0
+    image = torch.zeros(1, 3, 16, 12)
+    image[..., 2:6, 7:11] = 1.0
+    cams, probs = grad_cam(model, image, (16, 12))
+    assert probs.argmax().item() == 5
+    expected = torch.zeros(1, 16, 12)
+    expected[:, 2:6, 7:11] = 1.0
+    torch.testing.assert_close(cams, expected)
+
+
+def test_kfold_run_gets_a_report_per_fold(run_dir, tmp_path):
+    kfold = tmp_path / "kfold"
+    for k in (0, 1):
+        shutil.copytree(run_dir, kfold / f"fold{k}")
+    paths = write_report(kfold, images_per_class=1)
+    assert paths == [kfold / f"fold{k}" / "report" / f"{name}.png" for k in (0, 1) for name in NAMES]
+    assert all(path.is_file() for path in paths)
+    assert not (kfold / "report").exists()
+
+
+def test_folder_without_validation_is_refused_by_name(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "fold0").mkdir()  # a fold folder without valid_probs.csv does not count
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path)) + ": no valid_probs.csv"):
+        write_report(tmp_path)
+    with pytest.raises(SystemExit, match="error: " + re.escape(str(tmp_path))):
+        report.main(["--run", str(tmp_path)])
+    assert not (tmp_path / "report").exists()

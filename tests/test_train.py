@@ -24,16 +24,6 @@ RUN_FILES = ["config.json", "train.log", "split.csv", "metrics.csv", "best.pt", 
              "summary.json"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models gain nothing from intra-op threads, and on a busy CPU the threads'
-    spin-waiting made the runs up to 10x slower; the previous setting comes back afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """Its own copy of the tiny dataset (18 people, 126 images) and a shared image cache."""
@@ -200,13 +190,24 @@ def test_output_dir_not_empty_is_refused_without_overwrite(data, tmp_path):
     with pytest.raises(SystemExit, match="--overwrite"):
         train.main(cfg)
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
-    run_dir, _ = train.main({**cfg, "overwrite": True})
-    assert run_dir == out and (out / "best.pt").is_file() and (out / "old.txt").read_text() == "keep me"
+    with pytest.raises(SystemExit, match="not a run folder"):  # --overwrite only replaces a run
+        train.main({**cfg, "overwrite": True})
+    assert (out / "old.txt").read_text() == "keep me"
     assert not (tmp_path / "runs").exists()  # an exact output_dir never touches model_dir
     empty = tmp_path / "empty"
     empty.mkdir()
     run_dir, _ = train.main({**cfg, "output_dir": str(empty)})
     assert run_dir == empty and (empty / "metrics.csv").is_file()
+
+
+def test_overwrite_replaces_an_old_run_instead_of_resuming_it(data, tmp_path):
+    cfg = make_cfg(data, tmp_path / "runs", output_dir=str(tmp_path / "exact"))
+    run_dir, _ = train.main(cfg)
+    (run_dir / "stale.txt").write_text("from the old run")
+    run_dir, _ = train.main({**cfg, "overwrite": True, "epochs": 2})
+    assert pd.read_csv(run_dir / "metrics.csv")["epoch"].tolist() == [1, 2]
+    assert "resuming" not in (run_dir / "train.log").read_text()  # from scratch, not from the old last.pt
+    assert not (run_dir / "stale.txt").exists()
 
 
 def test_same_seed_repeats_the_run_exactly(data, tmp_path):
