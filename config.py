@@ -110,8 +110,10 @@ def check_value(key, value, entry, where):
 
 
 def read_config_file(path, known_keys):
-    """Read a flat JSON override file; unknown keys and values of the wrong type or outside the
-    choices are errors naming the file and the key."""
+    """Read a flat JSON override file for a script whose keys are known_keys. One file may serve
+    several scripts (a recipe with training keys and its `tta`), so keys of args.json that this
+    script does not use are left out; keys not in args.json at all, and values of the wrong type
+    or outside the choices, are errors naming the file and the key."""
     try:
         with open(path) as f:
             values = json.load(f)
@@ -121,10 +123,10 @@ def read_config_file(path, known_keys):
         raise SystemExit(f"error: config file {path} must hold a JSON object of key: value")
     spec = load_spec()
     for key, value in values.items():
-        if key not in known_keys:
-            raise SystemExit(f"error: unknown key '{key}' in config file {path}{_suggest(key, known_keys)}")
+        if key not in spec:
+            raise SystemExit(f"error: unknown key '{key}' in config file {path}{_suggest(key, list(spec))}")
         check_value(key, value, spec[key], f"config file {path}")
-    return values
+    return {key: value for key, value in values.items() if key in known_keys}
 
 
 def parse_config(script, argv=None, description=None):

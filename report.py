@@ -212,9 +212,9 @@ def gradcam_sheet(model, cfg, table, names, device, images_per_class, batch_size
         overlay = Image.fromarray((0.55 * image + 0.45 * jet(cam)).astype(np.uint8))
         rows.setdefault(label, []).append(tile(overlay, [f"true: {class_label(label, names)}",
                                                           f"pred: {class_label(pred, names)} (p={p[pred]:.2f})"]))
-    tiles = [t for row in rows.values() for t in row]
+    tiles = [t for row in rows.values() for t in row + [None] * (images_per_class - len(row))]
     per_row = max(1, 6 // images_per_class)  # about 6 tiles a row, whole classes only
-    return titled(grid(tiles, 6), [
+    return titled(grid(tiles, images_per_class * per_row), [
         f"Grad-CAM of the predicted class, up to {images_per_class} validation images per true class",
         "red: regions that raise the predicted class's probability most; blue: none"])
 
