@@ -267,6 +267,8 @@ def main(argv=None):
     parser.add_argument("--run", required=True, help="run folder, or a k-fold run folder (one report per fold)")
     parser.add_argument("--images_per_class", type=int, default=2, help="Grad-CAM images per true class (default: 2)")
     args = parser.parse_args(argv)
+    if args.images_per_class < 1:
+        parser.error("--images_per_class must be at least 1")
     try:
         paths = write_report(args.run, images_per_class=args.images_per_class)
     except (FileNotFoundError, DataError) as e:

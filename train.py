@@ -417,8 +417,20 @@ def main(cfg):
     except KeyboardInterrupt:
         log.info("interrupted; continue with: python train.py --resume %s", run_dir)
         raise SystemExit(130)
+    if cfg["report"] and cfg["val_ratio"] > 0:
+        write_run_report(run_dir, device)
     log.info("done: %s", run_dir)
     return run_dir, summaries
+
+
+def write_run_report(run_dir, device):
+    """The report/ pictures; a finished training never fails over them."""
+    from report import write_report  # not at the top: report imports inference, which imports train
+    try:
+        paths = write_report(run_dir, device)
+        log.info("report: %d pictures in %s", len(paths), ", ".join(sorted({str(p.parent) for p in paths})))
+    except Exception as e:
+        log.warning("report not written: %s: %s", type(e).__name__, e)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """config.py: args.json -> --config FILE -> command line, typed from the defaults, strict about
 unknown keys and abbreviations, environment variables for the SageMaker-style folders."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -209,3 +210,10 @@ def test_documented_command_lines_parse():
     assert cfg == {"submission": "s.csv", "answers": "a.csv"}
     cfg = parse_config("train", ["--output_dir", "runs/demo/multi", "--overwrite", "--head", "multi", "--epochs", "6"])
     assert cfg["output_dir"] == "runs/demo/multi" and cfg["overwrite"] is True and cfg["epochs"] == 6
+
+
+def test_readme_documents_every_key():
+    """The README's table of args.json keys stays complete."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [key for key in SPEC if f"| `{key}` |" not in readme]
+    assert not missing, f"README.md lacks rows for {missing}"

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-import train
 import report
+import train
 from model import MaskModel, class_probabilities, create_model
 from report import grad_cam, write_report
 
