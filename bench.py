@@ -32,12 +32,12 @@ from train import build_optimizer, resolve_device
 ROOT = Path(__file__).resolve().parent
 
 
-def build_maskbench(maskbench, size, out):
+def build_maskbench(maskbench, size, out, limit=0):
     if (out / "train" / "train.csv").is_file() and (out / "eval" / "answers.csv").is_file():
         return
     subprocess.run([sys.executable, str(maskbench / "build.py"), "--faces", str(maskbench / "faces"),
                     "--csv", str(maskbench / "faces.csv"), "--out", str(out), "--size", size,
-                    "--workers", str(os.cpu_count())], check=True)
+                    "--workers", str(os.cpu_count()), *(["--limit", str(limit)] if limit else [])], check=True)
 
 
 def check_counts(table, data):
@@ -152,7 +152,8 @@ def machine():
 def write_report(args, loader, results, counts_match):
     lines = [f"\n## bench {time.strftime('%Y-%m-%d %H:%M')}\n", f"- machine: {machine()}",
              f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-             f"- data: maskbench built at {args.size}; the reader's 18-class counts "
+             f"- data: maskbench built at {args.size}{f' from {args.limit} people' if args.limit else ''}; "
+             f"the reader's 18-class counts "
              f"{'match' if counts_match else 'DO NOT match'} build_info.json\n"]
     if loader:
         lines += ["| loader (light augmentation, batch 32) | images/s |", "| --- | --- |",
@@ -182,14 +183,15 @@ def main(argv=None):
     parser.add_argument("--budget_minutes", type=float, default=30, help="training time per recipe")
     parser.add_argument("--epochs", type=int, default=0, help="fixed epochs instead of the time budget")
     parser.add_argument("--tta", default="flip", help="test-time augmentation unless the recipe sets one")
+    parser.add_argument("--limit", type=int, default=0, help="build maskbench from this many people only (quick loader measurements)")
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--skip_loader", action="store_true", help="do not measure the loader")
     parser.add_argument("--skip_training", action="store_true", help="only build and measure the loader")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     args.cache_dir = args.out / "cache"
-    data = args.out / "data" / args.size
-    build_maskbench(args.maskbench, args.size, data)
+    data = args.out / "data" / (args.size + (f"_limit{args.limit}" if args.limit else ""))
+    build_maskbench(args.maskbench, args.size, data, args.limit)
     width, height = (int(v) for v in args.size.split("x"))
     cfg = {**default_config("train"), "data_dir": str(data / "train"), "resize": [height, width],
            "cache_dir": str(args.cache_dir), "num_workers": args.num_workers, "val_ratio": 0.2}
