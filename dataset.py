@@ -395,16 +395,27 @@ class FaceDataset(Dataset):
         return self.transform(img), int(self.labels[i]), self.ages[i], i
 
 
-def make_dataset(table, cfg, transform, skip_log=None):
-    """A FaceDataset over a table with image_path (and label/age when known), using the cache
-    when cfg['cache_dir'] is set. Unreadable images raise, or with skip_bad_images are dropped
-    and appended to skip_log (a list) so the caller can write them out."""
+def open_cache(paths, cfg):
+    """The decode cache of a list of images: (array file, {path: row}, {path: error}). Build it
+    once over every image a run uses, then hand it to make_dataset for each subset (folds,
+    validation, refit), so no image is decoded twice."""
+    cache_file, errors = build_cache(paths, cfg["resize"], cfg["center_crop"], cfg["cache_dir"], cfg["num_workers"])
+    return cache_file, {p: i for i, p in enumerate(paths)}, dict(zip(paths, errors))
+
+
+def make_dataset(table, cfg, transform, skip_log=None, cache=None):
+    """A FaceDataset over a table with image_path (and label/age when known), read from the
+    decode cache when cfg['cache_dir'] is set (`cache` from open_cache, or one built for this
+    table). Unreadable images raise, or with skip_bad_images are dropped and appended to
+    skip_log (a list) so the caller can write them out."""
     paths = table["image_path"].tolist()
     labels = table["label"].to_numpy() if "label" in table else np.zeros(len(table), int)
     ages = table["age"].to_numpy() if "age" in table else np.zeros(len(table))
     size, crop = tuple(cfg["resize"]), tuple(cfg["center_crop"])
+    rows = None
     if cfg["cache_dir"]:
-        cache_file, errors = build_cache(paths, size, crop, cfg["cache_dir"], cfg["num_workers"])
+        cache_file, row_of, error_of = cache or open_cache(paths, cfg)
+        rows, errors = [row_of[p] for p in paths], [error_of[p] for p in paths]
     elif cfg["skip_bad_images"]:  # no cache: one decoding pass finds the images to skip
         decoder = _DecodeAll(paths, size, crop)
         cache_file, errors = None, [decoder[i][2] for i in range(len(paths))]
@@ -414,7 +425,7 @@ def make_dataset(table, cfg, transform, skip_log=None):
     if skip_log is not None:
         skip_log.extend(bad)
     return FaceDataset([paths[i] for i in keep], labels[keep], ages[keep], size, crop, transform,
-                       cache_file=cache_file, rows=keep)
+                       cache_file=cache_file, rows=None if rows is None else [rows[i] for i in keep])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from config import parse_config
 from dataset import (NUM_CLASSES, build_transform, class_balanced_weights, decode_class, load_training_images,
-                     make_dataset, mix_batch, num_folds, split_train_valid)
+                     make_dataset, mix_batch, num_folds, open_cache, split_train_valid)
 from loss import Criterion
 from model import class_probabilities, create_model
 
@@ -262,14 +262,15 @@ def log_confusion(labels, preds):
     log.debug("18-class confusion (rows true, columns predicted):\n%s", "\n".join(" ".join(f"{v:4d}" for v in row) for row in matrix))
 
 
-def fit(cfg, out_dir, train_table, valid_table, device):
+def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
     """Train one model into out_dir (resuming from out_dir/last.pt if present) and return its
-    summary. valid_table None: no validation, the last epoch is kept as best.pt."""
+    summary. valid_table None: no validation, the last epoch is kept as best.pt. cache: the
+    decode cache of all the run's images (dataset.open_cache)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     size, mean, std = cfg["resize"], cfg["mean"], cfg["std"]
     skipped = []
-    train_set = make_dataset(train_table, cfg, build_transform(cfg["augmentation"], size, mean, std), skipped)
-    valid_set = (make_dataset(valid_table, cfg, build_transform("plain", size, mean, std), skipped)
+    train_set = make_dataset(train_table, cfg, build_transform(cfg["augmentation"], size, mean, std), skipped, cache)
+    valid_set = (make_dataset(valid_table, cfg, build_transform("plain", size, mean, std), skipped, cache)
                  if valid_table is not None else None)
     if skipped:
         pd.DataFrame(skipped, columns=["path", "error"]).to_csv(out_dir / "skipped.csv", index=False)
@@ -368,6 +369,7 @@ def train(cfg, run_dir, device):
     images = load_training_images(cfg)
     people = images.drop_duplicates("id")[["id", "source", "gender", "age", "age_band", "fold"]]
     people.to_csv(run_dir / "split.csv", index=False)
+    cache = open_cache(images["image_path"].tolist(), cfg) if cfg["cache_dir"] else None
     if cfg["val_ratio"] == 0:
         folds = [None]
     elif cfg["fold"] == "all":
@@ -381,7 +383,7 @@ def train(cfg, run_dir, device):
             summaries[fold] = json.loads((out_dir / "summary.json").read_text())
             continue
         train_table, valid_table = split_train_valid(images, fold, cfg["drop_ages"])
-        summaries[fold] = fit(cfg, out_dir, train_table, valid_table, device)
+        summaries[fold] = fit(cfg, out_dir, train_table, valid_table, device, cache)
         log.info("fold %s: best validation macro F1 %s at epoch %d", fold, summaries[fold]["best_valid_f1"],
                  summaries[fold]["best_epoch"])
     if len(folds) > 1:
@@ -393,7 +395,7 @@ def train(cfg, run_dir, device):
         epochs = int(np.median([s["best_epoch"] for s in summaries.values()]))
         log.info("refit: training on every person for %d epochs into %s", epochs, run_dir / "refit")
         all_train, _ = split_train_valid(images, None, cfg["drop_ages"])
-        fit({**cfg, "epochs": epochs}, run_dir / "refit", all_train, None, device)
+        fit({**cfg, "epochs": epochs}, run_dir / "refit", all_train, None, device, cache)
     return summaries
 
 

@@ -392,3 +392,14 @@ def test_unknown_optimizer_or_scheduler_raises():
     optimizer = train.build_optimizer(cfg, model)
     with pytest.raises(ValueError, match="linear"):
         train.build_scheduler({**cfg, "scheduler": "linear"}, optimizer, 4, 2)
+
+
+def test_kfold_and_refit_decode_every_image_once(data, tmp_path):
+    """One decode cache serves every fold, its validation and the refit."""
+    cache_dir = tmp_path / "own_cache"
+    cfg = make_cfg(data, tmp_path / "runs", val_ratio=0.5, fold="all", refit=True, cache_dir=str(cache_dir),
+                   report=False)
+    train.main(cfg)
+    arrays = list(cache_dir.glob("*.npy"))
+    assert len(arrays) == 1
+    assert np.load(arrays[0], mmap_mode="r").shape[0] == N_PEOPLE * len(MASK_FILES)
