@@ -119,9 +119,12 @@ def run_recipe(recipe, args, data, out, device, n_train):
     config_file.write_text(json.dumps({**train_overrides, "epochs": epochs}, indent=2))
     common = ["--cache_dir", str(args.cache_dir), "--num_workers", str(args.num_workers)]
     start = time.time()
-    subprocess.run([sys.executable, "train.py", "--config", str(config_file), "--data_dir", str(data / "train"),
-                    "--output_dir", str(run_dir), "--overwrite", *common], check=True, cwd=ROOT)
-    train_minutes = (time.time() - start) / 60
+    done = (run_dir / "summary.json").is_file() and json.loads((run_dir / "config.json").read_text())["epochs"] == epochs
+    if not done:  # a finished run of the same recipe and epochs is reused, so an interrupted bench resumes
+        subprocess.run([sys.executable, "train.py", "--config", str(config_file), "--data_dir", str(data / "train"),
+                        "--output_dir", str(run_dir), "--overwrite", *common], check=True, cwd=ROOT)
+    train_minutes = (time.time() - start) / 60 if not done else sum(
+        float(r["train_seconds"]) for r in csv_rows(run_dir / "metrics.csv")) / 60
     subprocess.run([sys.executable, "inference.py", "--run", str(run_dir), "--eval_dir", str(data / "eval"),
                     "--tta", tta, *common], check=True, cwd=ROOT)
     scored = subprocess.run([sys.executable, str(args.maskbench / "score.py"), "--answers", str(data / "eval" / "answers.csv"),
