@@ -125,8 +125,9 @@ def run_recipe(recipe, args, data, out, device, n_train):
                         "--output_dir", str(run_dir), "--overwrite", *common], check=True, cwd=ROOT)
     train_minutes = (time.time() - start) / 60 if not done else sum(
         float(r["train_seconds"]) for r in csv_rows(run_dir / "metrics.csv")) / 60
-    subprocess.run([sys.executable, "inference.py", "--run", str(run_dir), "--eval_dir", str(data / "eval"),
-                    "--tta", tta, *common], check=True, cwd=ROOT)
+    if not (done and (run_dir / "submission.csv").is_file()):
+        subprocess.run([sys.executable, "inference.py", "--run", str(run_dir), "--eval_dir", str(data / "eval"),
+                        "--tta", tta, *common], check=True, cwd=ROOT)
     scored = subprocess.run([sys.executable, str(args.maskbench / "score.py"), "--answers", str(data / "eval" / "answers.csv"),
                              "--submission", str(run_dir / "submission.csv"), "--json"],
                             check=True, capture_output=True, text=True)
