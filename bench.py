@@ -203,11 +203,14 @@ def main(argv=None):
     counts_match = check_counts(table, data)
     loader = None if args.skip_loader else loader_throughput(cfg, table)
     results = []
-    if not args.skip_training:
-        device = resolve_device("auto")
-        n_train = int(len(table) * 0.8)
-        results = [run_recipe(r, args, data, args.out / "runs", device, n_train) for r in args.recipes]
-    write_report(args, loader, results, counts_match)
+    try:  # an interrupted or failed bench still reports the recipes it finished
+        if not args.skip_training:
+            device = resolve_device("auto")
+            n_train = int(len(table) * 0.8)
+            for recipe in args.recipes:
+                results.append(run_recipe(recipe, args, data, args.out / "runs", device, n_train))
+    finally:
+        write_report(args, loader, results, counts_match)
 
 
 if __name__ == "__main__":
