@@ -200,10 +200,13 @@ def read_extra(paths):
 
 
 def add_labels(images, age_threshold):
-    """Add age_band and the 18-class label from mask, gender and age."""
+    """Add the training labels (age_band, label) under age_threshold, and true_label: the
+    competition's class (oldest band from 60), which validation always scores against, so runs
+    with different thresholds are compared on the real task."""
     images = images.copy()
     images["age_band"] = age_band(images["age"], age_threshold)
     images["label"] = encode_class(images["mask"], images["gender"], images["age_band"])
+    images["true_label"] = encode_class(images["mask"], images["gender"], age_band(images["age"]))
     return images
 
 
@@ -255,9 +258,10 @@ def num_folds(val_ratio):
 
 def assign_folds(images, n_folds, seed):
     """Fold of every person: stratified group k-fold over images, stratified on gender x age
-    band, grouped by person, so all of a person's images fall in one fold."""
+    band (the competition's bands, so the folds do not move with age_threshold), grouped by
+    person, so all of a person's images fall in one fold."""
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    strata = images["gender"] * 3 + images["age_band"]
+    strata = images["gender"] * 3 + age_band(images["age"])
     fold_of = {}
     for fold, (_, valid_idx) in enumerate(splitter.split(images, strata, groups=images["id"])):
         fold_of.update({pid: fold for pid in images["id"].iloc[valid_idx]})
@@ -275,13 +279,13 @@ def load_training_images(cfg):
 
 def split_train_valid(images, fold, drop_ages=()):
     """Training and validation rows for one fold (fold None: everybody trains, validation is
-    None); drop_ages leave training only. They may arrive as strings (the command line types
-    an empty-list default's items as str), so they are compared as whole numbers."""
+    None); drop_ages leave training only. Validation rows are labelled with the true classes
+    (label = true_label), whatever age_threshold the training labels use."""
     in_valid = images["fold"] == fold if fold is not None else np.zeros(len(images), bool)
     train = images[~in_valid & ~images["age"].isin([int(a) for a in drop_ages])].reset_index(drop=True)
     if fold is None:
         return train, None
-    valid = images[in_valid].reset_index(drop=True)
+    valid = images[in_valid].reset_index(drop=True).assign(label=lambda t: t["true_label"])
     assert not set(train["id"]) & set(valid["id"]), "a person is on both sides of the split"
     return train, valid
 

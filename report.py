@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import confusion_matrix
 
-from dataset import GENDER_NAMES, MASK_NAMES, NUM_CLASSES, DataError, build_transform, decode_class, decode_image
+from dataset import AGE_NAMES, GENDER_NAMES, MASK_NAMES, NUM_CLASSES, DataError, build_transform, decode_class, decode_image
 from inference import load_model
 from model import class_probabilities
 
@@ -35,9 +35,7 @@ LINE = 17  # text line height
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
-def task_names(age_threshold):
-    """Value names of each task; the age bands follow the run's age_threshold."""
-    return {"mask": MASK_NAMES, "gender": GENDER_NAMES, "age": ("<30", f"30-{age_threshold - 1}", f">={age_threshold}")}
+TASK_NAMES = {"mask": MASK_NAMES, "gender": GENDER_NAMES, "age": AGE_NAMES}  # validation holds the true classes
 
 
 def class_label(c, names, short=False):
@@ -241,7 +239,7 @@ def write_report(run_dir, device="cpu", images_per_class=2):
                                     f"or a run without validation: --val_ratio 0)")
         return [path for fold in folds for path in write_report(fold, device, images_per_class)]
     model, cfg = load_model(run_dir / "best.pt", device)
-    names = task_names(cfg["age_threshold"])
+    names = TASK_NAMES
     table = pd.read_csv(run_dir / "valid_probs.csv")
     n = len(table)
     images = {"confusion_18": heatmap(confusion_matrix(table["label"], table["pred"], labels=range(NUM_CLASSES)),

@@ -154,6 +154,21 @@ def test_age_threshold_relabels_through_load_training_images(fresh, tmp_path):
     assert bands[58] == {29: 0, 58: 2, 60: 2}
 
 
+def test_validation_keeps_the_true_classes_whatever_the_threshold(thirty, tmp_path):
+    """Training with age_threshold 58 labels a 58-year-old as >=60, but validation scores the
+    real task, and the folds do not move with the threshold."""
+    runs = {t: D.load_training_images(make_cfg(thirty / "train", tmp_path, age_threshold=t)) for t in (60, 58)}
+    assert (runs[60]["fold"] == runs[58]["fold"]).all()
+    images = runs[58]
+    old = images["age"].between(58, 59)
+    assert old.any() and (images.loc[old, "age_band"] == 2).all()
+    for fold in range(5):
+        train, valid = D.split_train_valid(images, fold)
+        mask, gender, band = D.decode_class(valid["label"].to_numpy())
+        assert (band == D.age_band(valid["age"], 60)).all()
+        assert (train["label"] == D.encode_class(train["mask"], train["gender"], train["age_band"])).all()
+
+
 def test_drop_ages_leave_training_only(thirty, tmp_path):
     images = D.load_training_images(make_cfg(thirty / "train", tmp_path))
     drop = [29, 60]
@@ -354,7 +369,7 @@ def test_five_fold_splits_are_by_person(thirty, tmp_path):
 def test_assign_folds_on_a_plain_table():
     rng = np.random.default_rng(0)
     people = pd.DataFrame({"id": [f"p{i}" for i in range(40)], "gender": rng.integers(0, 2, 40),
-                           "age_band": rng.integers(0, 3, 40)})
+                           "age": rng.integers(18, 80, 40)})
     images = people.loc[people.index.repeat(7)].reset_index(drop=True)
     folds = D.assign_folds(images, 5, seed=1)
     assert len(folds) == len(images)
