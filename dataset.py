@@ -321,12 +321,12 @@ class _DecodeAll(Dataset):
         try:
             return i, decode_image(self.paths[i], self.size, self.center_crop), ""
         except DataError as e:
-            return i, np.zeros((*self.size, 3), np.uint8), str(e)
+            return i, None, str(e)
 
 
 def cache_key(paths, size, center_crop):
     """Changes whenever a file, its size or modification time, the order or the size changes."""
-    h = hashlib.sha1(json.dumps([list(size), list(center_crop)]).encode())
+    h = hashlib.sha1(json.dumps(["chw", list(size), list(center_crop)]).encode())
     for p in paths:
         st = os.stat(p)
         h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -334,7 +334,7 @@ def cache_key(paths, size, center_crop):
 
 
 def build_cache(paths, size, center_crop, cache_dir, num_workers=0):
-    """Decode every image once into cache_dir/<key>.npy (uint8, N x H x W x 3) and return
+    """Decode every image once into cache_dir/<key>.npy (uint8, N x 3 x H x W) and return
     (path to the array file, list of per-image error messages, '' for a good image).
     Written under a temporary name and renamed when complete, so an interrupted build never
     leaves a half-written cache behind; later runs with the same files and size reuse it."""
@@ -347,7 +347,7 @@ def build_cache(paths, size, center_crop, cache_dir, num_workers=0):
     if array_path.exists() and meta_path.exists():
         return array_path, json.loads(meta_path.read_text())["errors"]
     tmp_path = cache_dir / f"{key}.tmp{os.getpid()}.npy"
-    array = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(paths), *size, 3))
+    array = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(paths), 3, *size))
     errors = [""] * len(paths)
     loader = DataLoader(_DecodeAll(paths, tuple(size), tuple(center_crop)), batch_size=32,
                         num_workers=num_workers, collate_fn=lambda batch: batch)
@@ -355,7 +355,9 @@ def build_cache(paths, size, center_crop, cache_dir, num_workers=0):
                disable=not sys.stderr.isatty())
     for batch in bar:
         for i, img, err in batch:
-            array[i], errors[i] = img, err
+            if img is not None:  # stored channels-first, as the model reads it: no transpose per epoch
+                array[i] = img.transpose(2, 0, 1)
+            errors[i] = err
     array.flush()
     del array
     os.replace(tmp_path, array_path)
@@ -388,14 +390,15 @@ class FaceDataset(Dataset):
         return len(self.paths)
 
     def image(self, i):
+        """uint8 array, channels first (3 x H x W)."""
         if self.cache_file is None:
-            return decode_image(self.paths[i], self.size, self.center_crop)
+            return np.ascontiguousarray(decode_image(self.paths[i], self.size, self.center_crop).transpose(2, 0, 1))
         if self._array is None:
             self._array = np.load(self.cache_file, mmap_mode="r")
         return np.array(self._array[self.rows[i]])
 
     def __getitem__(self, i):
-        img = torch.from_numpy(self.image(i)).permute(2, 0, 1)
+        img = torch.from_numpy(self.image(i))
         return self.transform(img), int(self.labels[i]), self.ages[i], i
 
 

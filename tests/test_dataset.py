@@ -518,9 +518,9 @@ def test_build_cache_writes_and_reuses_the_array(tiny, tmp_path, monkeypatch):
     assert errors == [""] * len(paths)
     assert not list(cache_dir.glob("*.tmp*"))  # no temporary file left behind
     array = np.load(array_path)
-    assert array.dtype == np.uint8 and array.shape == (len(paths), *RESIZE, 3)
+    assert array.dtype == np.uint8 and array.shape == (len(paths), 3, *RESIZE)
     for i, p in enumerate(paths):
-        assert np.array_equal(array[i], D.decode_image(p, RESIZE))
+        assert np.array_equal(array[i], D.decode_image(p, RESIZE).transpose(2, 0, 1))
     mtime = Path(array_path).stat().st_mtime_ns
 
     def no_decoding(*args, **kwargs):
@@ -541,7 +541,7 @@ def test_cache_key_changes_with_size_crop_files_and_order(tiny, tmp_path):
     assert D.cache_key(paths[:3], RESIZE, (1.0, 1.0)) != key
     a, _ = D.build_cache(paths, RESIZE, (1.0, 1.0), tmp_path / "cache")
     b, _ = D.build_cache(paths, [20, 15], (1.0, 1.0), tmp_path / "cache")
-    assert a != b and np.load(b).shape == (4, 20, 15, 3)
+    assert a != b and np.load(b).shape == (4, 3, 20, 15)
 
 
 def test_cache_notices_a_changed_file(fresh, tmp_path):
@@ -550,8 +550,9 @@ def test_cache_notices_a_changed_file(fresh, tmp_path):
     Image.new("RGB", SIZE, (255, 0, 0)).save(paths[0])
     second, _ = D.build_cache(paths, RESIZE, (1.0, 1.0), tmp_path / "cache")
     assert second != first
-    assert np.abs(np.load(second)[0].astype(int) - [255, 0, 0]).max() <= 3  # now red (up to JPEG error)
-    assert np.abs(np.load(first)[0].astype(int) - [255, 0, 0]).max() > 50  # the old cache is not reused
+    red = np.array([255, 0, 0])[:, None, None]
+    assert np.abs(np.load(second)[0].astype(int) - red).max() <= 3  # now red (up to JPEG error)
+    assert np.abs(np.load(first)[0].astype(int) - red).max() > 50  # the old cache is not reused
 
 
 def test_face_dataset_same_with_and_without_cache(tiny, tmp_path):
