@@ -154,16 +154,16 @@ def test_abbreviations_are_not_accepted(capsys, argv, meant):
 # ---------------------------------------------------------------------------------------------
 # Environment variables
 def test_environment_sets_defaults_and_command_line_wins(monkeypatch, tmp_path):
-    monkeypatch.setenv("SM_CHANNEL_TRAIN", "/opt/ml/input/data/train")
-    monkeypatch.setenv("SM_MODEL_DIR", "/opt/ml/model")
+    monkeypatch.setenv("SM_CHANNEL_TRAIN", "/srv/competition/train")
+    monkeypatch.setenv("SM_MODEL_DIR", "/srv/models")
     cfg = parse_config("train", [])
-    assert cfg["data_dir"] == "/opt/ml/input/data/train" and cfg["model_dir"] == "/opt/ml/model"
-    assert default_config("train")["data_dir"] == "/opt/ml/input/data/train"
+    assert cfg["data_dir"] == "/srv/competition/train" and cfg["model_dir"] == "/srv/models"
+    assert default_config("train")["data_dir"] == "/srv/competition/train"
     cfg = parse_config("train", ["--data_dir", "here/train", "--model_dir", "here/runs"])
     assert cfg["data_dir"] == "here/train" and cfg["model_dir"] == "here/runs"
     path = write_json(tmp_path / "c.json", {"model_dir": "file/runs"})
     cfg = parse_config("train", ["--config", path])
-    assert cfg["model_dir"] == "file/runs" and cfg["data_dir"] == "/opt/ml/input/data/train"
+    assert cfg["model_dir"] == "file/runs" and cfg["data_dir"] == "/srv/competition/train"
 
 
 def test_empty_environment_variable_keeps_the_default(monkeypatch):
