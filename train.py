@@ -11,10 +11,8 @@ best.pt, last.pt, valid_probs.csv, summary.json (with --fold all: one fold<k>/ f
 and oof_probs.csv; with --refit: refit/ trained on every person).
 """
 import contextlib
-import csv
 import json
 import logging
-import math
 import os
 import random
 import shutil
