@@ -10,6 +10,7 @@ inference.py, maskbench's score.py -> a table appended to BENCHMARKS.md with the
 exact command. A recipe is configs/<name>.json, optionally with overrides: best+head=single.
 """
 import argparse
+import csv
 import json
 import math
 import os
@@ -137,7 +138,7 @@ def run_recipe(recipe, args, data, out, device, n_train):
                              "--submission", str(run_dir / "submission.csv"), "--json"],
                             check=True, capture_output=True, text=True)
     metrics = json.loads(scored.stdout)
-    history = [row for row in csv_rows(run_dir / "metrics.csv")]
+    history = csv_rows(run_dir / "metrics.csv")
     summary = json.loads((run_dir / "summary.json").read_text())
     train_ips = float(np.median([float(r["train_images_per_s"]) for r in history]))
     return {"recipe": recipe, "tta": tta, "epochs": epochs, "train_minutes": train_minutes, "model_images_per_s": model_ips,
@@ -146,7 +147,6 @@ def run_recipe(recipe, args, data, out, device, n_train):
 
 
 def csv_rows(path):
-    import csv
     with open(path) as f:
         return list(csv.DictReader(f))
 
