@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from config import parse_config
-from dataset import NUM_CLASSES, build_transform, make_dataset, read_eval_images, train_root
+from dataset import NUM_CLASSES, DataError, build_transform, make_dataset, read_eval_images, train_root
 from model import create_model, task_probabilities
 from train import autocast_for, predict, probs_table, resolve_device, setup_logging, write_csv_atomic
 
@@ -109,7 +109,10 @@ def main(cfg):
         raise SystemExit("error: give a run folder with --run RUN")
     device = resolve_device(cfg["device"])
     checkpoints = [c for run in cfg["run"] for c in find_checkpoints(run, cfg["checkpoint"])]
-    probs, images = predict_eval(checkpoints, cfg, device)
+    try:
+        probs, images = predict_eval(checkpoints, cfg, device)
+    except DataError as e:  # bad input: the message names the file and the problem
+        raise SystemExit(f"error: {e}")
     out_dir = Path(cfg["output_dir"] or cfg["run"][0])
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(eval_probs_table(images["ImageID"], probs), out_dir / "eval_probs.csv")

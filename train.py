@@ -27,7 +27,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from config import parse_config
-from dataset import (NUM_CLASSES, build_transform, class_balanced_weights, decode_class, load_training_images,
+from dataset import (NUM_CLASSES, DataError, build_transform, class_balanced_weights, decode_class, load_training_images,
                      make_dataset, mix_batch, num_folds, open_cache, split_train_valid)
 from loss import Criterion
 from model import class_probabilities, create_model
@@ -417,6 +417,9 @@ def main(cfg):
     except KeyboardInterrupt:
         log.info("interrupted; continue with: python train.py --resume %s", run_dir)
         raise SystemExit(130)
+    except DataError as e:  # bad input: the message names the file and the problem
+        log.error("%s", e)
+        raise SystemExit(f"error: {e}")
     if cfg["report"] and cfg["val_ratio"] > 0:
         write_run_report(run_dir, device)
     log.info("done: %s", run_dir)

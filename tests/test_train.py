@@ -403,3 +403,10 @@ def test_kfold_and_refit_decode_every_image_once(data, tmp_path):
     arrays = list(cache_dir.glob("*.npy"))
     assert len(arrays) == 1
     assert np.load(arrays[0], mmap_mode="r").shape[0] == N_PEOPLE * len(MASK_FILES)
+
+
+def test_bad_data_is_a_clean_error_naming_the_file(data, tmp_path):
+    cfg = make_cfg(data, tmp_path / "runs", data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit) as exc:
+        train.main(cfg)
+    assert str(exc.value.code).startswith("error: ") and "nowhere/train.csv: file not found" in str(exc.value.code)
