@@ -61,7 +61,7 @@ def loader_throughput(cfg, table, max_images=2000):
     build_s = time.time() - start
     result = {}
     for preset in ("plain", "light"):
-        transform = build_transform(preset, cfg["resize"], cfg["mean"], cfg["std"])
+        transform, _ = build_transform(preset, cfg["resize"], cfg["mean"], cfg["std"])  # the workers' part
         row = {"cache_build_s": build_s}
         for name, cache_dir in (("uncached", ""), ("cached", cfg["cache_dir"])):
             dataset = make_dataset(table, {**cfg, "cache_dir": cache_dir}, transform)

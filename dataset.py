@@ -438,26 +438,68 @@ def make_dataset(table, cfg, transform, skip_log=None, cache=None):
 # ---------------------------------------------------------------------------------------------
 # Augmentation (on uint8 tensors, after the cache) and batch mixing
 def build_transform(preset, size, mean, std):
-    """plain: normalize only (validation and inference always use it); light: flip and mild
-    brightness/contrast; strong: random resized crop, flip, colour jitter, grayscale, Gaussian
-    noise and random erasing (the techniques of the competition reports).
-    Colour jitter runs on float tensors and without hue: on a 384x512 image hue jitter costs
-    ~20 ms and uint8 jitter ~5 ms, which would make the loader workers the bottleneck."""
-    to_float = [v2.ToDtype(torch.float32, scale=True)]
-    normalize = [v2.Normalize(mean, std)]
+    """An augmentation preset as (sample_transform, batch_transform).
+    sample_transform runs per image in the loader workers on uint8 tensors (C x H x W) and does
+    only the geometric steps, so workers hand over small uint8 images; batch_transform runs on
+    the model's device on the uint8 batch and does the float work: scaling, per-image colour
+    jitter and noise, normalization, random erasing.
+    plain: normalize only (validation and inference always use it); light: flip and mild
+    brightness/contrast; strong: random resized crop, flip, grayscale, colour jitter, Gaussian
+    noise and random erasing (the techniques of the competition reports)."""
     if preset == "plain":
-        steps = to_float + normalize
+        sample = v2.Identity()
     elif preset == "light":
-        steps = [v2.RandomHorizontalFlip()] + to_float + [v2.ColorJitter(brightness=0.1, contrast=0.1)] + normalize
+        sample = v2.RandomHorizontalFlip()
     elif preset == "strong":
         ratio = size[1] / size[0]
-        steps = [v2.RandomResizedCrop(tuple(size), scale=(0.7, 1.0), ratio=(ratio * 0.9, ratio * 1.1), antialias=True),
-                 v2.RandomHorizontalFlip(), v2.RandomGrayscale(0.1)] + to_float + [
-                 v2.ColorJitter(0.2, 0.2, 0.2), v2.RandomApply([v2.GaussianNoise(sigma=0.03)], p=0.5)] + normalize + [
-                 v2.RandomErasing(p=0.25)]
+        sample = v2.Compose([v2.RandomResizedCrop(tuple(size), scale=(0.7, 1.0), ratio=(ratio * 0.9, ratio * 1.1),
+                                                  antialias=True), v2.RandomHorizontalFlip(), v2.RandomGrayscale(0.1)])
     else:
         raise ValueError(f"augmentation '{preset}' is not plain, light or strong")
-    return v2.Compose(steps)
+    return sample, BatchTransform(preset, mean, std)
+
+
+class BatchTransform:
+    """The float part of a preset, on a uint8 batch (B x C x H x W) on any device; every image
+    draws its own jitter factors (from torch's global generator, reseeded every epoch)."""
+
+    JITTER = {"plain": (0.0, 0.0, 0.0), "light": (0.1, 0.1, 0.0), "strong": (0.2, 0.2, 0.2)}
+
+    def __init__(self, preset, mean, std):
+        self.preset, self.mean, self.std = preset, torch.tensor(mean), torch.tensor(std)
+        self.erase = v2.RandomErasing(p=0.25)
+
+    def __call__(self, images):
+        x = images.float().div_(255)
+        brightness, contrast, saturation = self.JITTER[self.preset]
+        if brightness or contrast or saturation:
+            x = color_jitter(x, brightness, contrast, saturation)
+        if self.preset == "strong":
+            noisy = (torch.rand(x.size(0), 1, 1, 1, device=x.device) < 0.5).float()
+            x = x + noisy * 0.03 * torch.randn_like(x)
+        x = (x - self.mean.to(x.device)[:, None, None]) / self.std.to(x.device)[:, None, None]
+        if self.preset == "strong":
+            x = torch.stack([self.erase(image) for image in x])
+        return x
+
+
+def color_jitter(x, brightness, contrast, saturation):
+    """Per-image brightness, contrast and saturation factors drawn from 1 +- amount, on a float
+    batch in [0, 1] (like torchvision's ColorJitter, but each image of the batch its own)."""
+    def factor(amount):
+        return 1 + (torch.rand(x.size(0), 1, 1, 1, device=x.device) * 2 - 1) * amount
+
+    def gray(t):
+        return (0.299 * t[:, 0] + 0.587 * t[:, 1] + 0.114 * t[:, 2]).unsqueeze(1)
+
+    x = (x * factor(brightness)).clamp(0, 1)
+    if contrast:
+        mean = gray(x).mean((1, 2, 3), keepdim=True)
+        x = ((x - mean) * factor(contrast) + mean).clamp(0, 1)
+    if saturation:
+        g = gray(x)
+        x = ((x - g) * factor(saturation) + g).clamp(0, 1)
+    return x
 
 
 def mix_batch(images, mode, alpha):

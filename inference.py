@@ -57,13 +57,14 @@ def predict_eval(checkpoints, cfg, device):
         eval_dir = cfg["eval_dir"] or default_eval_dir(train_cfg)
         images = read_eval_images(eval_dir)
         data_cfg = {**train_cfg, "cache_dir": cfg["cache_dir"], "num_workers": cfg["num_workers"], "skip_bad_images": False}
-        dataset = make_dataset(images, data_cfg, build_transform("plain", train_cfg["resize"], train_cfg["mean"], train_cfg["std"]))
+        transform, batch_transform = build_transform("plain", train_cfg["resize"], train_cfg["mean"], train_cfg["std"])
+        dataset = make_dataset(images, data_cfg, transform)
         loader = DataLoader(dataset, batch_size=cfg["valid_batch_size"], num_workers=cfg["num_workers"])
         channels_last = train_cfg["channels_last"]
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         log.info("predicting %d images of %s with %s (tta %s)", len(dataset), eval_dir, path, cfg["tta"])
-        total = total + predict(model, loader, device, autocast, channels_last, cfg["tta"])
+        total = total + predict(model, loader, device, autocast, channels_last, cfg["tta"], batch_transform)
     return total / len(checkpoints), images
 
 

@@ -196,9 +196,9 @@ def jet(x):
 
 
 def gradcam_sheet(model, cfg, table, names, device, images_per_class, batch_size=32):
-    transform = build_transform("plain", cfg["resize"], cfg["mean"], cfg["std"])
+    _, normalize = build_transform("plain", cfg["resize"], cfg["mean"], cfg["std"])
     chosen = table.groupby("label").head(images_per_class).sort_values("label", kind="stable")
-    inputs = [transform(torch.from_numpy(decode_image(p, cfg["resize"], cfg["center_crop"])).permute(2, 0, 1))
+    inputs = [normalize(torch.from_numpy(decode_image(p, cfg["resize"], cfg["center_crop"])).permute(2, 0, 1)[None])[0]
               for p in chosen["image_path"]]
     shown = [display_image(p, cfg) for p in chosen["image_path"]]
     results = [grad_cam(model, torch.stack(inputs[k:k + batch_size]).to(device), shown[0].shape[:2])

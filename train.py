@@ -130,15 +130,19 @@ def score(labels, preds):
 
 
 @torch.no_grad()
-def predict(model, loader, device, autocast=contextlib.nullcontext, channels_last=False, tta="none"):
-    """18-class probabilities for every item of a loader, in order. tta: none; flip (average
-    with the mirrored image); flip_crops (also a 90% centre crop, plain and mirrored)."""
+def predict(model, loader, device, autocast=contextlib.nullcontext, channels_last=False, tta="none", preprocess=None):
+    """18-class probabilities for every item of a loader, in order. preprocess: the batch
+    transform of the loader's images (dataset.build_transform), None for ready float batches.
+    tta: none; flip (average with the mirrored image); flip_crops (also a 90% centre crop,
+    plain and mirrored)."""
     if tta not in ("none", "flip", "flip_crops"):
         raise ValueError(f"tta '{tta}' is not none, flip or flip_crops")
     model.eval()
     probs = []
     for images, *_ in loader:
         images = images.to(device, non_blocking=True)
+        if preprocess is not None:
+            images = preprocess(images)
         views = [images]
         if tta in ("flip", "flip_crops"):
             views.append(images.flip(-1))
@@ -203,7 +207,7 @@ def make_loader(dataset, cfg, epoch, device):
                       drop_last=len(dataset) > cfg["batch_size"])
 
 
-def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, device, cfg, autocast, epoch):
+def train_one_epoch(model, loader, batch_transform, criterion, optimizer, scheduler, scaler, device, cfg, autocast, epoch):
     from tqdm import tqdm
 
     model.train()
@@ -211,6 +215,7 @@ def train_one_epoch(model, loader, criterion, optimizer, scheduler, scaler, devi
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False, disable=not sys.stderr.isatty())
     for step, (images, labels, ages, _) in enumerate(bar):
         images, labels, ages = (t.to(device, non_blocking=True) for t in (images, labels, ages))
+        images = batch_transform(images)
         if cfg["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
         mixed = cfg["mix"] != "none" and torch.rand(1).item() < cfg["mix_prob"]
@@ -267,8 +272,10 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     size, mean, std = cfg["resize"], cfg["mean"], cfg["std"]
     skipped = []
-    train_set = make_dataset(train_table, cfg, build_transform(cfg["augmentation"], size, mean, std), skipped, cache)
-    valid_set = (make_dataset(valid_table, cfg, build_transform("plain", size, mean, std), skipped, cache)
+    train_transform, train_batch_transform = build_transform(cfg["augmentation"], size, mean, std)
+    valid_transform, valid_batch_transform = build_transform("plain", size, mean, std)
+    train_set = make_dataset(train_table, cfg, train_transform, skipped, cache)
+    valid_set = (make_dataset(valid_table, cfg, valid_transform, skipped, cache)
                  if valid_table is not None else None)
     if skipped:
         pd.DataFrame(skipped, columns=["path", "error"]).to_csv(out_dir / "skipped.csv", index=False)
@@ -307,12 +314,12 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
     for epoch in range(state["epoch"], cfg["epochs"]):
         seed_everything(cfg["seed"] * 1000 + epoch)  # dropout, mixing: a function of (seed, epoch)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(train_one_epoch(model, make_loader(train_set, cfg, epoch, device), criterion, optimizer,
-                                   scheduler, scaler, device, cfg, autocast, epoch))
+        row.update(train_one_epoch(model, make_loader(train_set, cfg, epoch, device), train_batch_transform,
+                                   criterion, optimizer, scheduler, scaler, device, cfg, autocast, epoch))
         improved = valid_loader is None
         if valid_loader is not None:
             start = time.time()
-            probs = predict(model, valid_loader, device, autocast, channels_last)
+            probs = predict(model, valid_loader, device, autocast, channels_last, preprocess=valid_batch_transform)
             row["valid_images_per_s"] = len(valid_set) / max(time.time() - start, 1e-9)
             preds = probs.argmax(1)
             row.update({f"valid_{k}": v for k, v in score(valid_set.labels, preds).items()})

@@ -405,10 +405,32 @@ def uint8_image(seed=0, size=RESIZE):
     return torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
+def augment(preset, x):
+    """One image through a preset: its per-image (worker) part, then its batch (device) part."""
+    sample, batch_transform = D.build_transform(preset, RESIZE, MEAN, STD)
+    return batch_transform(sample(x)[None])[0]
+
+
+@pytest.mark.parametrize("preset", ["plain", "light", "strong"])
+def test_workers_hand_over_uint8_images(preset):
+    torch.manual_seed(0)
+    sample, _ = D.build_transform(preset, RESIZE, MEAN, STD)
+    out = sample(uint8_image(size=(40, 30) if preset == "strong" else RESIZE))
+    assert out.dtype == torch.uint8 and tuple(out.shape) == (3, *RESIZE)
+
+
+def test_batch_jitter_differs_per_image():
+    x = uint8_image(3)[None].repeat(4, 1, 1, 1)
+    _, batch_transform = D.build_transform("light", RESIZE, MEAN, STD)
+    torch.manual_seed(0)
+    out = batch_transform(x)
+    assert not torch.allclose(out[0], out[1]) and not torch.allclose(out[2], out[3])
+
+
 @pytest.mark.parametrize("preset", ["plain", "light", "strong"])
 def test_presets_return_normalized_float_tensors(preset):
     torch.manual_seed(0)
-    out = D.build_transform(preset, RESIZE, MEAN, STD)(uint8_image())
+    out = augment(preset, uint8_image())
     assert isinstance(out, torch.Tensor) and out.dtype == torch.float32
     assert tuple(out.shape) == (3, *RESIZE)
     assert torch.isfinite(out).all()
@@ -416,13 +438,14 @@ def test_presets_return_normalized_float_tensors(preset):
 
 def test_strong_preset_resizes_to_the_configured_size():
     torch.manual_seed(0)
-    out = D.build_transform("strong", RESIZE, MEAN, STD)(uint8_image(size=(40, 30)))
+    out = augment("strong", uint8_image(size=(40, 30)))
     assert tuple(out.shape) == (3, *RESIZE)
 
 
 def test_plain_is_deterministic_normalization():
     x = uint8_image(1)
-    transform = D.build_transform("plain", RESIZE, MEAN, STD)
+    def transform(image):
+        return augment("plain", image)
     expected = (x.float() / 255 - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
     torch.testing.assert_close(transform(x), expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(transform(x), transform(x))
@@ -430,14 +453,13 @@ def test_plain_is_deterministic_normalization():
 
 def test_random_presets_change_the_image():
     x = uint8_image(2)
-    plain = D.build_transform("plain", RESIZE, MEAN, STD)(x)
+    plain = augment("plain", x)
     for preset in ("light", "strong"):
-        transform = D.build_transform(preset, RESIZE, MEAN, STD)
         torch.manual_seed(0)
-        outs = [transform(x) for _ in range(8)]
+        outs = [augment(preset, x) for _ in range(8)]
         assert any(not torch.allclose(o, plain) for o in outs), preset
         torch.manual_seed(0)
-        assert all(torch.equal(o, transform(x)) for o in outs), preset  # repeatable under a seed
+        assert all(torch.equal(o, augment(preset, x)) for o in outs), preset  # repeatable under a seed
 
 
 def test_unknown_preset_raises():
@@ -557,7 +579,7 @@ def test_cache_notices_a_changed_file(fresh, tmp_path):
 
 def test_face_dataset_same_with_and_without_cache(tiny, tmp_path):
     table = D.add_labels(D.read_train_images(tiny / "train"), 60).iloc[::3].reset_index(drop=True)
-    transform = D.build_transform("plain", RESIZE, MEAN, STD)
+    transform = D.build_transform("plain", RESIZE, MEAN, STD)[0]
     for crop in ([1.0, 1.0], [0.8, 0.7]):
         cached = D.make_dataset(table, make_cfg(tiny / "train", tmp_path, center_crop=crop), transform)
         direct = D.make_dataset(table, make_cfg(tiny / "train", tmp_path, center_crop=crop, cache_dir=""), transform)
@@ -567,7 +589,7 @@ def test_face_dataset_same_with_and_without_cache(tiny, tmp_path):
             (xc, yc, ac, ic), (xd, yd, ad, id_) = cached[i], direct[i]
             assert torch.equal(xc, xd) and (yc, ac, ic) == (yd, ad, id_)
             assert yc == table["label"][i] and ac == table["age"][i] and ic == i
-            assert xc.shape == (3, *RESIZE) and xc.dtype == torch.float32
+            assert xc.shape == (3, *RESIZE) and xc.dtype == torch.uint8  # workers hand over uint8
 
 
 def test_center_crop_keeps_the_middle(tmp_path):
@@ -583,7 +605,7 @@ def test_center_crop_keeps_the_middle(tmp_path):
 
 def test_make_dataset_of_an_empty_table(tiny, tmp_path):
     table = D.add_labels(D.read_train_images(tiny / "train"), 60).iloc[:0]
-    ds = D.make_dataset(table, make_cfg(tiny / "train", tmp_path), D.build_transform("plain", RESIZE, MEAN, STD))
+    ds = D.make_dataset(table, make_cfg(tiny / "train", tmp_path), D.build_transform("plain", RESIZE, MEAN, STD)[0])
     assert len(ds) == 0
 
 
@@ -681,7 +703,7 @@ def test_truncated_image_raises_with_the_file_named(fresh, tmp_path):
     bad = table["image_path"][4]
     truncate(bad)
     assert bad in error_of(D.decode_image, bad, RESIZE)
-    transform = D.build_transform("plain", RESIZE, MEAN, STD)
+    transform = D.build_transform("plain", RESIZE, MEAN, STD)[0]
     message = error_of(D.make_dataset, table, make_cfg(fresh / "train", tmp_path), transform)
     assert bad in message
     _, errors = D.build_cache(table["image_path"].tolist(), RESIZE, (1.0, 1.0), tmp_path / "cache")
@@ -694,7 +716,7 @@ def test_truncated_image_skipped_and_listed(fresh, tmp_path):
     for path in bad:
         truncate(path)
     skipped = []
-    transform = D.build_transform("plain", RESIZE, MEAN, STD)
+    transform = D.build_transform("plain", RESIZE, MEAN, STD)[0]
     ds = D.make_dataset(table, make_cfg(fresh / "train", tmp_path, skip_bad_images=True), transform, skipped)
     assert len(ds) == len(table) - 2
     assert [p for p, _ in skipped] == bad

@@ -166,9 +166,9 @@ def test_checkpoint_round_trip_gives_the_trained_predictions(base_run):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
     # the loaded model reproduces the validation probabilities written during training
     table = pd.read_csv(run_dir / "valid_probs.csv")
-    dataset = make_dataset(table.assign(label=table["label"]), {**cfg, "cache_dir": ""},
-                           build_transform("plain", cfg["resize"], cfg["mean"], cfg["std"]))
-    probs = train.predict(loaded, DataLoader(dataset, batch_size=64), torch.device("cpu"))
+    sample, normalize = build_transform("plain", cfg["resize"], cfg["mean"], cfg["std"])
+    dataset = make_dataset(table.assign(label=table["label"]), {**cfg, "cache_dir": ""}, sample)
+    probs = train.predict(loaded, DataLoader(dataset, batch_size=64), torch.device("cpu"), preprocess=normalize)
     np.testing.assert_allclose(probs, table[[f"p{c}" for c in range(NUM_CLASSES)]].to_numpy(), atol=1e-5)
 
 
