@@ -269,8 +269,8 @@ def assign_folds(images, n_folds, seed):
 
 
 def load_training_images(cfg):
-    """All training images with labels and a fold column (-1 for extra data: train only),
-    after corrections, relabeling and dropping of cfg['drop_ages'] from training people."""
+    """All training images, after corrections, with labels (dataset.add_labels) and a fold
+    column (-1 for extra data: training only). drop_ages apply later, in split_train_valid."""
     images = add_labels(read_train_images(cfg["data_dir"], cfg["corrections"]), cfg["age_threshold"])
     images["fold"] = assign_folds(images, num_folds(cfg["val_ratio"]), cfg["seed"]) if cfg["val_ratio"] > 0 else -1
     extra = [add_labels(t, cfg["age_threshold"]).assign(fold=-1) for t in read_extra(cfg["extra_data"])]
@@ -282,7 +282,7 @@ def split_train_valid(images, fold, drop_ages=()):
     None); drop_ages leave training only. Validation rows are labelled with the true classes
     (label = true_label), whatever age_threshold the training labels use."""
     in_valid = images["fold"] == fold if fold is not None else np.zeros(len(images), bool)
-    train = images[~in_valid & ~images["age"].isin([int(a) for a in drop_ages])].reset_index(drop=True)
+    train = images[~in_valid & ~images["age"].isin(list(drop_ages))].reset_index(drop=True)
     if fold is None:
         return train, None
     valid = images[in_valid].reset_index(drop=True).assign(label=lambda t: t["true_label"])

@@ -49,21 +49,30 @@ def default_eval_dir(train_cfg):
 
 
 def predict_eval(checkpoints, cfg, device):
-    """Mean 18-class probabilities of the checkpoints over eval/info.csv, and the info table."""
+    """Mean 18-class probabilities of the checkpoints over eval/info.csv, and the info table.
+    The eval table and dataset are built once and shared by checkpoints with the same
+    preprocessing (the folds of a k-fold run)."""
     autocast, _ = autocast_for(device, True)
-    total, images = 0, None
+    total, inputs = 0, {}
     for path in checkpoints:
         model, train_cfg = load_model(path, device)
         eval_dir = cfg["eval_dir"] or default_eval_dir(train_cfg)
-        images = read_eval_images(eval_dir)
-        data_cfg = {**train_cfg, "cache_dir": cfg["cache_dir"], "num_workers": cfg["num_workers"], "skip_bad_images": False}
-        transform, batch_transform = build_transform("plain", train_cfg["resize"], train_cfg["mean"], train_cfg["std"])
-        dataset = make_dataset(images, data_cfg, transform)
-        loader = DataLoader(dataset, batch_size=cfg["valid_batch_size"], num_workers=cfg["num_workers"])
+        key = (eval_dir, *(tuple(train_cfg[k]) for k in ("resize", "center_crop", "mean", "std")))
+        if key not in inputs:
+            images = read_eval_images(eval_dir)
+            data_cfg = {**train_cfg, "cache_dir": cfg["cache_dir"], "num_workers": cfg["num_workers"],
+                        "skip_bad_images": False}
+            transform, batch_transform = build_transform("plain", train_cfg["resize"], train_cfg["mean"], train_cfg["std"])
+            loader = DataLoader(make_dataset(images, data_cfg, transform), batch_size=cfg["valid_batch_size"],
+                                num_workers=cfg["num_workers"])
+            inputs[key] = images, loader, batch_transform
+        images, loader, batch_transform = inputs[key]
+        if len({k[0] for k in inputs}) > 1:
+            raise SystemExit(f"error: the runs predict different eval folders {sorted({k[0] for k in inputs})}")
         channels_last = train_cfg["channels_last"]
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        log.info("predicting %d images of %s with %s (tta %s)", len(dataset), eval_dir, path, cfg["tta"])
+        log.info("predicting %d images of %s with %s (tta %s)", len(images), eval_dir, path, cfg["tta"])
         total = total + predict(model, loader, device, autocast, channels_last, cfg["tta"], batch_transform)
     return total / len(checkpoints), images
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import confusion_matrix
 
-from dataset import AGE_NAMES, GENDER_NAMES, MASK_NAMES, NUM_CLASSES, DataError, build_transform, decode_class, decode_image
+from dataset import (AGE_NAMES, GENDER_NAMES, MASK_NAMES, NUM_CLASSES, DataError, build_transform, class_name,
+                     decode_class, decode_image)
 from inference import load_model
 from model import class_probabilities
 
@@ -38,10 +39,10 @@ COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 TASK_NAMES = {"mask": MASK_NAMES, "gender": GENDER_NAMES, "age": AGE_NAMES}  # validation holds the true classes
 
 
-def class_label(c, names, short=False):
-    """'wear/female/30-59', or short: '4 W F 30-59' (class number, mask and gender initials, age band)."""
-    parts = [names[task][v] for task, v in zip(names, decode_class(int(c)))]
-    return f"{c} {parts[0][0].upper()} {parts[1][0].upper()} {parts[2]}" if short else "/".join(parts)
+def short_label(c):
+    """'4 W F 30-59': class number, mask and gender initials, age band (class_name is the long form)."""
+    mask, gender, band = decode_class(int(c))
+    return f"{c} {MASK_NAMES[mask][0].upper()} {GENDER_NAMES[gender][0].upper()} {AGE_NAMES[band]}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def jet(x):
     return (np.stack(rgb, -1) * 255).astype(np.uint8)
 
 
-def gradcam_sheet(model, cfg, table, names, device, images_per_class, batch_size=32):
+def gradcam_sheet(model, cfg, table, device, images_per_class, batch_size=32):
     _, normalize = build_transform("plain", cfg["resize"], cfg["mean"], cfg["std"])
     chosen = table.groupby("label").head(images_per_class).sort_values("label", kind="stable")
     inputs = [normalize(torch.from_numpy(decode_image(p, cfg["resize"], cfg["center_crop"])).permute(2, 0, 1)[None])[0]
@@ -208,8 +209,8 @@ def gradcam_sheet(model, cfg, table, names, device, images_per_class, batch_size
     for label, image, cam, p in zip(chosen["label"], shown, cams.numpy(), probs):
         pred = int(p.argmax())
         overlay = Image.fromarray((0.55 * image + 0.45 * jet(cam)).astype(np.uint8))
-        rows.setdefault(label, []).append(tile(overlay, [f"true: {class_label(label, names)}",
-                                                          f"pred: {class_label(pred, names)} (p={p[pred]:.2f})"]))
+        rows.setdefault(label, []).append(tile(overlay, [f"true: {class_name(label)}",
+                                                          f"pred: {class_name(pred)} (p={p[pred]:.2f})"]))
     tiles = [t for row in rows.values() for t in row + [None] * (images_per_class - len(row))]
     per_row = max(1, 6 // images_per_class)  # about 6 tiles a row, whole classes only
     return titled(grid(tiles, images_per_class * per_row), [
@@ -217,12 +218,12 @@ def gradcam_sheet(model, cfg, table, names, device, images_per_class, batch_size
         "red: regions that raise the predicted class's probability most; blue: none"])
 
 
-def worst_sheet(table, cfg, names):
+def worst_sheet(table, cfg):
     probs = table[[f"p{c}" for c in range(NUM_CLASSES)]].to_numpy()
     worst = table.assign(p_true=probs[np.arange(len(table)), table["label"]]).nsmallest(WORST, "p_true")
     tiles = [tile(Image.fromarray(display_image(r.image_path, cfg)),
-                  [f"true: {class_label(r.label, names)} (p={r.p_true:.2f})",
-                   f"pred: {class_label(r.pred, names)} (p={getattr(r, f'p{r.pred}'):.2f})",
+                  [f"true: {class_name(r.label)} (p={r.p_true:.2f})",
+                   f"pred: {class_name(r.pred)} (p={getattr(r, f'p{r.pred}'):.2f})",
                    f"{Path(r.image_path).parent.name}/{Path(r.image_path).name}"]) for r in worst.itertuples()]
     return titled(grid(tiles, 4), [f"the {len(tiles)} validation images with the lowest probability of the true class"])
 
@@ -239,20 +240,19 @@ def write_report(run_dir, device="cpu", images_per_class=2):
                                     f"or a run without validation: --val_ratio 0)")
         return [path for fold in folds for path in write_report(fold, device, images_per_class)]
     model, cfg = load_model(run_dir / "best.pt", device)
-    names = TASK_NAMES
     table = pd.read_csv(run_dir / "valid_probs.csv")
     n = len(table)
     images = {"confusion_18": heatmap(confusion_matrix(table["label"], table["pred"], labels=range(NUM_CLASSES)),
-                                      [class_label(c, names, short=True) for c in range(NUM_CLASSES)],
+                                      [short_label(c) for c in range(NUM_CLASSES)],
                                       [f"18-class confusion, {n} validation images: rows true, columns predicted",
                                        "colour: share of the row; W wear, I incorrect, N not_wear; M male, F female"])}
-    for task, true, pred in zip(names, decode_class(table["label"]), decode_class(table["pred"])):
-        images[f"confusion_{task}"] = heatmap(confusion_matrix(true, pred, labels=range(len(names[task]))),
-                                              list(names[task]), [f"{task} confusion, {n} validation images",
+    for task, true, pred in zip(TASK_NAMES, decode_class(table["label"]), decode_class(table["pred"])):
+        images[f"confusion_{task}"] = heatmap(confusion_matrix(true, pred, labels=range(len(TASK_NAMES[task]))),
+                                              list(TASK_NAMES[task]), [f"{task} confusion, {n} validation images",
                                                                   "rows true, columns predicted"])
     images["curves"] = curves(pd.read_csv(run_dir / "metrics.csv"))
-    images["worst"] = worst_sheet(table, cfg, names)
-    images["gradcam"] = gradcam_sheet(model, cfg, table, names, device, images_per_class)
+    images["worst"] = worst_sheet(table, cfg)
+    images["gradcam"] = gradcam_sheet(model, cfg, table, device, images_per_class)
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     for name, image in images.items():
