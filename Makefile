@@ -17,11 +17,13 @@ MASKBENCH ?= ../shared/maskbench
 
 install: $(VENV)/.installed
 
-# Re-runs only when requirements.txt changes.
-$(VENV)/.installed: requirements.txt
+# Re-runs only when a requirements file changes. facenet-pytorch (MTCNN face detector, weights in
+# the wheel) pins torch<2.3 and numpy<2 but runs with ours, so it goes in without its dependencies.
+$(VENV)/.installed: requirements.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	touch $@
 
 sample: install

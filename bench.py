@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
@@ -39,6 +40,24 @@ def build_maskbench(maskbench, size, out, limit=0):
     subprocess.run([sys.executable, str(maskbench / "build.py"), "--faces", str(maskbench / "faces"),
                     "--csv", str(maskbench / "faces.csv"), "--out", str(out), "--size", size,
                     "--workers", str(os.cpu_count()), *(["--limit", str(limit)] if limit else [])], check=True)
+
+
+def detect_faces_once(data, recipes):
+    """Run detect_faces.py on the train and eval folders when a recipe crops faces and they
+    have no faces.csv yet."""
+    folders = [data / "train", data / "eval"]
+    if any(recipe_config(r).get("face_crop") for r in recipes) and not all((f / "faces.csv").is_file() for f in folders):
+        subprocess.run([sys.executable, "detect_faces.py", "--face_dirs", *map(str, folders)], check=True, cwd=ROOT)
+
+
+def detection_rates(data):
+    """'train: found/total (rate), eval: ...' for the folders that have a faces.csv."""
+    rates = []
+    for name in ("train", "eval"):
+        if (data / name / "faces.csv").is_file():
+            found = pd.read_csv(data / name / "faces.csv")["found"]
+            rates.append(f"{name} {found.sum()}/{len(found)} ({found.mean():.1%})")
+    return ", ".join(rates)
 
 
 def check_counts(table, data):
@@ -158,12 +177,15 @@ def machine():
     return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, {preload}"
 
 
-def write_report(args, loader, results, counts_match):
+def write_report(args, loader, results, counts_match, faces):
     lines = [f"\n## bench {time.strftime('%Y-%m-%d %H:%M')}\n", f"- machine: {machine()}",
              f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
              f"- data: maskbench built at {args.size}{f' from {args.limit} people' if args.limit else ''}; "
              f"the reader's 18-class counts "
-             f"{'match' if counts_match else 'DO NOT match'} build_info.json\n"]
+             f"{'match' if counts_match else 'DO NOT match'} build_info.json"]
+    if faces:
+        lines += [f"- faces found by detect_faces.py (MTCNN, two passes): {faces}"]
+    lines[-1] += "\n"
     if loader:
         lines += [f"| loader, batch 32, {args.num_workers} workers | decoding every epoch (images/s) | decode cache (images/s) "
                   "| speed-up |", "| --- | --- | --- | --- |"]
@@ -209,6 +231,8 @@ def main(argv=None):
     counts_match = check_counts(table, data)
     loader = None if args.skip_loader else loader_throughput(cfg, table)
     results = []
+    if not args.skip_training:
+        detect_faces_once(data, args.recipes)
     try:  # an interrupted or failed bench still reports the recipes it finished
         if not args.skip_training:
             device = resolve_device("auto")
@@ -216,7 +240,7 @@ def main(argv=None):
             for recipe in args.recipes:
                 results.append(run_recipe(recipe, args, data, args.out / "runs", device, n_train))
     finally:
-        write_report(args, loader, results, counts_match)
+        write_report(args, loader, results, counts_match, detection_rates(data))
 
 
 if __name__ == "__main__":

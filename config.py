@@ -18,6 +18,8 @@ SCRIPT_GROUPS = {
     "inference": ("inference", "loader", "common"),
     "ensemble": ("ensemble",),
     "score": ("score",),
+    "detect": ("detect",),
+    "masks": ("masks",),
 }
 
 

@@ -291,17 +291,106 @@ def split_train_valid(images, fold, drop_ages=()):
 
 
 # ---------------------------------------------------------------------------------------------
+# Crop boxes: the centre, or the face found by detect_faces.py
+FULL_IMAGE = (0.0, 0.0, 1.0, 1.0)
+FACES_CSV = "faces.csv"
+LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")  # as seen in the photo
+FACE_COLUMNS = ["image", "width", "height", "found", "score", "x1", "y1", "x2", "y2",
+                *(f"{name}_{axis}" for name in LANDMARKS for axis in "xy")]
+
+
+def center_box(center_crop):
+    """The central fraction (h, w) of an image as a box of fractions."""
+    ch, cw = center_crop
+    return ((1 - cw) / 2, (1 - ch) / 2, (1 + cw) / 2, (1 + ch) / 2)
+
+
+def dataset_folder(path):
+    """The folder a dataset's faces.csv lives in: the parent of the image's images/ folder
+    (train/ or eval/), or the image's own folder when it has no images/ ancestor."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.name == "images":
+            return parent.parent
+    return path.parent
+
+
+def read_faces(folder):
+    """folder/faces.csv (written by detect_faces.py) as {absolute image path: row}."""
+    csv_path = Path(folder) / FACES_CSV
+    if not csv_path.exists():
+        raise DataError(f"{csv_path}: not found; face_crop needs the face boxes of every image: "
+                        f"run python detect_faces.py --face_dirs {folder}")
+    table = pd.read_csv(csv_path)
+    missing = [c for c in FACE_COLUMNS if c not in table.columns]
+    if missing:
+        raise DataError(f"{csv_path}: missing column(s) {missing}; found {list(table.columns)}")
+    return {str(Path(folder, image).resolve()): row for image, row in zip(table["image"], table.itertuples(index=False))}
+
+
+def face_box(face, margin, aspect):
+    """The crop around a detected face: its box grown by margin (a fraction of its size) on each
+    side, then widened or heightened to the model's aspect ratio (w / h) around the same
+    centre, moved inside the image where it fits. Fractions of the image size."""
+    cx, cy = (face.x1 + face.x2) / 2, (face.y1 + face.y2) / 2
+    w, h = (face.x2 - face.x1) * (1 + 2 * margin), (face.y2 - face.y1) * (1 + 2 * margin)
+    w, h = max(w, h * aspect), max(h, w / aspect)
+
+    def place(center, length, limit):
+        start = center - length / 2
+        start = min(max(start, 0.0), limit - length) if length <= limit else (limit - length) / 2
+        return start / limit, (start + length) / limit
+
+    (left, right), (top, bottom) = place(cx, w, face.width), place(cy, h, face.height)
+    return (left, top, right, bottom)
+
+
+def crop_boxes(paths, cfg):
+    """Per image, the box decode_image cuts: with face_crop, the detected face with face_margin
+    (images without a detected face get their folder's median face box, and are counted);
+    otherwise the center_crop fraction. Returns (boxes, {folder: (images, without a face)})."""
+    if not cfg["face_crop"]:
+        return [center_box(cfg["center_crop"])] * len(paths), {}
+    aspect = cfg["resize"][1] / cfg["resize"][0]
+    faces, boxes, counts = {}, [], {}
+    for path in paths:
+        folder = dataset_folder(path)
+        if folder not in faces:
+            faces[folder] = read_faces(folder)
+        face = faces[folder].get(str(Path(path).resolve()))
+        if face is None:
+            raise DataError(f"{folder / FACES_CSV}: no row for {path}; run python detect_faces.py --face_dirs {folder} again")
+        boxes.append(face_box(face, cfg["face_margin"], aspect) if face.found else None)
+        total, missed = counts.get(folder, (0, 0))
+        counts[folder] = (total + 1, missed + (not face.found))
+    typical = {}
+    for path, box in zip(paths, boxes):
+        typical.setdefault(dataset_folder(path), []).append(box)
+    for folder, found in typical.items():
+        found = [b for b in found if b is not None]
+        typical[folder] = tuple(np.median(found, axis=0)) if found else FULL_IMAGE
+    boxes = [box or typical[dataset_folder(path)] for path, box in zip(paths, boxes)]
+    return boxes, counts
+
+
+def log_face_counts(counts):
+    for folder, (total, missed) in counts.items():
+        log.info("face crop: %s: a face in %d of %d images; %d without one use the folder's median face box",
+                 folder, total - missed, total, missed)
+
+
+# ---------------------------------------------------------------------------------------------
 # Decoding and the decoded-image cache
-def decode_image(path, size, center_crop=(1.0, 1.0)):
-    """Read an image as RGB, keep the central fraction center_crop (h, w), resize to size (h, w);
-    returns a uint8 array (h, w, 3). Raises DataError naming the file if it cannot be read."""
+def decode_image(path, size, box=FULL_IMAGE):
+    """Read an image as RGB, cut the box (left, top, right, bottom as fractions of its width and
+    height; parts outside the image come out black), resize to size (h, w); returns a uint8
+    array (h, w, 3). Raises DataError naming the file if it cannot be read."""
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
-            if tuple(center_crop) != (1.0, 1.0):
+            if tuple(box) != FULL_IMAGE:
                 w, h = img.size
-                cw, ch = w * center_crop[1], h * center_crop[0]
-                img = img.crop((round((w - cw) / 2), round((h - ch) / 2), round((w + cw) / 2), round((h + ch) / 2)))
+                img = img.crop((round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)))
             img = img.resize((size[1], size[0]), Image.BILINEAR)
             return np.array(img, dtype=np.uint8)
     except (OSError, SyntaxError, ValueError) as e:
@@ -311,45 +400,45 @@ def decode_image(path, size, center_crop=(1.0, 1.0)):
 class _DecodeAll(Dataset):
     """Decodes images for building the cache; returns (index, array or None, error)."""
 
-    def __init__(self, paths, size, center_crop):
-        self.paths, self.size, self.center_crop = paths, size, center_crop
+    def __init__(self, paths, size, boxes):
+        self.paths, self.size, self.boxes = paths, size, boxes
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
         try:
-            return i, decode_image(self.paths[i], self.size, self.center_crop), ""
+            return i, decode_image(self.paths[i], self.size, self.boxes[i]), ""
         except DataError as e:
             return i, None, str(e)
 
 
-def cache_key(paths, size, center_crop):
-    """Changes whenever a file, its size or modification time, the order or the size changes."""
-    h = hashlib.sha1(json.dumps(["chw", list(size), list(center_crop)]).encode())
-    for p in paths:
+def cache_key(paths, size, boxes):
+    """Changes whenever a file, its size or modification time, the order, the size or a crop box changes."""
+    h = hashlib.sha1(json.dumps(["chw", list(size)]).encode())
+    for p, box in zip(paths, boxes):
         st = os.stat(p)
-        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}|{','.join(f'{v:.5f}' for v in box)}\n".encode())
     return h.hexdigest()[:20]
 
 
-def build_cache(paths, size, center_crop, cache_dir, num_workers=0):
-    """Decode every image once into cache_dir/<key>.npy (uint8, N x 3 x H x W) and return
-    (path to the array file, list of per-image error messages, '' for a good image).
+def build_cache(paths, size, boxes, cache_dir, num_workers=0):
+    """Decode every image once (cut to its box) into cache_dir/<key>.npy (uint8, N x 3 x H x W)
+    and return (path to the array file, list of per-image error messages, '' for a good image).
     Written under a temporary name and renamed when complete, so an interrupted build never
-    leaves a half-written cache behind; later runs with the same files and size reuse it."""
+    leaves a half-written cache behind; later runs with the same files, boxes and size reuse it."""
     from tqdm import tqdm
 
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    key = cache_key(paths, size, center_crop)
+    key = cache_key(paths, size, boxes)
     array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     if array_path.exists() and meta_path.exists():
         return array_path, json.loads(meta_path.read_text())["errors"]
     tmp_path = cache_dir / f"{key}.tmp{os.getpid()}.npy"
     array = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(paths), 3, *size))
     errors = [""] * len(paths)
-    loader = DataLoader(_DecodeAll(paths, tuple(size), tuple(center_crop)), batch_size=32,
+    loader = DataLoader(_DecodeAll(paths, tuple(size), boxes), batch_size=32,
                         num_workers=num_workers, collate_fn=lambda batch: batch)
     bar = tqdm(loader, desc=f"decoding {len(paths)} images into the cache", unit="batch", leave=False,
                disable=not sys.stderr.isatty())
@@ -361,8 +450,7 @@ def build_cache(paths, size, center_crop, cache_dir, num_workers=0):
     array.flush()
     del array
     os.replace(tmp_path, array_path)
-    meta_path.write_text(json.dumps({"size": list(size), "center_crop": list(center_crop), "count": len(paths),
-                                     "errors": errors}))
+    meta_path.write_text(json.dumps({"size": list(size), "count": len(paths), "errors": errors}))
     return array_path, errors
 
 
@@ -380,9 +468,9 @@ class FaceDataset(Dataset):
     """Images (from a cache array file, or decoded on each access) with their labels.
     Items: (uint8 image tensor C x H x W transformed by `transform`, label, age, index)."""
 
-    def __init__(self, paths, labels, ages, size, center_crop, transform, cache_file=None, rows=None):
+    def __init__(self, paths, labels, ages, size, boxes, transform, cache_file=None, rows=None):
         self.paths, self.labels, self.ages = list(paths), np.asarray(labels), np.asarray(ages, np.float32)
-        self.size, self.center_crop, self.transform = tuple(size), tuple(center_crop), transform
+        self.size, self.boxes, self.transform = tuple(size), boxes, transform  # boxes: when decoding here
         self.cache_file, self.rows = cache_file, rows  # rows: index of each item in the cache array
         self._array = None  # opened lazily, once per worker process
 
@@ -392,7 +480,7 @@ class FaceDataset(Dataset):
     def image(self, i):
         """uint8 array, channels first (3 x H x W)."""
         if self.cache_file is None:
-            return np.ascontiguousarray(decode_image(self.paths[i], self.size, self.center_crop).transpose(2, 0, 1))
+            return np.ascontiguousarray(decode_image(self.paths[i], self.size, self.boxes[i]).transpose(2, 0, 1))
         if self._array is None:
             self._array = np.load(self.cache_file, mmap_mode="r")
         return np.array(self._array[self.rows[i]])
@@ -406,7 +494,9 @@ def open_cache(paths, cfg):
     """The decode cache of a list of images: (array file, {path: row}, {path: error}). Build it
     once over every image a run uses, then hand it to make_dataset for each subset (folds,
     validation, refit), so no image is decoded twice."""
-    cache_file, errors = build_cache(paths, cfg["resize"], cfg["center_crop"], cfg["cache_dir"], cfg["num_workers"])
+    boxes, counts = crop_boxes(paths, cfg)
+    log_face_counts(counts)
+    cache_file, errors = build_cache(paths, cfg["resize"], boxes, cfg["cache_dir"], cfg["num_workers"])
     return cache_file, {p: i for i, p in enumerate(paths)}, dict(zip(paths, errors))
 
 
@@ -418,21 +508,28 @@ def make_dataset(table, cfg, transform, skip_log=None, cache=None):
     paths = table["image_path"].tolist()
     labels = table["label"].to_numpy() if "label" in table else np.zeros(len(table), int)
     ages = table["age"].to_numpy() if "age" in table else np.zeros(len(table))
-    size, crop = tuple(cfg["resize"]), tuple(cfg["center_crop"])
-    rows = None
+    size, rows, boxes = tuple(cfg["resize"]), None, None
     if cfg["cache_dir"]:
         cache_file, row_of, error_of = cache or open_cache(paths, cfg)
         rows, errors = [row_of[p] for p in paths], [error_of[p] for p in paths]
-    elif cfg["skip_bad_images"]:  # no cache: one decoding pass finds the images to skip
-        decoder = _DecodeAll(paths, size, crop)
-        cache_file, errors = None, [decoder[i][2] for i in range(len(paths))]
-    else:  # no cache, no skipping: a bad image raises, naming the file, when it is read
-        cache_file, errors = None, [""] * len(paths)
+    else:
+        boxes, counts = crop_boxes(paths, cfg)
+        log_face_counts(counts)
+        cache_file = None
+        if cfg["skip_bad_images"]:  # no cache: one decoding pass finds the images to skip
+            decoder = _DecodeAll(paths, size, boxes)
+            errors = [decoder[i][2] for i in range(len(paths))]
+        else:  # no cache, no skipping: a bad image raises, naming the file, when it is read
+            errors = [""] * len(paths)
     keep, bad = check_decode_errors(paths, errors, cfg["skip_bad_images"])
     if skip_log is not None:
         skip_log.extend(bad)
-    return FaceDataset([paths[i] for i in keep], labels[keep], ages[keep], size, crop, transform,
-                       cache_file=cache_file, rows=None if rows is None else [rows[i] for i in keep])
+
+    def pick(values):
+        return None if values is None else [values[i] for i in keep]
+
+    return FaceDataset([paths[i] for i in keep], labels[keep], ages[keep], size, pick(boxes), transform,
+                       cache_file=cache_file, rows=pick(rows))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from config import parse_config
+from config import default_config, parse_config
 from dataset import NUM_CLASSES, DataError, build_transform, make_dataset, read_eval_images, train_root
 from model import create_model, task_probabilities
 from train import autocast_for, predict, probs_table, resolve_device, setup_logging, write_csv_atomic
@@ -36,11 +36,14 @@ def find_checkpoints(run_dir, checkpoint="best"):
 
 
 def load_model(path, device):
-    """Rebuild a model from a checkpoint alone (its saved config), no ImageNet download."""
+    """Rebuild a model from a checkpoint alone (its saved config), no ImageNet download. Keys
+    added to args.json after the checkpoint was saved take their defaults, which keep the
+    behaviour of older runs (e.g. face_crop off)."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    model = create_model(ckpt["config"], pretrained=False)
+    train_cfg = {**default_config("train"), **ckpt["config"]}
+    model = create_model(train_cfg, pretrained=False)
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt["config"]
+    return model.to(device).eval(), train_cfg
 
 
 def default_eval_dir(train_cfg):
@@ -57,7 +60,8 @@ def predict_eval(checkpoints, cfg, device):
     for path in checkpoints:
         model, train_cfg = load_model(path, device)
         eval_dir = cfg["eval_dir"] or default_eval_dir(train_cfg)
-        key = (eval_dir, *(tuple(train_cfg[k]) for k in ("resize", "center_crop", "mean", "std")))
+        key = (eval_dir, *(tuple(train_cfg[k]) for k in ("resize", "center_crop", "mean", "std")),
+               train_cfg["face_crop"], train_cfg["face_margin"])
         if key not in inputs:
             images = read_eval_images(eval_dir)
             data_cfg = {**train_cfg, "cache_dir": cfg["cache_dir"], "num_workers": cfg["num_workers"],

@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import confusion_matrix
 
 from dataset import (AGE_NAMES, GENDER_NAMES, MASK_NAMES, NUM_CLASSES, DataError, build_transform, class_name,
-                     decode_class, decode_image)
+                     crop_boxes, decode_class, decode_image)
 from inference import load_model
 from model import class_probabilities
 
@@ -84,10 +84,10 @@ def grid(tiles, columns):
     return sheet
 
 
-def display_image(path, cfg):
+def display_image(path, box, cfg):
     """The model's view of an image (same crop and aspect ratio), TILE pixels high."""
     h, w = cfg["resize"]
-    return decode_image(path, (TILE, round(TILE * w / h)), cfg["center_crop"])
+    return decode_image(path, (TILE, round(TILE * w / h)), box)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,9 +199,10 @@ def jet(x):
 def gradcam_sheet(model, cfg, table, device, images_per_class, batch_size=32):
     _, normalize = build_transform("plain", cfg["resize"], cfg["mean"], cfg["std"])
     chosen = table.groupby("label").head(images_per_class).sort_values("label", kind="stable")
-    inputs = [normalize(torch.from_numpy(decode_image(p, cfg["resize"], cfg["center_crop"])).permute(2, 0, 1)[None])[0]
-              for p in chosen["image_path"]]
-    shown = [display_image(p, cfg) for p in chosen["image_path"]]
+    boxes, _ = crop_boxes(chosen["image_path"].tolist(), cfg)
+    inputs = [normalize(torch.from_numpy(decode_image(p, cfg["resize"], box)).permute(2, 0, 1)[None])[0]
+              for p, box in zip(chosen["image_path"], boxes)]
+    shown = [display_image(p, box, cfg) for p, box in zip(chosen["image_path"], boxes)]
     results = [grad_cam(model, torch.stack(inputs[k:k + batch_size]).to(device), shown[0].shape[:2])
                for k in range(0, len(inputs), batch_size)]
     cams, probs = (torch.cat(part).cpu() for part in zip(*results))
@@ -221,10 +222,11 @@ def gradcam_sheet(model, cfg, table, device, images_per_class, batch_size=32):
 def worst_sheet(table, cfg):
     probs = table[[f"p{c}" for c in range(NUM_CLASSES)]].to_numpy()
     worst = table.assign(p_true=probs[np.arange(len(table)), table["label"]]).nsmallest(WORST, "p_true")
-    tiles = [tile(Image.fromarray(display_image(r.image_path, cfg)),
+    boxes, _ = crop_boxes(worst["image_path"].tolist(), cfg)
+    tiles = [tile(Image.fromarray(display_image(r.image_path, box, cfg)),
                   [f"true: {class_name(r.label)} (p={r.p_true:.2f})",
                    f"pred: {class_name(r.pred)} (p={getattr(r, f'p{r.pred}'):.2f})",
-                   f"{Path(r.image_path).parent.name}/{Path(r.image_path).name}"]) for r in worst.itertuples()]
+                   f"{Path(r.image_path).parent.name}/{Path(r.image_path).name}"]) for r, box in zip(worst.itertuples(), boxes)]
     return titled(grid(tiles, 4), [f"the {len(tiles)} validation images with the lowest probability of the true class"])
 
 

@@ -191,7 +191,7 @@ def test_every_key_has_default_group_and_help():
 
 @pytest.mark.parametrize("script", sorted(config.SCRIPT_GROUPS))
 def test_every_script_parser_builds(script):
-    assert set(config.SCRIPT_GROUPS) == {"train", "inference", "ensemble", "score"}
+    assert set(config.SCRIPT_GROUPS) == {"train", "inference", "ensemble", "score", "detect", "masks"}
     parser = build_parser(script, description=f"{script} test")
     text = parser.format_help()
     for key in script_keys(script, SPEC):

@@ -535,7 +535,7 @@ def test_class_balanced_weights_equal_total_per_class():
 def test_build_cache_writes_and_reuses_the_array(tiny, tmp_path, monkeypatch):
     paths = D.read_train_images(tiny / "train")["image_path"].tolist()[:10]
     cache_dir = tmp_path / "cache"
-    array_path, errors = D.build_cache(paths, RESIZE, (1.0, 1.0), cache_dir)
+    array_path, errors = D.build_cache(paths, RESIZE, [D.FULL_IMAGE] * len(paths), cache_dir)
     assert Path(array_path).parent == cache_dir and Path(array_path).suffix == ".npy" and Path(array_path).is_file()
     assert errors == [""] * len(paths)
     assert not list(cache_dir.glob("*.tmp*"))  # no temporary file left behind
@@ -548,29 +548,31 @@ def test_build_cache_writes_and_reuses_the_array(tiny, tmp_path, monkeypatch):
     def no_decoding(*args, **kwargs):
         raise AssertionError("the cache was rebuilt")
     monkeypatch.setattr(D, "decode_image", no_decoding)
-    again, errors_again = D.build_cache(paths, RESIZE, (1.0, 1.0), cache_dir)
+    again, errors_again = D.build_cache(paths, RESIZE, [D.FULL_IMAGE] * len(paths), cache_dir)
     assert again == array_path and errors_again == errors
     assert Path(again).stat().st_mtime_ns == mtime
 
 
 def test_cache_key_changes_with_size_crop_files_and_order(tiny, tmp_path):
     paths = D.read_train_images(tiny / "train")["image_path"].tolist()[:4]
-    key = D.cache_key(paths, RESIZE, (1.0, 1.0))
-    assert D.cache_key(list(paths), list(RESIZE), [1.0, 1.0]) == key
-    assert D.cache_key(paths, [20, 15], (1.0, 1.0)) != key
-    assert D.cache_key(paths, RESIZE, (0.8, 0.8)) != key
-    assert D.cache_key(paths[::-1], RESIZE, (1.0, 1.0)) != key
-    assert D.cache_key(paths[:3], RESIZE, (1.0, 1.0)) != key
-    a, _ = D.build_cache(paths, RESIZE, (1.0, 1.0), tmp_path / "cache")
-    b, _ = D.build_cache(paths, [20, 15], (1.0, 1.0), tmp_path / "cache")
+    full = [D.FULL_IMAGE] * len(paths)
+    key = D.cache_key(paths, RESIZE, full)
+    assert D.cache_key(list(paths), list(RESIZE), [list(b) for b in full]) == key
+    assert D.cache_key(paths, [20, 15], full) != key
+    assert D.cache_key(paths, RESIZE, [D.center_box((0.8, 0.8))] * len(paths)) != key
+    assert D.cache_key(paths, RESIZE, full[:-1] + [(0.0, 0.0, 1.0, 0.9)]) != key  # one image's box
+    assert D.cache_key(paths[::-1], RESIZE, full) != key
+    assert D.cache_key(paths[:3], RESIZE, full) != key
+    a, _ = D.build_cache(paths, RESIZE, [D.FULL_IMAGE] * len(paths), tmp_path / "cache")
+    b, _ = D.build_cache(paths, [20, 15], [D.FULL_IMAGE] * len(paths), tmp_path / "cache")
     assert a != b and np.load(b).shape == (4, 3, 20, 15)
 
 
 def test_cache_notices_a_changed_file(fresh, tmp_path):
     paths = D.read_train_images(fresh / "train")["image_path"].tolist()[:3]
-    first, _ = D.build_cache(paths, RESIZE, (1.0, 1.0), tmp_path / "cache")
+    first, _ = D.build_cache(paths, RESIZE, [D.FULL_IMAGE] * len(paths), tmp_path / "cache")
     Image.new("RGB", SIZE, (255, 0, 0)).save(paths[0])
-    second, _ = D.build_cache(paths, RESIZE, (1.0, 1.0), tmp_path / "cache")
+    second, _ = D.build_cache(paths, RESIZE, [D.FULL_IMAGE] * len(paths), tmp_path / "cache")
     assert second != first
     red = np.array([255, 0, 0])[:, None, None]
     assert np.abs(np.load(second)[0].astype(int) - red).max() <= 3  # now red (up to JPEG error)
@@ -596,7 +598,7 @@ def test_center_crop_keeps_the_middle(tmp_path):
     img = np.zeros((40, 30, 3), np.uint8)
     img[10:30, 7:22] = 200  # the central half (rows 10..29, columns 7.5..22.5)
     Image.fromarray(img).save(tmp_path / "a.png")
-    out = D.decode_image(tmp_path / "a.png", (20, 15), center_crop=(0.5, 0.5))
+    out = D.decode_image(tmp_path / "a.png", (20, 15), D.center_box((0.5, 0.5)))
     assert out.shape == (20, 15, 3)
     assert out[2:-2, 2:-2].min() > 150  # only the bright middle is left
     full = D.decode_image(tmp_path / "a.png", (20, 15))
@@ -706,7 +708,7 @@ def test_truncated_image_raises_with_the_file_named(fresh, tmp_path):
     transform = D.build_transform("plain", RESIZE, MEAN, STD)[0]
     message = error_of(D.make_dataset, table, make_cfg(fresh / "train", tmp_path), transform)
     assert bad in message
-    _, errors = D.build_cache(table["image_path"].tolist(), RESIZE, (1.0, 1.0), tmp_path / "cache")
+    _, errors = D.build_cache(table["image_path"].tolist(), RESIZE, [D.FULL_IMAGE] * len(table), tmp_path / "cache")
     assert [i for i, e in enumerate(errors) if e] == [4] and bad in errors[4]
 
 

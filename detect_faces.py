@@ -1,0 +1,132 @@
+"""Find the face in every image of a dataset once and write its box and 5 landmarks to
+<folder>/faces.csv, which `train.py --face_crop` (and the mask drawing of mask_faces.py) reads.
+
+    python detect_faces.py                                   # train/ and eval/ of --data_dir
+    python detect_faces.py --face_dirs data/train data/eval  # any folders holding images/
+
+The detector is MTCNN from facenet-pytorch: its weights ship inside the wheel (it works
+offline), it is plain PyTorch (batched on the same CUDA device as training, no other runtime),
+and it gives the 5 landmarks a mask is drawn from (eyes, nose, mouth corners). mediapipe's
+detector is faster on a CPU (~1 ms against ~20-40 ms an image) but needs OpenCV, a protobuf pin
+and mediapipe 0.10.14 exactly. facenet-pytorch pins torch<2.3, so `make install` installs it
+with --no-deps (requirements-nodeps.txt). Faces the first pass misses get a second pass with
+lower detection thresholds; images still without a face get found=0 and are counted.
+"""
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from config import parse_config
+from dataset import FACE_COLUMNS, FACES_CSV, IMAGE_EXTENSIONS, DataError, train_root
+from train import resolve_device, setup_logging, write_csv_atomic
+
+log = logging.getLogger("mask")
+FIRST_PASS, SECOND_PASS = (0.6, 0.7, 0.7), (0.4, 0.5, 0.5)  # MTCNN's three stage thresholds
+
+
+class FaceDetector:
+    """MTCNN with a second, more permissive pass for the faces the first one missed.
+    Calling it on a list of same-sized RGB arrays returns, per image, None or
+    (box x1 y1 x2 y2, score, 5 x 2 landmarks); the largest face when there are several."""
+
+    def __init__(self, device):
+        try:
+            from facenet_pytorch import MTCNN
+        except ImportError:
+            raise SystemExit("error: face detection needs facenet-pytorch: "
+                             "pip install --no-deps -r requirements-nodeps.txt (or make install)")
+        self.passes = [MTCNN(thresholds=list(t), select_largest=True, device=device) for t in (FIRST_PASS, SECOND_PASS)]
+
+    def __call__(self, images):
+        found = [None] * len(images)
+        for mtcnn in self.passes:
+            todo = [i for i, f in enumerate(found) if f is None]
+            if not todo:
+                break
+            boxes, scores, points = mtcnn.detect(np.stack([images[i] for i in todo]), landmarks=True)
+            for i, box, score, point in zip(todo, boxes, scores, points):
+                if box is not None:  # facenet-pytorch returns object arrays: one row per face, largest first
+                    found[i] = (np.asarray(box[0], float), float(score[0]), np.asarray(point[0], float))
+        return found
+
+
+class _Images(Dataset):
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.paths[i]) as img:
+                return i, np.asarray(img.convert("RGB")), ""
+        except (OSError, SyntaxError, ValueError) as e:
+            return i, None, f"{self.paths[i]}: unreadable or truncated image ({e})"
+
+
+def image_files(folder):
+    """Every image under folder/images (or folder itself when it has no images/), sorted;
+    hidden files such as macOS '._*' copies are left out."""
+    root = Path(folder) / "images" if (Path(folder) / "images").is_dir() else Path(folder)
+    if not root.is_dir():
+        raise DataError(f"{folder}: folder not found")
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+
+
+def face_row(image, width, height, face):
+    row = {"image": image, "width": width, "height": height, "found": int(face is not None)}
+    if face is not None:
+        box, score, points = face
+        row.update(score=round(score, 4), **dict(zip(("x1", "y1", "x2", "y2"), box.round(1))))
+        row.update({column: round(float(v), 1) for column, v in zip(FACE_COLUMNS[9:], points.reshape(-1))})
+    return row
+
+
+def detect_folder(folder, detector, batch_size=32, num_workers=0):
+    """Detect the faces of every image under folder; returns the faces.csv table (one row per
+    image, paths relative to folder). Images of different sizes are detected in separate groups."""
+    folder = Path(folder)
+    paths = image_files(folder)
+    if not paths:
+        raise DataError(f"{folder}: no .jpg/.jpeg/.png images found")
+    loader = DataLoader(_Images(paths), batch_size=batch_size, num_workers=num_workers, collate_fn=lambda b: b)
+    rows = [None] * len(paths)
+    for batch in loader:
+        for i, img, error in batch:
+            if error:
+                raise DataError(error)
+        by_size = {}
+        for i, img, _ in batch:
+            by_size.setdefault(img.shape, []).append((i, img))
+        for group in by_size.values():
+            for (i, img), face in zip(group, detector([img for _, img in group])):
+                rows[i] = face_row(paths[i].relative_to(folder).as_posix(), img.shape[1], img.shape[0], face)
+    return pd.DataFrame(rows, columns=FACE_COLUMNS)
+
+
+def main(argv=None):
+    cfg = parse_config("detect", argv, description=__doc__)
+    setup_logging()
+    folders = cfg["face_dirs"] or [train_root(cfg["data_dir"]), train_root(cfg["data_dir"]).parent / "eval"]
+    detector = FaceDetector(resolve_device(cfg["device"]))
+    try:
+        for folder in folders:
+            table = detect_folder(folder, detector, cfg["detect_batch_size"])
+            write_csv_atomic(table, Path(folder) / FACES_CSV)
+            missed = table.loc[table["found"] == 0, "image"]
+            log.info("%s: a face in %d of %d images (%s)%s", Path(folder) / FACES_CSV, len(table) - len(missed),
+                     len(table), f"{(len(table) - len(missed)) / len(table):.2%}",
+                     f"; none in {', '.join(missed[:5])}{' ...' if len(missed) > 5 else ''}" if len(missed) else "")
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

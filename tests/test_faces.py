@@ -1,0 +1,261 @@
+"""Face crop (detect_faces.py, dataset crop boxes and their fallback) and the synthetic-mask
+external-data writer (mask_faces.py)."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+import dataset as D
+import detect_faces
+import inference
+import mask_faces
+import train
+from config import default_config
+from make_sample_data import make_sample_dataset
+
+FACE = {"x1": 20.0, "y1": 10.0, "x2": 60.0, "y2": 60.0}  # a 40 x 50 face in an 80 x 100 image
+
+
+def face(**overrides):
+    return pd.Series({"width": 80, "height": 100, **FACE, **overrides})
+
+
+def write_faces(folder, box_of):
+    """A faces.csv for every image under folder/images: box_of(relative path) -> box or None."""
+    rows = []
+    for path in detect_faces.image_files(folder):
+        image = path.relative_to(folder).as_posix()
+        with Image.open(path) as img:
+            width, height = img.size
+        box = box_of(image)
+        rows.append({"image": image, "width": width, "height": height, "found": int(box is not None),
+                     **(dict(zip(("x1", "y1", "x2", "y2"), box)) if box else {})})
+    pd.DataFrame(rows, columns=D.FACE_COLUMNS).to_csv(Path(folder) / D.FACES_CSV, index=False)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faces_data") / "sample"
+    make_sample_dataset(root, n_train_people=18, n_eval_people=6, size=(48, 64), seed=0)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Crop geometry
+def test_face_box_adds_the_margin_and_keeps_the_model_aspect_ratio():
+    left, top, right, bottom = D.face_box(face(), margin=0.0, aspect=40 / 50)
+    assert np.allclose([left * 80, top * 100, right * 80, bottom * 100], [20, 10, 60, 60])
+    left, top, right, bottom = D.face_box(face(), margin=0.1, aspect=1.0)  # 48 x 60 -> 60 x 60
+    assert np.isclose((right - left) * 80, 60) and np.isclose((bottom - top) * 100, 60)
+    assert np.isclose((left + right) / 2 * 80, 40) and np.isclose((top + bottom) / 2 * 100, 35)
+
+
+def test_face_box_moves_inside_the_image_and_centres_when_too_big():
+    left, top, right, bottom = D.face_box(face(x1=0.0, y1=0.0, x2=20.0, y2=20.0), margin=0.5, aspect=1.0)
+    assert (left, top) == (0.0, 0.0) and np.isclose(right * 80, 40) and np.isclose(bottom * 100, 40)
+    left, _, right, _ = D.face_box(face(x1=0.0, x2=80.0), margin=0.5, aspect=1.0)  # 160 wide in an 80 wide image
+    assert np.isclose(left, -0.5) and np.isclose(right, 1.5)
+
+
+def test_decode_cuts_the_face_box(tmp_path):
+    img = np.zeros((100, 80, 3), np.uint8)
+    img[10:60, 20:60] = 250
+    Image.fromarray(img).save(tmp_path / "a.png")
+    out = D.decode_image(tmp_path / "a.png", (25, 20), D.face_box(face(), 0.0, 20 / 25))
+    assert out.min() > 200  # only the bright face is left
+
+
+# ---------------------------------------------------------------------------------------------
+# Crop boxes from faces.csv, and the fallback
+def crop_cfg(data, tmp_path, **kw):
+    cfg = default_config("train")
+    cfg.update(data_dir=str(data / "train"), resize=[20, 16], cache_dir=str(tmp_path / "cache"), num_workers=0,
+               face_crop=True, face_margin=0.0)
+    cfg.update(kw)
+    return cfg
+
+
+def test_images_without_a_face_get_the_median_face_box_and_are_counted(data, tmp_path, caplog):
+    boxes_given = {}
+
+    def box_of(image):
+        if "normal" in image:
+            return None
+        k = len(boxes_given)
+        boxes_given[image] = (4.0 + k % 3, 6.0, 36.0 + k % 3, 46.0)
+        return boxes_given[image]
+
+    write_faces(data / "train", box_of)
+    images = D.read_train_images(data / "train")
+    paths = images["image_path"].tolist()
+    boxes, counts = D.crop_boxes(paths, crop_cfg(data, tmp_path, resize=[40, 32]))
+    assert counts == {data / "train": (len(paths), images["file"].eq("normal").sum())}
+    expected = {image: D.face_box(face(width=48, height=64, x1=b[0], y1=b[1], x2=b[2], y2=b[3]), 0.0, 32 / 40)
+                for image, b in boxes_given.items()}
+    median = np.median(list(expected.values()), axis=0)
+    for path, box in zip(paths, boxes):
+        image = Path(path).relative_to(data / "train").as_posix()
+        assert np.allclose(box, expected.get(image, median))
+    assert len(expected) == len(paths) - 18 and len({tuple(b) for b in expected.values()}) == 3
+    with caplog.at_level("INFO", logger="mask"):
+        D.log_face_counts(counts)
+    assert f"a face in {len(paths) - 18} of {len(paths)} images; 18 without one" in caplog.text
+
+
+def test_face_crop_dataset_is_the_same_with_and_without_cache(data, tmp_path):
+    write_faces(data / "train", lambda image: None if "mask2" in image else (8.0, 8.0, 40.0, 48.0))
+    table = D.add_labels(D.read_train_images(data / "train"), 60).iloc[::5].reset_index(drop=True)
+    transform, _ = D.build_transform("plain", [20, 16], [0.5] * 3, [0.2] * 3)
+    cached = D.make_dataset(table, crop_cfg(data, tmp_path), transform)
+    direct = D.make_dataset(table, crop_cfg(data, tmp_path, cache_dir=""), transform)
+    uncropped = D.make_dataset(table, crop_cfg(data, tmp_path, face_crop=False), transform)
+    assert all(np.array_equal(cached[i][0], direct[i][0]) for i in range(len(table)))
+    assert any(not np.array_equal(cached[i][0], uncropped[i][0]) for i in range(len(table)))
+
+
+def test_face_crop_without_faces_csv_names_the_file_and_the_fix(tmp_path):
+    root = tmp_path / "d"
+    make_sample_dataset(root, n_train_people=1, n_eval_people=1, size=(24, 32), seed=1)
+    paths = D.read_train_images(root / "train")["image_path"].tolist()
+    with pytest.raises(D.DataError, match=r"train/faces.csv: not found.*detect_faces.py --face_dirs"):
+        D.crop_boxes(paths, crop_cfg(root, tmp_path))
+    write_faces(root / "train", lambda image: (1.0, 1.0, 20.0, 20.0))
+    table = pd.read_csv(root / "train" / "faces.csv")
+    table.iloc[1:].to_csv(root / "train" / "faces.csv", index=False)
+    with pytest.raises(D.DataError, match=r"faces.csv: no row for .*run python detect_faces.py"):
+        D.crop_boxes(paths, crop_cfg(root, tmp_path))
+
+
+def test_train_and_inference_crop_train_and_eval_faces(data, tmp_path):
+    """A face-crop run trains, reports and predicts; inference reads eval/faces.csv."""
+    write_faces(data / "train", lambda image: (6.0, 8.0, 42.0, 50.0))
+    cfg = default_config("train")
+    cfg.update(data_dir=str(data / "train"), model="basemodel", pretrained=False, resize=[32, 24], epochs=1,
+               batch_size=16, num_workers=0, cache_dir=str(tmp_path / "cache"), model_dir=str(tmp_path / "runs"),
+               val_ratio=0.34, face_crop=True, device="cpu")
+    run, _ = train.main(cfg)
+    assert (run / "report" / "gradcam.png").is_file()
+    icfg = {**default_config("inference"), "run": [str(run)], "num_workers": 0, "cache_dir": str(tmp_path / "cache"),
+            "tta": "none", "device": "cpu"}
+    with pytest.raises(SystemExit, match=r"eval/faces.csv: not found"):
+        inference.main(icfg)
+    write_faces(data / "eval", lambda image: None if image.endswith(("0.jpg", "1.jpg")) else (6.0, 8.0, 42.0, 50.0))
+    submission = pd.read_csv(inference.main(icfg))
+    assert submission["ImageID"].tolist() == pd.read_csv(data / "eval" / "info.csv")["ImageID"].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# detect_faces.py
+class FakeDetector:
+    """Finds a face in every image wider than 30 pixels; records the batch shapes it was given."""
+
+    def __init__(self):
+        self.batches = []
+
+    def __call__(self, images):
+        self.batches.append({img.shape for img in images})
+        points = np.array([[10, 12], [20, 12], [15, 18], [11, 24], [19, 24]], float)
+        return [(np.array([5.0, 6.0, 25.0, 30.0]), 0.99, points) if img.shape[1] > 30 else None for img in images]
+
+
+def test_detect_folder_writes_one_row_per_image_in_size_groups(tmp_path):
+    folder = tmp_path / "faces"
+    (folder / "images" / "p").mkdir(parents=True)
+    for k, size in enumerate([(40, 50), (20, 30), (40, 50)]):
+        Image.new("RGB", size, (k * 50, 0, 0)).save(folder / "images" / "p" / f"{k}.png")
+    (folder / "images" / "p" / "._0.png").write_bytes(b"not an image")  # a macOS copy: ignored
+    detector = FakeDetector()
+    table = detect_faces.detect_folder(folder, detector, batch_size=8)
+    assert table["image"].tolist() == ["images/p/0.png", "images/p/1.png", "images/p/2.png"]
+    assert table["found"].tolist() == [1, 0, 1] and table.loc[1, ["x1", "nose_x"]].isna().all()
+    assert table.loc[0, ["width", "height", "x1", "y2", "mouth_right_x", "mouth_right_y"]].tolist() == [40, 50, 5, 30, 19, 24]
+    assert all(len(shapes) == 1 for shapes in detector.batches)  # one image size per detector call
+
+
+def test_detect_folder_names_an_unreadable_image(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "bad.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(D.DataError, match=r"bad.jpg: unreadable"):
+        detect_faces.detect_folder(tmp_path, FakeDetector())
+
+
+def test_mtcnn_runs_on_a_batch():
+    """The real detector (facenet-pytorch, installed by make install) answers for every image."""
+    detector = detect_faces.FaceDetector("cpu")
+    images = [np.full((64, 48, 3), v, np.uint8) for v in (0, 128)]
+    assert detector(images) == [None, None]  # flat images hold no face
+
+
+# ---------------------------------------------------------------------------------------------
+# mask_faces.py
+def test_read_labels_from_utkface_names_lists_bad_names(tmp_path):
+    for name in ("25_1_2_2017.jpg.chip.jpg", "61_0_0_2016.jpg", "61_0_2016.jpg", "notes.txt", ".hidden.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    table, skipped = mask_faces.read_labels(tmp_path)
+    assert table.values.tolist() == [["25_1_2_2017.jpg.chip.jpg", 25, 1, "Asian"], ["61_0_0_2016.jpg", 61, 0, "White"]]
+    assert skipped == [("61_0_2016.jpg", "name is not {age}_{gender}_{race}_*")]
+
+
+def test_read_labels_from_a_csv_checks_each_line(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"")
+    (tmp_path / "labels.csv").write_text("file,age,gender,race\na.jpg,70,female,East Asian\n")
+    table, _ = mask_faces.read_labels(tmp_path, tmp_path / "labels.csv")
+    assert table.values.tolist() == [["a.jpg", 70, 1, "East-Asian"]]
+    (tmp_path / "labels.csv").write_text("file,age,gender\na.jpg,old,female\n")
+    with pytest.raises(D.DataError, match=r"labels.csv: line 2: age 'old'"):
+        mask_faces.read_labels(tmp_path, tmp_path / "labels.csv")
+    (tmp_path / "labels.csv").write_text("file,age,gender\nb.jpg,50,1\n")
+    with pytest.raises(D.DataError, match=r"line 2: .*b.jpg not found"):
+        mask_faces.read_labels(tmp_path, tmp_path / "labels.csv")
+
+
+class LandmarkDetector:
+    """Eyes, nose and mouth corners of a 60 x 60 face photo; no face in photos narrower than 50."""
+
+    def __call__(self, images):
+        points = np.array([[20, 22], [40, 22], [30, 32], [22, 42], [38, 42]], float)
+        return [(np.array([8.0, 5.0, 52.0, 58.0]), 0.99, points) if img.shape[1] >= 50 else None for img in images]
+
+
+def test_masked_people_are_written_in_the_competition_layout(tmp_path):
+    faces = tmp_path / "utk"
+    faces.mkdir()
+    rng = np.random.default_rng(0)
+    for name, width in (("65_1_2_a.jpg", 60), ("30_0_2_b.jpg", 60), ("70_0_2_c.jpg", 40)):
+        Image.fromarray(rng.integers(90, 160, (60, width, 3), dtype=np.uint8)).save(faces / name)
+    table, _ = mask_faces.read_labels(faces)
+    out = tmp_path / "external"
+    skipped = mask_faces.write_people(table, faces, out, LandmarkDetector(), frame=(80, 60), face_width=0.86, seed=0)
+    assert skipped == [("70_0_2_c.jpg", "no face found")]
+    images = D.add_labels(D.read_train_images(out / "train"), 60)  # the reader accepts it as it is
+    people = images.drop_duplicates("id").sort_values("age")
+    assert people[["gender", "age"]].values.tolist() == [[0, 30], [1, 65]]
+    assert sorted(images.loc[images["age"] == 65, "label"]) == sorted([5] * 5 + [11, 17])
+    folder = out / "train" / "images" / images.loc[images["age"] == 65, "image_path"].map(lambda p: Path(p).parent.name).iloc[0]
+    shots = {p.stem: np.asarray(Image.open(p), np.float32) for p in folder.iterdir()}
+    assert all(s.shape == (80, 60, 3) for s in shots.values())
+    for name in ("mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask"):
+        change = np.abs(shots[name] - shots["normal"]).mean(axis=2)
+        assert change[5:15].mean() < 6 < change[45:55].mean(), name  # forehead untouched, chin covered
+    extra = D.read_extra([str(out / "train")])[0]  # plugs into --extra_data
+    assert len(extra) == 14 and extra["id"].str.startswith("extra0:").all()
+
+
+def test_masked_people_are_the_same_for_the_same_seed(tmp_path):
+    faces = tmp_path / "utk"
+    faces.mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(90, 160, (60, 60, 3), dtype=np.uint8)).save(faces / "40_1_2_x.jpg")
+    table, _ = mask_faces.read_labels(faces)
+    for out, seed in (("a", 0), ("b", 0), ("c", 1)):
+        mask_faces.write_people(table, faces, tmp_path / out, LandmarkDetector(), frame=(80, 60), face_width=0.86, seed=seed)
+    read = {out: (tmp_path / out / "train" / "images" / "000001_female_Asian_40" / "mask1.jpg").read_bytes() for out in "abc"}
+    assert read["a"] == read["b"] != read["c"]
+
+
+def test_mask_faces_refuses_to_write_over_a_dataset(tmp_path):
+    (tmp_path / "out" / "train").mkdir(parents=True)
+    (tmp_path / "out" / "train" / "train.csv").write_text("id,gender,race,age,path\n")
+    with pytest.raises(SystemExit, match="already holds a dataset"):
+        mask_faces.main(["--faces_dir", str(tmp_path), "--masked_out", str(tmp_path / "out")])
