@@ -26,10 +26,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from config import default_config, load_spec
-from dataset import build_transform, load_training_images, make_dataset
+from dataset import build_transform, load_training_images, make_dataset, num_folds
 from loss import Criterion
 from model import create_model
-from train import build_optimizer, resolve_device
+from train import build_optimizer, resolve_device, score
 
 ROOT = Path(__file__).resolve().parent
 
@@ -132,24 +132,27 @@ def recipe_config(recipe):
 
 
 def run_recipe(recipe, args, data, out, device, n_train):
+    """Train (unless a finished run of the same recipe and epochs is there), predict and score
+    one recipe. A recipe with fold 'all' trains every fold (the budget is shared among them),
+    predicts with the mean of the folds and reports the out-of-fold validation F1."""
     train_overrides = recipe_config(recipe)
     tta = train_overrides.pop("tta", args.tta)  # an inference key: the recipe's TTA
     cfg = {**default_config("train"), **train_overrides, "data_dir": str(data / "train"),
            "cache_dir": str(args.cache_dir), "num_workers": args.num_workers}
     model_ips = model_throughput(cfg, device)
-    epochs = args.epochs or max(1, math.floor(args.budget_minutes * 60 * model_ips * 0.85 / n_train))
+    folds = num_folds(cfg["val_ratio"]) if cfg["fold"] == "all" else 1
+    epochs = (train_overrides.get("epochs") or args.epochs
+              or max(1, math.floor(args.budget_minutes * 60 * model_ips * 0.85 / (n_train * folds))))
     run_dir = out / recipe.replace("=", "-").replace("+", "__")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     config_file = out / f"{run_dir.name}.json"
     config_file.write_text(json.dumps({**train_overrides, "epochs": epochs}, indent=2))
     common = ["--cache_dir", str(args.cache_dir), "--num_workers", str(args.num_workers)]
-    start = time.time()
-    done = (run_dir / "summary.json").is_file() and json.loads((run_dir / "config.json").read_text())["epochs"] == epochs
+    finished = run_dir / ("oof_probs.csv" if folds > 1 else "summary.json")
+    done = finished.is_file() and json.loads((run_dir / "config.json").read_text())["epochs"] == epochs
     if not done:  # a finished run of the same recipe and epochs is reused, so an interrupted bench resumes
         subprocess.run([sys.executable, "train.py", "--config", str(config_file), "--data_dir", str(data / "train"),
                         "--output_dir", str(run_dir), "--overwrite", *common], check=True, cwd=ROOT)
-    train_minutes = (time.time() - start) / 60 if not done else sum(
-        float(r["train_seconds"]) for r in csv_rows(run_dir / "metrics.csv")) / 60
     if not (done and (run_dir / "submission.csv").is_file()):
         subprocess.run([sys.executable, "inference.py", "--run", str(run_dir), "--eval_dir", str(data / "eval"),
                         "--tta", tta, *common], check=True, cwd=ROOT)
@@ -157,12 +160,17 @@ def run_recipe(recipe, args, data, out, device, n_train):
                              "--submission", str(run_dir / "submission.csv"), "--json"],
                             check=True, capture_output=True, text=True)
     metrics = json.loads(scored.stdout)
-    history = csv_rows(run_dir / "metrics.csv")
-    summary = json.loads((run_dir / "summary.json").read_text())
-    train_ips = float(np.median([float(r["train_images_per_s"]) for r in history]))
-    return {"recipe": recipe, "tta": tta, "epochs": epochs, "train_minutes": train_minutes, "model_images_per_s": model_ips,
-            "train_images_per_s": train_ips, "valid_f1": summary["best_valid_f1"],
-            "valid_images_per_s": float(np.median([float(r["valid_images_per_s"]) for r in history])), **metrics}
+    history = [row for path in sorted(run_dir.glob("**/metrics.csv")) for row in csv_rows(path)]
+    if folds > 1:
+        oof = pd.read_csv(run_dir / "oof_probs.csv")
+        valid_f1 = score(oof["label"], oof["pred"])["f1"]
+    else:
+        valid_f1 = json.loads((run_dir / "summary.json").read_text())["best_valid_f1"]
+    return {"recipe": recipe, "tta": tta, "epochs": f"{folds} x {epochs}" if folds > 1 else epochs,
+            "train_minutes": sum(float(r["train_seconds"]) for r in history) / 60, "model_images_per_s": model_ips,
+            "train_images_per_s": float(np.median([float(r["train_images_per_s"]) for r in history])),
+            "valid_f1": valid_f1, "valid_images_per_s": float(np.median([float(r["valid_images_per_s"]) for r in history])),
+            **metrics}
 
 
 def csv_rows(path):
@@ -200,6 +208,9 @@ def write_report(args, loader, results, counts_match, faces):
                          f"{r['accuracy']:.4f} | {r['mask_f1']:.4f} | {r['gender_f1']:.4f} | {r['age_f1']:.4f} | "
                          f"{r['valid_f1']:.4f} | {r['train_images_per_s']:.1f} | {r['model_images_per_s']:.1f} | "
                          f"{r['valid_images_per_s']:.1f} |")
+        lines += ["\ntrain min: training time (validation passes not included); valid F1: best epoch on the "
+                  "validation fold, or out of fold for a k-fold recipe (epochs 'folds x epochs'), whose eval "
+                  "prediction is the mean of its fold models."]
     text = "\n".join(lines) + "\n"
     print(text)
     with open(ROOT / "BENCHMARKS.md", "a") as f:
