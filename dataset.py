@@ -352,25 +352,20 @@ def crop_boxes(paths, cfg):
     if not cfg["face_crop"]:
         return [center_box(cfg["center_crop"])] * len(paths), {}
     aspect = cfg["resize"][1] / cfg["resize"][0]
-    faces, boxes, counts = {}, [], {}
-    for path in paths:
-        folder = dataset_folder(path)
-        if folder not in faces:
-            faces[folder] = read_faces(folder)
+    folders = [dataset_folder(p) for p in paths]
+    faces = {folder: read_faces(folder) for folder in dict.fromkeys(folders)}
+    boxes = []
+    for path, folder in zip(paths, folders):
         face = faces[folder].get(str(Path(path).resolve()))
         if face is None:
             raise DataError(f"{folder / FACES_CSV}: no row for {path}; run python detect_faces.py --face_dirs {folder} again")
         boxes.append(face_box(face, cfg["face_margin"], aspect) if face.found else None)
-        total, missed = counts.get(folder, (0, 0))
-        counts[folder] = (total + 1, missed + (not face.found))
-    typical = {}
-    for path, box in zip(paths, boxes):
-        typical.setdefault(dataset_folder(path), []).append(box)
-    for folder, found in typical.items():
-        found = [b for b in found if b is not None]
+    counts, typical = {}, {}
+    for folder in faces:
+        found = [b for f, b in zip(folders, boxes) if f == folder and b is not None]
+        counts[folder] = (folders.count(folder), folders.count(folder) - len(found))
         typical[folder] = tuple(np.median(found, axis=0)) if found else FULL_IMAGE
-    boxes = [box or typical[dataset_folder(path)] for path, box in zip(paths, boxes)]
-    return boxes, counts
+    return [box or typical[folder] for box, folder in zip(boxes, folders)], counts
 
 
 def log_face_counts(counts):
