@@ -330,15 +330,17 @@ def read_faces(folder):
 
 def face_box(face, margin, aspect):
     """The crop around a detected face: its box grown by margin (a fraction of its size) on each
-    side, then widened or heightened to the model's aspect ratio (w / h) around the same
-    centre, moved inside the image where it fits. Fractions of the image size."""
+    side, widened or heightened to the model's aspect ratio (w / h) around the same centre,
+    shrunk (aspect kept) where it is larger than the image, and moved inside the image, so a
+    crop never adds borders. Fractions of the image size (left, top, right, bottom)."""
     cx, cy = (face.x1 + face.x2) / 2, (face.y1 + face.y2) / 2
     w, h = (face.x2 - face.x1) * (1 + 2 * margin), (face.y2 - face.y1) * (1 + 2 * margin)
     w, h = max(w, h * aspect), max(h, w / aspect)
+    fit = min(1.0, face.width / w, face.height / h)
+    w, h = w * fit, h * fit
 
     def place(center, length, limit):
-        start = center - length / 2
-        start = min(max(start, 0.0), limit - length) if length <= limit else (limit - length) / 2
+        start = min(max(center - length / 2, 0.0), limit - length)
         return start / limit, (start + length) / limit
 
     (left, right), (top, bottom) = place(cx, w, face.width), place(cy, h, face.height)

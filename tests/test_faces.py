@@ -52,11 +52,12 @@ def test_face_box_adds_the_margin_and_keeps_the_model_aspect_ratio():
     assert np.isclose((left + right) / 2 * 80, 40) and np.isclose((top + bottom) / 2 * 100, 35)
 
 
-def test_face_box_moves_inside_the_image_and_centres_when_too_big():
+def test_face_box_moves_inside_the_image_and_shrinks_to_fit_it():
     left, top, right, bottom = D.face_box(face(x1=0.0, y1=0.0, x2=20.0, y2=20.0), margin=0.5, aspect=1.0)
     assert (left, top) == (0.0, 0.0) and np.isclose(right * 80, 40) and np.isclose(bottom * 100, 40)
-    left, _, right, _ = D.face_box(face(x1=0.0, x2=80.0), margin=0.5, aspect=1.0)  # 160 wide in an 80 wide image
-    assert np.isclose(left, -0.5) and np.isclose(right, 1.5)
+    left, top, right, bottom = D.face_box(face(x1=0.0, x2=80.0), margin=0.5, aspect=1.0)  # 160 x 160 asked
+    assert (left, right) == (0.0, 1.0) and np.isclose((bottom - top) * 100, 80)  # 80 x 80: the aspect kept
+    assert top == 0.0 and np.isclose(bottom, 0.8)  # centred on the face (y 35) it would start at -5: moved in
 
 
 def test_decode_cuts_the_face_box(tmp_path):
