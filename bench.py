@@ -124,6 +124,9 @@ def recipe_config(recipe):
         key, value = item.split("=", 1)
         if key not in spec:
             raise SystemExit(f"error: recipe {recipe}: unknown key {key}")
+        if isinstance(spec[key]["default"], str):  # fold=0 stays the string "0"
+            cfg[key] = value
+            continue
         try:
             cfg[key] = json.loads(value)
         except json.JSONDecodeError:
