@@ -110,10 +110,19 @@ def detect_folder(folder, detector, batch_size=32, num_workers=0):
     return pd.DataFrame(rows, columns=FACE_COLUMNS)
 
 
+def default_folders(data_dir):
+    """The train folder of data_dir and, when there is one, the eval folder beside it."""
+    train = train_root(data_dir)
+    if (train.parent / "eval").is_dir():
+        return [train, train.parent / "eval"]
+    log.info("no eval folder beside %s: detecting the training images only", train)
+    return [train]
+
+
 def main(argv=None):
     cfg = parse_config("detect", argv, description=__doc__)
     setup_logging()
-    folders = cfg["face_dirs"] or [train_root(cfg["data_dir"]), train_root(cfg["data_dir"]).parent / "eval"]
+    folders = cfg["face_dirs"] or default_folders(cfg["data_dir"])
     detector = FaceDetector(resolve_device(cfg["device"]))
     try:
         for folder in folders:

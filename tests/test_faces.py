@@ -1,5 +1,6 @@
 """Face crop (detect_faces.py, dataset crop boxes and their fallback) and the synthetic-mask
 external-data writer (mask_faces.py)."""
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +261,10 @@ def test_mask_faces_refuses_to_write_over_a_dataset(tmp_path):
     (tmp_path / "out" / "train" / "train.csv").write_text("id,gender,race,age,path\n")
     with pytest.raises(SystemExit, match="already holds a dataset"):
         mask_faces.main(["--faces_dir", str(tmp_path), "--masked_out", str(tmp_path / "out")])
+
+
+def test_detect_faces_defaults_to_the_train_and_eval_folders(tmp_path):
+    make_sample_dataset(tmp_path / "d", n_train_people=1, n_eval_people=1, size=(24, 32), seed=2)
+    assert detect_faces.default_folders(tmp_path / "d" / "train" / "images") == [tmp_path / "d" / "train", tmp_path / "d" / "eval"]
+    shutil.rmtree(tmp_path / "d" / "eval")
+    assert detect_faces.default_folders(tmp_path / "d" / "train") == [tmp_path / "d" / "train"]
