@@ -202,7 +202,9 @@ def write_report(args, loader, results, counts_match, faces):
                   "| speed-up |", "| --- | --- | --- | --- |"]
         lines += [f"| {preset} augmentation | {r['uncached']:.0f} | {r['cached']:.0f} | {r['speedup']:.1f}x |"
                   for preset, r in loader.items()]
-        lines += [f"\nThe cache was built once in {next(iter(loader.values()))['cache_build_s']:.0f} s.\n"]
+        build_s = next(iter(loader.values()))["cache_build_s"]
+        lines += [f"\nThe cache was built once in {build_s:.0f} s.\n" if build_s >= 1 else
+                  "\nThe cache was already there (built by an earlier bench).\n"]
     if results:
         lines += ["| recipe | epochs | train min | macro F1 | accuracy | mask F1 | gender F1 | age F1 | valid F1 | "
                   "train img/s | model-only img/s | inference img/s |", "| --- " * 12 + "|"]
