@@ -99,18 +99,22 @@ def face_frame(landmarks):
     return eyes, across, down, np.linalg.norm(right_eye - left_eye), np.dot(mouth - eyes, down)
 
 
-def mask_outline(landmarks, style, top, rng):
-    """The mask's outline (points in image coordinates), drawn in face units: x in eye
-    distances across, y in eye-to-mouth distances down from the eyes. top is the upper edge
-    (about 0.3: over the nose bridge; 0.8: under the nose; 1.2: on the chin)."""
-    origin, across, down, eye_dist, eye_mouth = face_frame(landmarks)
+def face_point(frame, x, y):
+    """Image coordinates of a point given in face units: x eye distances across, y eye-to-mouth
+    distances down from between the eyes."""
+    origin, across, down, eye_dist, eye_mouth = frame
+    return tuple(float(v) for v in origin + x * eye_dist * across + y * eye_mouth * down)
+
+
+def mask_outline(frame, style, top, rng):
+    """The mask's outline in image coordinates, from the upper edge `top` (face units: about 0.3
+    over the nose bridge; 0.8 under the nose; 1.2 on the chin) to below the chin."""
     bottom = max(2.05 if style == "patterned" else 1.75, top + 0.8)
     wide = 1.25 if style == "kf94" else 1.1
     right = [(x, top + f * (bottom - top)) for x, f in zip((1.0, wide, 0.95 * wide, 0.6, 0.0), (0, 0.3, 0.6, 0.85, 1))]
     points = [(0.0, top - 0.08)] + right + [(-x, y) for x, y in reversed(right[:-1])]
     jitter = rng.normal(0, 0.015, size=(len(points), 2))
-    return [tuple(origin + (x + jx) * eye_dist * across + (y + jy) * eye_mouth * down)
-            for (x, y), (jx, jy) in zip(points, jitter)]
+    return [face_point(frame, x + jx, y + jy) for (x, y), (jx, jy) in zip(points, jitter)]
 
 
 STYLE_COLOURS = {
@@ -125,17 +129,18 @@ STYLE_COLOURS = {
 def draw_mask(image, landmarks, style, top, rng):
     """Draw one mask of a style on a copy of image: a shaded filled outline with the style's
     pleats, seam, fold or pattern, ear loops and a soft edge."""
-    origin, across, down, eye_dist, eye_mouth = face_frame(landmarks)
+    frame = face_frame(landmarks)
+    origin, across, _, eye_dist, _ = frame
     colours = STYLE_COLOURS[style]
     colour = np.array(colours[rng.integers(len(colours))]) * rng.uniform(0.9, 1.05)
-    outline = mask_outline(landmarks, style, top, rng)
+    outline = mask_outline(frame, style, top, rng)
     layer = Image.new("RGB", image.size, tuple(int(c) for c in np.clip(colour, 0, 255)))
     draw = ImageDraw.Draw(layer)
     line_colour = tuple(int(c) for c in np.clip(colour * 0.78, 0, 255))
     width = max(1, round(eye_dist / 30))
 
     def at(x, y):
-        return tuple(origin + x * eye_dist * across + y * eye_mouth * down)
+        return face_point(frame, x, y)
 
     if style.startswith("surgical"):  # three horizontal pleats
         for y in np.linspace(top, 1.75, 5)[1:4]:
