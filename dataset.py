@@ -349,7 +349,8 @@ def face_box(face, margin, aspect):
 
 def crop_boxes(paths, cfg):
     """Per image, the box decode_image cuts: with face_crop, the detected face with face_margin
-    (images without a detected face get their folder's median face box, and are counted);
+    (images without a detected face get the median face box of their folder's faces.csv, so
+    training, validation, inference and report agree, and are counted);
     otherwise the center_crop fraction. Returns (boxes, {folder: (images, without a face)})."""
     if not cfg["face_crop"]:
         return [center_box(cfg["center_crop"])] * len(paths), {}
@@ -363,10 +364,11 @@ def crop_boxes(paths, cfg):
             raise DataError(f"{folder / FACES_CSV}: no row for {path}; run python detect_faces.py --face_dirs {folder} again")
         boxes.append(face_box(face, cfg["face_margin"], aspect) if face.found else None)
     counts, typical = {}, {}
-    for folder in faces:
-        found = [b for f, b in zip(folders, boxes) if f == folder and b is not None]
-        counts[folder] = (folders.count(folder), folders.count(folder) - len(found))
+    for folder, rows in faces.items():  # the median over the whole folder: the same for any subset of it
+        found = [face_box(face, cfg["face_margin"], aspect) for face in rows.values() if face.found]
         typical[folder] = tuple(np.median(found, axis=0)) if found else FULL_IMAGE
+        missed = sum(box is None for box, f in zip(boxes, folders) if f == folder)
+        counts[folder] = (folders.count(folder), missed)
     return [box or typical[folder] for box, folder in zip(boxes, folders)], counts
 
 

@@ -101,6 +101,9 @@ def test_images_without_a_face_get_the_median_face_box_and_are_counted(data, tmp
         image = Path(path).relative_to(data / "train").as_posix()
         assert np.allclose(box, expected.get(image, median))
     assert len(expected) == len(paths) - 18 and len({tuple(b) for b in expected.values()}) == 3
+    normals = [p for p, file in zip(paths, images["file"]) if file == "normal"]
+    subset_boxes, _ = D.crop_boxes(normals, crop_cfg(data, tmp_path, resize=[40, 32]))
+    assert np.allclose(subset_boxes, [median] * len(normals))  # a subset (validation, report) gets the same box
     with caplog.at_level("INFO", logger="mask"):
         D.log_face_counts(counts)
     assert f"a face in {len(paths) - 18} of {len(paths)} images; 18 without one" in caplog.text
