@@ -380,20 +380,24 @@ def log_face_counts(counts):
 
 # ---------------------------------------------------------------------------------------------
 # Decoding and the decoded-image cache
-def decode_image(path, size, box=FULL_IMAGE):
-    """Read an image as RGB, cut the box (left, top, right, bottom as fractions of its width and
-    height; parts outside the image come out black), resize to size (h, w); returns a uint8
-    array (h, w, 3). Raises DataError naming the file if it cannot be read."""
+def read_rgb(path):
+    """An image file as an RGB Pillow image, or a DataError naming the file."""
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
-            if tuple(box) != FULL_IMAGE:
-                w, h = img.size
-                img = img.crop((round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)))
-            img = img.resize((size[1], size[0]), Image.BILINEAR)
-            return np.array(img, dtype=np.uint8)
+            return img.convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: unreadable or truncated image ({e})")
+
+
+def decode_image(path, size, box=FULL_IMAGE):
+    """Read an image as RGB, cut the box (left, top, right, bottom as fractions of its width and
+    height), resize to size (h, w); returns a uint8 array (h, w, 3). Raises DataError naming the
+    file if it cannot be read."""
+    img = read_rgb(path)
+    if tuple(box) != FULL_IMAGE:
+        w, h = img.size
+        img = img.crop((round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)))
+    return np.array(img.resize((size[1], size[0]), Image.BILINEAR), dtype=np.uint8)
 
 
 class _DecodeAll(Dataset):

@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from config import parse_config
-from dataset import GENDERS, IMAGE_EXTENSIONS, DataError, read_csv
+from dataset import GENDERS, IMAGE_EXTENSIONS, DataError, read_csv, read_rgb
 from detect_faces import FaceDetector
 from train import resolve_device, setup_logging, write_csv_atomic
 
@@ -193,8 +193,7 @@ def write_people(table, faces_dir, out_dir, detector, frame, face_width, seed):
     (train_dir / "images").mkdir(parents=True, exist_ok=True)
     people, skipped = [], []
     for k, rec in enumerate(table.itertuples(index=False), start=1):
-        with Image.open(Path(faces_dir) / rec.file) as img:
-            photo = img.convert("RGB")
+        photo = read_rgb(Path(faces_dir) / rec.file)
         face = detector([np.asarray(photo)])[0]
         if face is None:
             skipped.append((rec.file, "no face found"))

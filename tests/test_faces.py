@@ -271,3 +271,12 @@ def test_detect_faces_defaults_to_the_train_and_eval_folders(tmp_path):
     assert detect_faces.default_folders(tmp_path / "d" / "train" / "images") == [tmp_path / "d" / "train", tmp_path / "d" / "eval"]
     shutil.rmtree(tmp_path / "d" / "eval")
     assert detect_faces.default_folders(tmp_path / "d" / "train") == [tmp_path / "d" / "train"]
+
+
+def test_mask_faces_names_an_unreadable_photo(tmp_path):
+    faces = tmp_path / "utk"
+    faces.mkdir()
+    (faces / "40_1_2_x.jpg").write_bytes(b"not a jpeg")
+    table, _ = mask_faces.read_labels(faces)
+    with pytest.raises(D.DataError, match=r"40_1_2_x.jpg: unreadable"):
+        mask_faces.write_people(table, faces, tmp_path / "out", LandmarkDetector(), frame=(80, 60), face_width=0.86, seed=0)
