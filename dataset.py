@@ -480,17 +480,28 @@ class FaceDataset(Dataset):
     def __len__(self):
         return len(self.paths)
 
+    def cache_array(self):
+        if self._array is None:
+            self._array = np.load(self.cache_file, mmap_mode="r")
+        return self._array
+
     def image(self, i):
         """uint8 array, channels first (3 x H x W)."""
         if self.cache_file is None:
             return np.ascontiguousarray(decode_image(self.paths[i], self.size, self.boxes[i]).transpose(2, 0, 1))
-        if self._array is None:
-            self._array = np.load(self.cache_file, mmap_mode="r")
-        return np.array(self._array[self.rows[i]])
+        return np.array(self.cache_array()[self.rows[i]])
 
     def __getitem__(self, i):
         img = torch.from_numpy(self.image(i))
         return self.transform(img), int(self.labels[i]), self.ages[i], i
+
+    def __getitems__(self, indices):
+        """A batch of items (the DataLoader calls this instead of __getitem__ per index). From
+        the cache, the whole batch is one read of the array instead of one per image."""
+        if self.cache_file is None:
+            return [self[i] for i in indices]
+        images = torch.from_numpy(self.cache_array()[[self.rows[i] for i in indices]])
+        return [(self.transform(img), int(self.labels[i]), self.ages[i], i) for img, i in zip(images, indices)]
 
 
 def open_cache(paths, cfg):

@@ -592,6 +592,12 @@ def test_face_dataset_same_with_and_without_cache(tiny, tmp_path):
             assert torch.equal(xc, xd) and (yc, ac, ic) == (yd, ad, id_)
             assert yc == table["label"][i] and ac == table["age"][i] and ic == i
             assert xc.shape == (3, *RESIZE) and xc.dtype == torch.uint8  # workers hand over uint8
+        order = [4, 0, 2, 2, 1]  # a shuffled batch (one read of the cache array) = item by item
+        for (xb, yb, ab, ib), (xd, yd, ad, id_) in zip(cached.__getitems__(order), [direct[i] for i in order]):
+            assert torch.equal(xb, xd) and (yb, ab, ib) == (yd, ad, id_)
+        batch = next(iter(torch.utils.data.DataLoader(cached, batch_size=len(table))))
+        assert torch.equal(batch[0], torch.stack([direct[i][0] for i in range(len(table))]))
+        assert batch[2].dtype == torch.float32
 
 
 def test_center_crop_keeps_the_middle(tmp_path):
