@@ -1,6 +1,6 @@
 """make bench: quality and speed on maskbench (real faces, synthetic masks, competition layout).
 
-    python bench.py --maskbench ../shared/maskbench                       # baseline and best, 30 min each
+    python bench.py --maskbench ../shared/maskbench                       # best, then baseline in the same time
     python bench.py --recipes best best+head=single best+pretrained=false --budget_minutes 5   # an ablation
     python bench.py --skip_training --size 384x512                        # loader throughput only
 
@@ -173,9 +173,10 @@ def run_recipe(recipe, args, data, out, device):
         table = load_training_images(cfg)
         n_train = round(len(table) * (1 - cfg["val_ratio"]))  # per fold
         pipeline_ips = pipeline_throughput(cfg, table, device)
-        epochs = max(1, math.floor(args.budget_minutes * 60 * pipeline_ips / (n_train * folds)))
+        budget = args.budget_minutes or 30  # 30 minutes when the first recipe has no epochs of its own
+        epochs = max(1, math.floor(budget * 60 * pipeline_ips / (n_train * folds)))
         print(f"{recipe}: training pipeline {pipeline_ips:.1f} images/s -> {epochs} epoch(s) of {n_train} images "
-              f"x {folds} fold(s) in {args.budget_minutes:g} min")
+              f"x {folds} fold(s) in {budget:.1f} min")
     run_dir = out / recipe.replace("=", "-").replace("+", "__")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     config_file = out / f"{run_dir.name}.json"
@@ -257,8 +258,11 @@ def main(argv=None):
     parser.add_argument("--maskbench", type=Path, default=ROOT.parent / "shared" / "maskbench", help="maskbench folder (build.py, faces/, score.py)")
     parser.add_argument("--size", default="192x256", help="maskbench image size WxH to build")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out", help="where data, caches and runs go")
-    parser.add_argument("--recipes", nargs="*", default=["baseline", "best"], help="configs/<name>.json[+key=value...]")
-    parser.add_argument("--budget_minutes", type=float, default=30, help="training time per recipe")
+    parser.add_argument("--recipes", nargs="*", default=["best", "baseline"], help="configs/<name>.json[+key=value...]")
+    parser.add_argument("--budget_minutes", type=float, default=0,
+                        help="training time of a recipe that does not fix its epochs; 0: the measured training time "
+                             "of the first recipe (30 if it has no epochs of its own), so the default baseline gets "
+                             "the time the recommended recipe took")
     parser.add_argument("--epochs", type=int, default=0, help="fixed epochs instead of the time budget")
     parser.add_argument("--tta", default="flip", help="test-time augmentation unless the recipe sets one")
     parser.add_argument("--limit", type=int, default=0, help="build maskbench from this many people only (quick loader measurements)")
@@ -284,6 +288,7 @@ def main(argv=None):
             device = resolve_device("auto")
             for recipe in args.recipes:
                 results.append(run_recipe(recipe, args, data, args.out / "runs", device))
+                args.budget_minutes = args.budget_minutes or results[0]["train_minutes"]
     finally:
         write_report(args, loader, results, counts_match, detection_rates(data))
 
