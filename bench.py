@@ -180,11 +180,12 @@ def run_recipe(recipe, args, data, out, device):
     run_dir = out / recipe.replace("=", "-").replace("+", "__")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     config_file = out / f"{run_dir.name}.json"
-    config_file.write_text(json.dumps({**train_overrides, "epochs": epochs}, indent=2))
+    recipe_cfg = {**train_overrides, "epochs": epochs}
+    config_file.write_text(json.dumps(recipe_cfg, indent=2))
     common = ["--cache_dir", str(args.cache_dir), "--num_workers", str(args.num_workers)]
     finished = run_dir / ("oof_probs.csv" if folds > 1 else "summary.json")
-    done = finished.is_file() and json.loads((run_dir / "config.json").read_text())["epochs"] == epochs
-    if not done:  # a finished run of the same recipe and epochs is reused, so an interrupted bench resumes
+    done = finished.is_file() and recipe_cfg.items() <= json.loads((run_dir / "config.json").read_text()).items()
+    if not done:  # a finished run of the same recipe settings is reused, so an interrupted bench resumes
         subprocess.run([sys.executable, "train.py", "--config", str(config_file), "--data_dir", str(data / "train"),
                         "--output_dir", str(run_dir), "--overwrite", *common], check=True, cwd=ROOT)
     if not (done and (run_dir / "submission.csv").is_file()):
