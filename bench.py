@@ -4,6 +4,9 @@
     python bench.py --recipes best best+head=single best+pretrained=false --budget_minutes 5   # an ablation
     python bench.py --skip_training --size 384x512                        # loader throughput only
 
+On a CUDA GPU it builds maskbench at full size (384x512) and feeds the recipes 192x256 inputs
+(--cuda_input); on the CPU 192x256 images and the recipes' own 128x96 inputs.
+
 Steps: build maskbench (once per size) -> decode loader throughput with and without the cache ->
 for each recipe: model-only training throughput, epochs that fit the time budget, train.py,
 inference.py, maskbench's score.py -> a table appended to BENCHMARKS.md with the machine and the
@@ -164,6 +167,9 @@ def run_recipe(recipe, args, data, out, device):
     predicts with the mean of the folds and reports the out-of-fold validation F1."""
     train_overrides = recipe_config(recipe)
     tta = train_overrides.pop("tta", args.tta)  # an inference key: the recipe's TTA
+    if device.type == "cuda" and "+resize=" not in recipe:  # the recipes' inputs are sized for a CPU
+        width, height = (int(v) for v in args.cuda_input.split("x"))
+        train_overrides["resize"] = [height, width]
     cfg = {**default_config("train"), **train_overrides, "data_dir": str(data / "train"),
            "cache_dir": str(args.cache_dir), "num_workers": args.num_workers}
     model_ips = model_throughput(cfg, device)
@@ -202,6 +208,7 @@ def run_recipe(recipe, args, data, out, device):
     else:
         valid_f1 = json.loads((run_dir / "summary.json").read_text())["best_valid_f1"]
     return {"recipe": recipe, "tta": tta, "epochs": f"{folds} x {epochs}" if folds > 1 else epochs,
+            "input": "x".join(str(v) for v in cfg["resize"][::-1]),
             "train_minutes": sum(float(r["train_seconds"]) for r in history) / 60, "model_images_per_s": model_ips,
             "train_images_per_s": float(np.median([float(r["train_images_per_s"]) for r in history])),
             "valid_f1": valid_f1, "valid_images_per_s": float(np.median([float(r["valid_images_per_s"]) for r in history])),
@@ -238,10 +245,10 @@ def write_report(args, loader, results, counts_match, faces):
         lines += [f"\nThe cache was built once in {build_s:.0f} s.\n" if build_s >= 1 else
                   "\nThe cache was already there (built by an earlier bench).\n"]
     if results:
-        lines += ["| recipe | epochs | train min | macro F1 | accuracy | mask F1 | gender F1 | age F1 | valid F1 | "
-                  "train img/s | model-only img/s | inference img/s |", "| --- " * 12 + "|"]
+        lines += ["| recipe | input WxH | epochs | train min | macro F1 | accuracy | mask F1 | gender F1 | age F1 | "
+                  "valid F1 | train img/s | model-only img/s | inference img/s |", "| --- " * 13 + "|"]
         for r in results:
-            lines.append(f"| {r['recipe']} | {r['epochs']} | {r['train_minutes']:.1f} | {r['macro_f1']:.4f} | "
+            lines.append(f"| {r['recipe']} | {r['input']} | {r['epochs']} | {r['train_minutes']:.1f} | {r['macro_f1']:.4f} | "
                          f"{r['accuracy']:.4f} | {r['mask_f1']:.4f} | {r['gender_f1']:.4f} | {r['age_f1']:.4f} | "
                          f"{r['valid_f1']:.4f} | {r['train_images_per_s']:.1f} | {r['model_images_per_s']:.1f} | "
                          f"{r['valid_images_per_s']:.1f} |")
@@ -257,7 +264,10 @@ def write_report(args, loader, results, counts_match, faces):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--maskbench", type=Path, default=ROOT.parent / "shared" / "maskbench", help="maskbench folder (build.py, faces/, score.py)")
-    parser.add_argument("--size", default="192x256", help="maskbench image size WxH to build")
+    parser.add_argument("--size", default="", help="maskbench image size WxH to build; default 384x512 (full size) "
+                                                   "on a CUDA GPU, 192x256 on the CPU")
+    parser.add_argument("--cuda_input", default="192x256",
+                        help="on a CUDA GPU: the model input WxH of every recipe that does not set +resize= itself")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out", help="where data, caches and runs go")
     parser.add_argument("--recipes", nargs="*", default=["best", "baseline"], help="configs/<name>.json[+key=value...]")
     parser.add_argument("--budget_minutes", type=float, default=0,
@@ -271,6 +281,7 @@ def main(argv=None):
     parser.add_argument("--skip_loader", action="store_true", help="do not measure the loader")
     parser.add_argument("--skip_training", action="store_true", help="only build and measure the loader")
     args = parser.parse_args(argv)
+    args.size = args.size or ("384x512" if torch.cuda.is_available() else "192x256")
     args.out.mkdir(parents=True, exist_ok=True)
     args.cache_dir = args.out / "cache"
     data = args.out / "data" / (args.size + (f"_limit{args.limit}" if args.limit else ""))
