@@ -74,7 +74,8 @@ def check_counts(table, data):
 
 
 def loader_throughput(cfg, table, max_images=2000):
-    """Images/s of the training loader (batch 32, cfg's workers) decoding every epoch vs reading
+    """Images/s of the training loader (batch 32; cfg's workers decoding, the main process reading
+    the cache, as train.py loads) decoding every epoch vs reading
     the decode cache (built first; its build time is reported apart), for the plain and the
     light augmentation preset, counted from the first batch on; the wait for the first batch
     (worker start-up) is reported apart, as it is paid once per epoch, not per image.
@@ -89,7 +90,7 @@ def loader_throughput(cfg, table, max_images=2000):
         row = {"cache_build_s": build_s}
         for name, cache_dir in (("uncached", ""), ("cached", cfg["cache_dir"])):
             dataset = make_dataset(table, {**cfg, "cache_dir": cache_dir}, transform)
-            loader = DataLoader(dataset, batch_size=32, shuffle=True, num_workers=cfg["num_workers"])
+            loader = DataLoader(dataset, batch_size=32, shuffle=True, num_workers=dataset.loader_workers(cfg["num_workers"]))
             start, seen = time.time(), 0
             for images, *_ in loader:  # timed from the first batch: worker start-up is reported apart
                 if seen == 0:
@@ -237,7 +238,8 @@ def write_report(args, loader, results, counts_match, faces):
         lines += [f"- faces found by detect_faces.py (MTCNN, two passes): {faces}"]
     lines[-1] += "\n"
     if loader:
-        lines += [f"| loader, batch 32, {args.num_workers} workers | decoding every epoch (images/s) | decode cache (images/s) "
+        lines += [f"| loader, batch 32 ({args.num_workers} workers decoding, the main process reading the cache) "
+                  "| decoding every epoch (images/s) | decode cache (images/s) "
                   "| speed-up | first batch after (s), decoding / cache |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {preset} augmentation | {r['uncached']:.0f} | {r['cached']:.0f} | {r['speedup']:.1f}x | "
                   f"{r['uncached_startup_s']:.2f} / {r['cached_startup_s']:.2f} |" for preset, r in loader.items()]

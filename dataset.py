@@ -480,6 +480,13 @@ class FaceDataset(Dataset):
     def __len__(self):
         return len(self.paths)
 
+    def loader_workers(self, num_workers):
+        """Worker processes worth starting for this dataset: num_workers when it decodes images,
+        none when it reads the cache. A cached batch is one array read plus cheap flips, faster in
+        the main process (13,000 images/s here) than through 2 workers (2,700 images/s), which
+        pay for start-up, shared memory and pickling and take CPU cores from the model."""
+        return 0 if self.cache_file is not None else num_workers
+
     def cache_array(self):
         if self._array is None:
             self._array = np.load(self.cache_file, mmap_mode="r")

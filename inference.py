@@ -67,8 +67,9 @@ def predict_eval(checkpoints, cfg, device):
             data_cfg = {**train_cfg, "cache_dir": cfg["cache_dir"], "num_workers": cfg["num_workers"],
                         "skip_bad_images": False}
             transform, batch_transform = build_transform("plain", train_cfg["resize"], train_cfg["mean"], train_cfg["std"])
-            loader = DataLoader(make_dataset(images, data_cfg, transform), batch_size=cfg["valid_batch_size"],
-                                num_workers=cfg["num_workers"])
+            dataset = make_dataset(images, data_cfg, transform)
+            loader = DataLoader(dataset, batch_size=cfg["valid_batch_size"],
+                                num_workers=dataset.loader_workers(cfg["num_workers"]))
             inputs[key] = images, loader, batch_transform
         images, loader, batch_transform = inputs[key]
         if len({k[0] for k in inputs}) > 1:

@@ -203,7 +203,7 @@ def make_loader(dataset, cfg, epoch, device):
     sampler = (WeightedRandomSampler(class_balanced_weights(dataset.labels), len(dataset), generator=generator)
                if cfg["balanced_sampler"] else None)
     return DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=sampler is None, sampler=sampler,
-                      generator=generator, num_workers=cfg["num_workers"], pin_memory=device.type == "cuda",
+                      generator=generator, num_workers=dataset.loader_workers(cfg["num_workers"]), pin_memory=device.type == "cuda",
                       drop_last=len(dataset) > cfg["batch_size"])
 
 
@@ -308,7 +308,8 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
         log.info("resuming %s after epoch %d (best macro F1 %s at epoch %d)", out_dir, state["epoch"],
                  state["best_f1"], state["best_epoch"])
     writer = tensorboard_writer(out_dir)
-    valid_loader = (DataLoader(valid_set, batch_size=cfg["valid_batch_size"], num_workers=cfg["num_workers"],
+    valid_loader = (DataLoader(valid_set, batch_size=cfg["valid_batch_size"],
+                               num_workers=valid_set.loader_workers(cfg["num_workers"]),
                                pin_memory=device.type == "cuda") if valid_set is not None else None)
 
     for epoch in range(state["epoch"], cfg["epochs"]):

@@ -586,6 +586,7 @@ def test_face_dataset_same_with_and_without_cache(tiny, tmp_path):
         cached = D.make_dataset(table, make_cfg(tiny / "train", tmp_path, center_crop=crop), transform)
         direct = D.make_dataset(table, make_cfg(tiny / "train", tmp_path, center_crop=crop, cache_dir=""), transform)
         assert cached.cache_file is not None and direct.cache_file is None
+        assert (cached.loader_workers(2), direct.loader_workers(2)) == (0, 2)  # workers only to decode
         assert len(cached) == len(direct) == len(table)
         for i in range(len(table)):
             (xc, yc, ac, ic), (xd, yd, ad, id_) = cached[i], direct[i]
