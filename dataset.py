@@ -483,8 +483,8 @@ class FaceDataset(Dataset):
     def loader_workers(self, num_workers):
         """Worker processes worth starting for this dataset: num_workers when it decodes images,
         none when it reads the cache. A cached batch is one array read plus cheap flips, faster in
-        the main process (13,000 images/s here) than through 2 workers (2,700 images/s), which
-        pay for start-up, shared memory and pickling and take CPU cores from the model."""
+        the main process (about 6,000 images/s at 384x512 in make bench) than through 2 workers
+        (about 1,950), which pay for start-up, shared memory and pickling and take cores from the model."""
         return 0 if self.cache_file is not None else num_workers
 
     def cache_array(self):
