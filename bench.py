@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ from config import default_config, load_spec
 from dataset import build_transform, load_training_images, make_dataset, num_folds, open_cache
 from loss import Criterion
 from model import create_model
-from train import autocast_for, build_optimizer, build_scheduler, make_loader, resolve_device, score, train_one_epoch
+from train import build_optimizer, fit, resolve_device, score
 
 ROOT = Path(__file__).resolve().parent
 
@@ -94,9 +95,9 @@ def loader_throughput(cfg, table, max_images=2000):
             start, seen = time.time(), 0
             for images, *_ in loader:  # timed from the first batch: worker start-up is reported apart
                 if seen == 0:
-                    first, row[f"{name}_startup_s"] = time.time(), time.time() - start
+                    first, first_size, row[f"{name}_startup_s"] = time.time(), images.size(0), time.time() - start
                 seen += images.size(0)
-            row[name] = (seen - 32) / (time.time() - first)
+            row[name] = (seen - first_size) / (time.time() - first)
         row["speedup"] = row["cached"] / row["uncached"]
         result[preset] = row
     return result
@@ -124,23 +125,14 @@ def model_throughput(cfg, device, steps=6):
     return steps * cfg["batch_size"] / (time.time() - start)
 
 
-def pipeline_throughput(cfg, table, device, batches=20):
-    """Training images/s of the whole pipeline (loader, batch transform, model step) on the first
-    batches of the real data, after one warm-up pass: what sets a recipe's epochs for its budget.
-    The cache it opens is the one train.py then reuses (same images, size and crop)."""
+def pipeline_throughput(cfg, table, device, out_dir, batches=20):
+    """Training images/s of the whole pipeline (train.fit: loader, batch transform, model step)
+    on the first batches of the real data, second of two epochs: what sets a recipe's epochs for
+    its budget. The cache it opens is the one train.py then reuses (same images, size and crop)."""
     cache = open_cache(table["image_path"].tolist(), cfg) if cfg["cache_dir"] else None
-    transform, batch_transform = build_transform(cfg["augmentation"], cfg["resize"], cfg["mean"], cfg["std"])
-    dataset = make_dataset(table.iloc[:cfg["batch_size"] * batches], cfg, transform, cache=cache)
-    model = create_model(cfg).to(device)
-    if cfg["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    criterion, optimizer = Criterion(cfg, dataset.labels), build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer, len(make_loader(dataset, cfg, 0, device)), 2)
-    autocast, scaler = autocast_for(device, cfg["amp"])
-    for epoch in range(2):
-        stats = train_one_epoch(model, make_loader(dataset, cfg, epoch, device), batch_transform, criterion,
-                                optimizer, scheduler, scaler, device, cfg, autocast, epoch)
-    return stats["train_images_per_s"]
+    shutil.rmtree(out_dir, ignore_errors=True)  # fit would resume a finished probe instead of timing one
+    fit({**cfg, "epochs": 2}, out_dir, table.iloc[:cfg["batch_size"] * batches], None, device, cache)
+    return float(pd.read_csv(out_dir / "metrics.csv")["train_images_per_s"].iloc[-1])
 
 
 def recipe_config(recipe):
@@ -162,6 +154,10 @@ def recipe_config(recipe):
     return cfg
 
 
+def run_name(recipe):
+    return recipe.replace("=", "-").replace("+", "__")
+
+
 def run_recipe(recipe, args, data, out, device):
     """Train (unless a finished run of the same recipe and epochs is there), predict and score
     one recipe. A recipe with fold 'all' trains every fold (the budget is shared among them),
@@ -179,12 +175,12 @@ def run_recipe(recipe, args, data, out, device):
     if not epochs:  # as many as fit the budget at the measured speed of the whole training pipeline
         table = load_training_images(cfg)
         n_train = round(len(table) * (1 - cfg["val_ratio"]))  # per fold
-        pipeline_ips = pipeline_throughput(cfg, table, device)
+        pipeline_ips = pipeline_throughput(cfg, table, device, out / "probes" / run_name(recipe))
         budget = args.budget_minutes or 30  # 30 minutes when the first recipe has no epochs of its own
         epochs = max(1, math.floor(budget * 60 * pipeline_ips / (n_train * folds)))
         print(f"{recipe}: training pipeline {pipeline_ips:.1f} images/s -> {epochs} epoch(s) of {n_train} images "
               f"x {folds} fold(s) in {budget:.1f} min")
-    run_dir = out / recipe.replace("=", "-").replace("+", "__")
+    run_dir = out / run_name(recipe)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     config_file = out / f"{run_dir.name}.json"
     recipe_cfg = {**train_overrides, "epochs": epochs}
