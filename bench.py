@@ -8,9 +8,9 @@ On a CUDA GPU it builds maskbench at full size (384x512) and feeds the recipes 1
 (--cuda_input); on the CPU 192x256 images and the recipes' own 128x96 inputs.
 
 Steps: build maskbench (once per size) -> decode loader throughput with and without the cache ->
-for each recipe: model-only training throughput, epochs that fit the time budget, train.py,
-inference.py, maskbench's score.py -> a table appended to BENCHMARKS.md with the machine and the
-exact command. A recipe is configs/<name>.json, optionally with overrides: best+head=single.
+for each recipe: model-only training throughput, train.py (a recipe without fixed epochs trains
+until the time budget, stopped by max_train_minutes), inference.py, maskbench's score.py -> a
+table appended to BENCHMARKS.md with the machine and the exact command. A recipe is configs/<name>.json, optionally with overrides: best+head=single.
 """
 import argparse
 import csv
@@ -36,6 +36,9 @@ from model import create_model
 from train import build_optimizer, fit, resolve_device, score
 
 ROOT = Path(__file__).resolve().parent
+# a budgeted recipe's epochs: the probe's estimate plus this margin, as the probe has overestimated
+# a whole run's speed by ~25% (per-epoch start-up); its max_train_minutes ends it on time
+EPOCH_HEADROOM = 1.5
 
 
 def build_maskbench(maskbench, size, out, limit=0):
@@ -127,8 +130,9 @@ def model_throughput(cfg, device, steps=6):
 
 def pipeline_throughput(cfg, table, device, out_dir, batches=20):
     """Training images/s of the whole pipeline (train.fit: loader, batch transform, model step)
-    on the first batches of the real data, second of two epochs: what sets a recipe's epochs for
-    its budget. The cache it opens is the one train.py then reuses (same images, size and crop)."""
+    on the first batches of the real data, second of two epochs: what sizes a budgeted recipe's
+    epochs (and so its learning-rate schedule). The cache it opens is the one train.py then
+    reuses (same images, size and crop)."""
     cache = open_cache(table["image_path"].tolist(), cfg) if cfg["cache_dir"] else None
     shutil.rmtree(out_dir, ignore_errors=True)  # fit would resume a finished probe instead of timing one
     fit({**cfg, "epochs": 2}, out_dir, table.iloc[:cfg["batch_size"] * batches], None, device, cache)
@@ -172,14 +176,15 @@ def run_recipe(recipe, args, data, out, device):
     model_ips = model_throughput(cfg, device)
     folds = num_folds(cfg["val_ratio"]) if cfg["fold"] == "all" else 1
     epochs = train_overrides.get("epochs") or args.epochs
-    if not epochs:  # as many as fit the budget at the measured speed of the whole training pipeline
+    if not epochs:  # trained for the budget: the time limit stops it, the probe sizes its schedule
         table = load_training_images(cfg)
         n_train = round(len(table) * (1 - cfg["val_ratio"]))  # per fold
         pipeline_ips = pipeline_throughput(cfg, table, device, out / "probes" / run_name(recipe))
         budget = args.budget_minutes or 30  # 30 minutes when the first recipe has no epochs of its own
-        epochs = max(1, math.floor(budget * 60 * pipeline_ips / (n_train * folds)))
-        print(f"{recipe}: training pipeline {pipeline_ips:.1f} images/s -> {epochs} epoch(s) of {n_train} images "
-              f"x {folds} fold(s) in {budget:.1f} min")
+        epochs = max(1, math.ceil(EPOCH_HEADROOM * budget * 60 * pipeline_ips / (n_train * folds)))
+        train_overrides["max_train_minutes"] = round(budget / folds, 3)
+        print(f"{recipe}: training pipeline {pipeline_ips:.1f} images/s -> up to {epochs} epoch(s) of {n_train} "
+              f"images x {folds} fold(s), stopped at {budget:.1f} min")
     run_dir = out / run_name(recipe)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     config_file = out / f"{run_dir.name}.json"

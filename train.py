@@ -265,6 +265,16 @@ def log_confusion(labels, preds):
     log.debug("18-class confusion (rows true, columns predicted):\n%s", "\n".join(" ".join(f"{v:4d}" for v in row) for row in matrix))
 
 
+def time_limit_reached(cfg, history):
+    """True when the next epoch, as long as the mean epoch so far, would end past
+    max_train_minutes of training time (validation passes not counted); resumed runs count
+    their earlier epochs, so the limit holds across an interruption."""
+    if not cfg["max_train_minutes"] or not history:
+        return False
+    spent = sum(row["train_seconds"] for row in history)
+    return spent + spent / len(history) > cfg["max_train_minutes"] * 60
+
+
 def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
     """Train one model into out_dir (resuming from out_dir/last.pt if present) and return its
     summary. valid_table None: no validation, the last epoch is kept as best.pt. cache: the
@@ -313,6 +323,10 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
                                pin_memory=device.type == "cuda") if valid_set is not None else None)
 
     for epoch in range(state["epoch"], cfg["epochs"]):
+        if time_limit_reached(cfg, state["history"]):
+            log.info("stopping after epoch %d of %d: another epoch would pass max_train_minutes %s",
+                     epoch, cfg["epochs"], cfg["max_train_minutes"])
+            break
         seed_everything(cfg["seed"] * 1000 + epoch)  # dropout, mixing: a function of (seed, epoch)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         row.update(train_one_epoch(model, make_loader(train_set, cfg, epoch, device), train_batch_transform,

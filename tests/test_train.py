@@ -384,6 +384,21 @@ def test_scheduler_lr_after_two_epochs(data, tmp_path):
     np.testing.assert_allclose(pd.read_csv(run_dir / "metrics.csv")["lr"], [1e-3, 5e-4])
 
 
+def test_time_limit_stops_before_an_epoch_that_would_pass_it():
+    history = [{"train_seconds": 50.0}, {"train_seconds": 70.0}]  # 120 s spent, 60 s per epoch
+    assert not train.time_limit_reached({"max_train_minutes": 0}, history)
+    assert not train.time_limit_reached({"max_train_minutes": 1e-9}, [])  # the first epoch always runs
+    assert not train.time_limit_reached({"max_train_minutes": 3.0}, history)  # 180 s: exactly fits
+    assert train.time_limit_reached({"max_train_minutes": 2.9}, history)
+
+
+def test_time_limited_run_stops_early_and_keeps_a_complete_run_folder(data, tmp_path):
+    run_dir, summaries = train.main(make_cfg(data, tmp_path / "runs", epochs=3, max_train_minutes=1e-6))
+    assert summaries[0]["epochs_run"] == 1 and len(pd.read_csv(run_dir / "metrics.csv")) == 1
+    assert "another epoch would pass max_train_minutes" in (run_dir / "train.log").read_text()
+    assert (run_dir / "best.pt").is_file() and (run_dir / "summary.json").is_file()
+
+
 def test_unknown_optimizer_or_scheduler_raises():
     model = torch.nn.Linear(2, 2)
     cfg = default_config("train")
