@@ -10,7 +10,8 @@ On a CUDA GPU it builds maskbench at full size (384x512) and feeds the recipes 1
 Steps: build maskbench (once per size) -> decode loader throughput with and without the cache ->
 for each recipe: model-only training throughput, train.py (a recipe without fixed epochs trains
 until the time budget, stopped by max_train_minutes), inference.py, maskbench's score.py -> a
-table appended to BENCHMARKS.md with the machine and the exact command. A recipe is configs/<name>.json, optionally with overrides: best+head=single.
+table appended to BENCHMARKS.md with the machine and the exact command. A recipe is
+configs/<name>.json, optionally with overrides: best+head=single.
 """
 import argparse
 import csv
@@ -36,8 +37,8 @@ from model import create_model
 from train import build_optimizer, fit, resolve_device, score
 
 ROOT = Path(__file__).resolve().parent
-# a budgeted recipe's epochs: the probe's estimate plus this margin, as the probe has overestimated
-# a whole run's speed by ~25% (per-epoch start-up); its max_train_minutes ends it on time
+# a budgeted recipe's epochs: the probe's estimate plus this margin (20-batch probes have been ~25%
+# off a whole run's speed, both ways); its max_train_minutes ends it on time
 EPOCH_HEADROOM = 1.5
 
 
