@@ -204,13 +204,15 @@ def run_recipe(recipe, args, data, out, device):
                              "--submission", str(run_dir / "submission.csv"), "--json"],
                             check=True, capture_output=True, text=True)
     metrics = json.loads(scored.stdout)
-    history = [row for path in sorted(run_dir.glob("**/metrics.csv")) for row in csv_rows(path)]
+    fold_histories = [csv_rows(path) for path in sorted(run_dir.glob("**/metrics.csv"))]
+    history = [row for rows in fold_histories for row in rows]
+    epochs_run = "/".join(str(n) for n in sorted({len(rows) for rows in fold_histories}))  # a time limit can stop early
     if folds > 1:
         oof = pd.read_csv(run_dir / "oof_probs.csv")
         valid_f1 = score(oof["label"], oof["pred"])["f1"]
     else:
         valid_f1 = json.loads((run_dir / "summary.json").read_text())["best_valid_f1"]
-    return {"recipe": recipe, "tta": tta, "epochs": f"{folds} x {epochs}" if folds > 1 else epochs,
+    return {"recipe": recipe, "tta": tta, "epochs": f"{folds} x {epochs_run}" if folds > 1 else epochs_run,
             "input": "x".join(str(v) for v in cfg["resize"][::-1]),
             "train_minutes": sum(float(r["train_seconds"]) for r in history) / 60, "model_images_per_s": model_ips,
             "train_images_per_s": float(np.median([float(r["train_images_per_s"]) for r in history])),
