@@ -38,8 +38,10 @@ from train import build_optimizer, fit, resolve_device, score
 
 ROOT = Path(__file__).resolve().parent
 # a budgeted recipe's epochs: the probe's estimate plus this margin (20-batch probes have been ~25%
-# off a whole run's speed, both ways); its max_train_minutes ends it on time
+# off a whole run's speed, both ways); its max_train_minutes ends it on time. Not for schedules
+# that span the whole run: cut short, they would never anneal
 EPOCH_HEADROOM = 1.5
+WHOLE_RUN_SCHEDULES = ("one_cycle", "cosine")
 
 
 def build_maskbench(maskbench, size, out, limit=0):
@@ -182,7 +184,8 @@ def run_recipe(recipe, args, data, out, device):
         n_train = round(len(table) * (1 - cfg["val_ratio"]))  # per fold
         pipeline_ips = pipeline_throughput(cfg, table, device, out / "probes" / run_name(recipe))
         budget = args.budget_minutes or 30  # 30 minutes when the first recipe has no epochs of its own
-        epochs = max(1, math.ceil(EPOCH_HEADROOM * budget * 60 * pipeline_ips / (n_train * folds)))
+        headroom = 1.0 if cfg["scheduler"] in WHOLE_RUN_SCHEDULES else EPOCH_HEADROOM
+        epochs = max(1, math.ceil(headroom * budget * 60 * pipeline_ips / (n_train * folds)))
         train_overrides["max_train_minutes"] = round(budget / folds, 3)
         print(f"{recipe}: training pipeline {pipeline_ips:.1f} images/s -> up to {epochs} epoch(s) of {n_train} "
               f"images x {folds} fold(s), stopped at {budget:.1f} min")
