@@ -37,9 +37,9 @@ from model import create_model
 from train import build_optimizer, fit, resolve_device, score
 
 ROOT = Path(__file__).resolve().parent
-# a budgeted recipe's epochs: the probe's estimate plus this margin (20-batch probes have been ~25%
-# off a whole run's speed, both ways); its max_train_minutes ends it on time. Not for schedules
-# that span the whole run: cut short, they would never anneal
+# a budgeted recipe's epochs: the probe's estimate plus this margin (a 20-batch probe has
+# overestimated a whole run's speed by up to ~25%); its max_train_minutes ends it on time. Not
+# for schedules that span the whole run: cut short, they would never anneal
 EPOCH_HEADROOM = 1.5
 WHOLE_RUN_SCHEDULES = ("one_cycle", "cosine")
 
@@ -166,7 +166,7 @@ def run_name(recipe):
 
 
 def run_recipe(recipe, args, data, out, device):
-    """Train (unless a finished run of the same recipe and epochs is there), predict and score
+    """Train (unless a finished run with the same recipe settings is there), predict and score
     one recipe. A recipe with fold 'all' trains every fold (the budget is shared among them),
     predicts with the mean of the folds and reports the out-of-fold validation F1."""
     train_overrides = recipe_config(recipe)
