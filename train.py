@@ -171,7 +171,14 @@ def probs_table(ids, probs, id_column="ImageID"):
 # ---------------------------------------------------------------------------------------------
 # Training
 def build_optimizer(cfg, model):
+    """backbone_lr_scale != 1 puts the backbone in its own parameter group at lr * scale (the heads
+    first, at lr, so metrics.csv's lr is the configured one); every scheduler scales both groups."""
     params = model.parameters()
+    if cfg["backbone_lr_scale"] != 1.0:
+        backbone = list(model.backbone.parameters())
+        in_backbone = {id(p) for p in backbone}
+        params = [{"params": [p for p in model.parameters() if id(p) not in in_backbone], "lr": cfg["lr"]},
+                  {"params": backbone, "lr": cfg["lr"] * cfg["backbone_lr_scale"]}]
     if cfg["optimizer"] == "SGD":
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
     if cfg["optimizer"] in ("Adam", "AdamW"):
@@ -192,7 +199,8 @@ def build_scheduler(cfg, optimizer, steps_per_epoch, epochs):
     if name == "cosine_restarts":
         return sched.CosineAnnealingWarmRestarts(optimizer, T_0=steps_per_epoch * cfg["lr_decay_step"])
     if name == "one_cycle":
-        return sched.OneCycleLR(optimizer, max_lr=cfg["lr"], total_steps=total, pct_start=0.25)
+        peaks = [group["lr"] for group in optimizer.param_groups]
+        return sched.OneCycleLR(optimizer, max_lr=peaks, total_steps=total, pct_start=0.25)
     raise ValueError(f"scheduler '{name}' is not none, step, cosine, cosine_restarts or one_cycle")
 
 

@@ -409,6 +409,23 @@ def test_unknown_optimizer_or_scheduler_raises():
         train.build_scheduler({**cfg, "scheduler": "linear"}, optimizer, 4, 2)
 
 
+def test_backbone_lr_scale_gives_the_backbone_its_own_peak_lr():
+    cfg = {**default_config("train"), "backbone_lr_scale": 0.1, "lr": 0.01, "pretrained": False}
+    model = create_model(cfg)
+    optimizer = train.build_optimizer(cfg, model)
+    heads, backbone = optimizer.param_groups
+    assert {id(p) for p in backbone["params"]} == {id(p) for p in model.backbone.parameters()}
+    assert len(heads["params"]) + len(backbone["params"]) == len(list(model.parameters()))
+    scheduler = train.build_scheduler(cfg, optimizer, steps_per_epoch=4, epochs=2)
+    peaks = []
+    for _ in range(8):
+        peaks.append([group["lr"] for group in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    head_peak, backbone_peak = (max(lrs) for lrs in zip(*peaks))
+    assert head_peak == pytest.approx(0.01, rel=0.05) and backbone_peak == pytest.approx(0.001, rel=0.05)
+
+
 def test_kfold_and_refit_decode_every_image_once(data, tmp_path):
     """One decode cache serves every fold, its validation and the refit."""
     cache_dir = tmp_path / "own_cache"
