@@ -1,6 +1,6 @@
 """Losses: cross-entropy, focal, label smoothing (optionally only towards adjacent age bands),
-a soft macro-F1 loss, and MSE for the age regression output, combined per head with weights
-from the config. `Criterion(outputs, targets)` returns (total, {part: detached value}) for logging."""
+age-band targets spread by age (age_sigma), a soft macro-F1 loss, and MSE for the age regression
+output, combined per head with weights from the config. `Criterion(outputs, targets)` returns (total, {part: detached value}) for logging."""
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -10,12 +10,28 @@ from dataset import NUM_CLASSES, decode_class
 CRITERIA = ("cross_entropy", "focal", "label_smoothing", "f1")
 
 
-def soft_targets(target, num_classes, smoothing=0.0, age_smoothing=0.0, age_band_of=None):
-    """Target distributions (B x C). `smoothing` spreads over all other classes;
-    `age_smoothing` moves mass only to the classes whose age band is next to the true one (and
-    which agree on everything else). age_band_of[c] is the age band of class c, None if the
-    classes are not age-banded."""
+def age_band_distribution(ages, age_threshold, sigma):
+    """P(age band) of each age (B x 3) when a labelled age is read as Normal(age, sigma) years,
+    label distribution learning for the bands: at sigma 3 a 29-year-old is 0.57 <30 and 0.43
+    30-59, a 45-year-old all 30-59. Ages are whole years, so each edge sits half a year below
+    its first age (30 and age_threshold)."""
+    edges = torch.tensor([30.0, float(age_threshold)], device=ages.device) - 0.5
+    below = torch.distributions.Normal(ages.float()[:, None], sigma).cdf(edges)
+    return torch.stack([below[:, 0], below[:, 1] - below[:, 0], 1 - below[:, 1]], 1)
+
+
+def soft_targets(target, num_classes, smoothing=0.0, age_smoothing=0.0, age_band_of=None, band_dist=None):
+    """Target distributions (B x C). `band_dist` (B x 3, age_band_distribution) spreads the true
+    class over the classes that differ from it only in age band; `smoothing` spreads over all
+    other classes; `age_smoothing` moves mass only to the classes whose age band is next to the
+    true one (and which agree on everything else). age_band_of[c] is the age band of class c,
+    None if the classes are not age-banded."""
     dist = F.one_hot(target, num_classes).float()
+    if band_dist is not None and age_band_of is not None:
+        band = age_band_of.to(target.device)
+        rest = torch.arange(num_classes, device=target.device) - band  # the class without its band
+        same_rest = rest[None, :] == (target - band[target])[:, None]
+        dist = same_rest.float() * band_dist[:, band]
     if age_smoothing > 0 and age_band_of is not None:
         band = age_band_of.to(target.device)
         # neighbours: the classes next to the true one whose age band is one step away
@@ -73,13 +89,15 @@ class Criterion:
     def num_classes(head):
         return {"logits": NUM_CLASSES, "mask": 3, "gender": 2, "age": 3}[head]
 
-    def head_loss(self, head, logits, target):
+    def head_loss(self, head, logits, target, ages):
         cfg, n = self.cfg, self.num_classes(head)
         if cfg["criterion"] == "f1":
             return soft_f1_loss(logits, target, n)
         band_of = (torch.arange(n) % 3) if head in ("logits", "age") else None
         smoothing = cfg["label_smoothing"] if cfg["criterion"] == "label_smoothing" else 0.0
-        dist = soft_targets(target, n, smoothing, cfg["age_smoothing"], band_of)
+        band_dist = (age_band_distribution(ages, cfg["age_threshold"], cfg["age_sigma"])
+                     if cfg["age_sigma"] > 0 and band_of is not None else None)
+        dist = soft_targets(target, n, smoothing, cfg["age_smoothing"], band_of, band_dist)
         gamma = cfg["focal_gamma"] if cfg["criterion"] == "focal" else 0.0
         weight = self.class_weights.get(head)
         loss = focal_loss(logits, dist, gamma, None if weight is None else weight.to(logits.device))
@@ -90,7 +108,7 @@ class Criterion:
     def __call__(self, outputs, labels, ages):
         mask, gender, band = decode_class(labels)
         targets = {"logits": labels, "mask": mask, "gender": gender, "age": band}
-        parts = {h: self.head_loss(h, outputs[h], targets[h]) for h in self.head_weights}
+        parts = {h: self.head_loss(h, outputs[h], targets[h], ages) for h in self.head_weights}
         total = sum(w * parts[h] for h, w in self.head_weights.items())
         if "age_value" in outputs:
             parts["age_value"] = F.mse_loss(outputs["age_value"].float(), ages.float() / 100)

@@ -1,4 +1,4 @@
-"""loss.py: focal, label smoothing, age smoothing, soft F1, class weights and the Criterion."""
+"""loss.py: focal, label smoothing, age smoothing, age_sigma, soft F1, class weights and the Criterion."""
 import math
 
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from config import default_config
-from dataset import NUM_CLASSES, decode_class
-from loss import Criterion, focal_loss, frequency_weights, soft_f1_loss, soft_targets
+from dataset import NUM_CLASSES, decode_class, encode_class
+from loss import Criterion, age_band_distribution, focal_loss, frequency_weights, soft_f1_loss, soft_targets
 
 
 def loss_cfg(**overrides):
@@ -69,7 +69,7 @@ def test_label_smoothing_zero_is_cross_entropy():
     g = torch.Generator().manual_seed(3)
     logits, target = torch.randn(9, NUM_CLASSES, generator=g), torch.randint(NUM_CLASSES, (9,), generator=g)
     criterion = Criterion(loss_cfg(head="single", criterion="label_smoothing", label_smoothing=0.0))
-    torch.testing.assert_close(criterion.head_loss("logits", logits, target), F.cross_entropy(logits, target))
+    torch.testing.assert_close(criterion.head_loss("logits", logits, target, ages=None), F.cross_entropy(logits, target))
 
 
 @pytest.mark.parametrize("s", [0.1, 0.3])
@@ -88,7 +88,7 @@ def test_label_smoothing_spreads_over_the_other_classes(s, n_classes):
     head = "logits" if n_classes == NUM_CLASSES else "age"
     criterion = Criterion(loss_cfg(head="single" if head == "logits" else "multi", criterion="label_smoothing",
                                    label_smoothing=s))
-    loss = criterion.head_loss(head, logits, target)
+    loss = criterion.head_loss(head, logits, target, ages=None)
     torch.testing.assert_close(loss, by_hand)
     # torch spreads its eps over all C classes: eps = s * C / (C - 1) gives the same targets
     torch.testing.assert_close(loss, F.cross_entropy(logits, target, label_smoothing=s * n_classes / (n_classes - 1)))
@@ -146,6 +146,43 @@ def test_age_smoothing_in_the_criterion_only_changes_the_age_head():
 def test_age_smoothing_without_bands_is_ignored():
     target = torch.tensor([0, 1])
     torch.testing.assert_close(soft_targets(target, 2, age_smoothing=0.3), F.one_hot(target, 2).float())
+
+
+# ---------------------------------------------------------------------------------------------
+# Age-band targets spread by age (age_sigma)
+def test_age_band_distribution_near_and_far_from_the_edges():
+    dist = age_band_distribution(torch.tensor([20, 29, 30, 45, 57, 58, 80]), age_threshold=58, sigma=3.0)
+    torch.testing.assert_close(dist.sum(1), torch.ones(7))
+    assert dist[0, 0] > 0.999 and dist[3, 1] > 0.99 and dist[6, 2] > 0.999
+    # the two ages next to an edge mirror each other: 29 is 0.57 <30, 30 is 0.57 30-59
+    assert math.isclose(float(dist[1, 0]), 0.5662, abs_tol=1e-3) and math.isclose(float(dist[2, 1]), 0.5662, abs_tol=1e-3)
+    assert math.isclose(float(dist[1, 1]), float(dist[2, 0]), abs_tol=1e-6)
+    assert dist[4, 1] > 0.5 > dist[4, 2] > 0.4 and dist[5, 2] > 0.5  # the edge follows age_threshold
+
+
+def test_age_sigma_spreads_the_18_class_target_over_its_age_bands_only():
+    labels = torch.tensor([encode_class(1, 1, 0), encode_class(2, 0, 1)])
+    band_dist = torch.tensor([[0.6, 0.4, 0.0], [0.1, 0.7, 0.2]])
+    dist = soft_targets(labels, NUM_CLASSES, age_band_of=torch.arange(NUM_CLASSES) % 3, band_dist=band_dist)
+    expected = torch.zeros(2, NUM_CLASSES)
+    expected[0, encode_class(1, 1, 0):encode_class(1, 1, 0) + 3] = band_dist[0]
+    expected[1, encode_class(2, 0, 0):encode_class(2, 0, 0) + 3] = band_dist[1]
+    torch.testing.assert_close(dist, expected)
+
+
+@pytest.mark.parametrize("head", ["multi", "single"])
+def test_age_sigma_in_the_criterion_uses_the_ages(head):
+    outputs, labels, ages = batch(head=head)
+    cfg = loss_cfg(head=head, age_sigma=3.0, age_threshold=60)
+    _, spread = Criterion(cfg)(outputs, labels, ages)
+    name = "age" if head == "multi" else "logits"
+    target = decode_class(labels)[2] if head == "multi" else labels
+    band_of = torch.arange(3 if head == "multi" else NUM_CLASSES) % 3
+    dist = soft_targets(target, len(band_of), age_band_of=band_of, band_dist=age_band_distribution(ages, 60, 3.0))
+    torch.testing.assert_close(spread[name], -(dist * outputs[name].log_softmax(1)).sum(1).mean())
+    if head == "multi":
+        _, plain = Criterion(loss_cfg())(outputs, labels, ages)
+        torch.testing.assert_close(plain["gender"], spread["gender"])
 
 
 # ---------------------------------------------------------------------------------------------
