@@ -1,6 +1,7 @@
 """Losses: cross-entropy, focal, label smoothing (optionally only towards adjacent age bands),
 age-band targets spread by age (age_sigma), a soft macro-F1 loss, and MSE for the age regression
-output, combined per head with weights from the config. `Criterion(outputs, targets)` returns (total, {part: detached value}) for logging."""
+output, combined per head with weights from the config. `Criterion(outputs, targets)` returns
+(total, {part: detached value}) for logging."""
 import numpy as np
 import torch
 import torch.nn.functional as F
