@@ -36,8 +36,9 @@ MASK_NAMES = ("wear", "incorrect", "not_wear")
 GENDER_NAMES = ("male", "female")
 AGE_NAMES = ("<30", "30-59", ">=60")
 NUM_CLASSES = 18
-# A pseudo-labelled or CSV-listed image knows only its age band; it gets this age for the
-# age-regression output (inside the band for any age_threshold from 31 to 65).
+# A pseudo-labelled or CSV-listed image knows only its age band: its table row gets this age so
+# that its band comes out right (for any age_threshold from 46 to 65), with age_known False; the
+# loss then leaves it out of the age regression and keeps its age-band target one-hot.
 BAND_AGES = (25, 45, 65)
 
 
@@ -173,15 +174,16 @@ def read_label_csv(csv_path, source):
         bad_ages = [a for a in table["age"] if not a.isdigit()]
         if bad_ages:
             raise DataError(f"{csv_path}: age value(s) {bad_ages[:5]} are not whole numbers")
-        ages = table["age"].astype(int).to_numpy()
+        ages, age_known = table["age"].astype(int).to_numpy(), True
     else:
-        ages = np.take(BAND_AGES, band)
+        ages, age_known = np.take(BAND_AGES, band), False
     paths = [str((csv_path.parent / p).resolve()) for p in table["path"]]
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise DataError(f"{csv_path}: {len(missing)} listed image(s) not found, e.g. {missing[:3]}")
     return pd.DataFrame({"id": [f"{source}:{Path(p).stem}" for p in paths], "file": [Path(p).stem for p in paths],
-                         "image_path": paths, "mask": mask, "gender": gender, "age": ages, "source": source})
+                         "image_path": paths, "mask": mask, "gender": gender, "age": ages, "age_known": age_known,
+                         "source": source})
 
 
 def read_extra(paths):
@@ -279,10 +281,14 @@ def load_training_images(cfg):
 
 def split_train_valid(images, fold, drop_ages=()):
     """Training and validation rows for one fold (fold None: everybody trains, validation is
-    None); drop_ages leave training only. Validation rows are labelled with the true classes
-    (label = true_label), whatever age_threshold the training labels use."""
+    None); drop_ages leave training only (images whose age is unknown stay). Validation rows
+    are labelled with the true classes (label = true_label), whatever age_threshold the
+    training labels use."""
     in_valid = images["fold"] == fold if fold is not None else np.zeros(len(images), bool)
-    train = images[~in_valid & ~images["age"].isin(list(drop_ages))].reset_index(drop=True)
+    dropped = images["age"].isin(list(drop_ages))
+    if "age_known" in images:
+        dropped &= images["age_known"].fillna(True).astype(bool)
+    train = images[~in_valid & ~dropped].reset_index(drop=True)
     if fold is None:
         return train, None
     valid = images[in_valid].reset_index(drop=True).assign(label=lambda t: t["true_label"])
@@ -528,7 +534,9 @@ def make_dataset(table, cfg, transform, skip_log=None, cache=None):
     skip_log (a list) so the caller can write them out."""
     paths = table["image_path"].tolist()
     labels = table["label"].to_numpy() if "label" in table else np.zeros(len(table), int)
-    ages = table["age"].to_numpy() if "age" in table else np.zeros(len(table))
+    ages = table["age"].to_numpy(np.float32) if "age" in table else np.zeros(len(table), np.float32)
+    if "age_known" in table:  # NaN: only the band is known (rows of other tables concatenated in: known)
+        ages = np.where(table["age_known"].fillna(True).astype(bool), ages, np.nan)
     size, rows, boxes = tuple(cfg["resize"]), None, None
     if cfg["cache_dir"]:
         cache_file, row_of, error_of = cache or open_cache(paths, cfg)

@@ -17,7 +17,7 @@ def age_band_distribution(ages, age_threshold, sigma):
     30-59, a 45-year-old all 30-59. Ages are whole years, so each edge sits half a year below
     its first age (30 and age_threshold)."""
     edges = torch.tensor([30.0, float(age_threshold)], device=ages.device) - 0.5
-    below = torch.distributions.Normal(ages.float()[:, None], sigma).cdf(edges)
+    below = torch.distributions.Normal(ages.float()[:, None], sigma, validate_args=False).cdf(edges)  # NaN age: NaN
     return torch.stack([below[:, 0], below[:, 1] - below[:, 0], 1 - below[:, 1]], 1)
 
 
@@ -72,7 +72,8 @@ def frequency_weights(labels, num_classes):
 
 
 class Criterion:
-    """The training loss of a config. Targets: 18-class labels (B) and ages in years (B)."""
+    """The training loss of a config. Targets: 18-class labels (B) and ages in years (B; NaN where
+    only the age band is known)."""
 
     def __init__(self, cfg, train_labels=None):
         if cfg["criterion"] not in CRITERIA:
@@ -96,8 +97,11 @@ class Criterion:
             return soft_f1_loss(logits, target, n)
         band_of = (torch.arange(n) % 3) if head in ("logits", "age") else None
         smoothing = cfg["label_smoothing"] if cfg["criterion"] == "label_smoothing" else 0.0
-        band_dist = (age_band_distribution(ages, cfg["age_threshold"], cfg["age_sigma"])
-                     if cfg["age_sigma"] > 0 and band_of is not None else None)
+        band_dist = None
+        if cfg["age_sigma"] > 0 and band_of is not None:  # a NaN age (band known only) keeps its band one-hot
+            one_hot = F.one_hot(band_of.to(target.device)[target], 3).float()
+            band_dist = torch.where(ages.isnan()[:, None], one_hot,
+                                    age_band_distribution(ages, cfg["age_threshold"], cfg["age_sigma"]))
         dist = soft_targets(target, n, smoothing, cfg["age_smoothing"], band_of, band_dist)
         gamma = cfg["focal_gamma"] if cfg["criterion"] == "focal" else 0.0
         weight = self.class_weights.get(head)
@@ -112,6 +116,8 @@ class Criterion:
         parts = {h: self.head_loss(h, outputs[h], targets[h], ages) for h in self.head_weights}
         total = sum(w * parts[h] for h, w in self.head_weights.items())
         if "age_value" in outputs:
-            parts["age_value"] = F.mse_loss(outputs["age_value"].float(), ages.float() / 100)
+            known = ~ages.isnan()  # images whose age is unknown (band only) are left out
+            parts["age_value"] = (F.mse_loss(outputs["age_value"].float()[known], ages.float()[known] / 100)
+                                  if known.any() else outputs["age_value"].float().sum() * 0)
             total = total + self.cfg["age_regression"] * parts["age_value"]
         return total, {k: v.detach() for k, v in parts.items()}

@@ -318,6 +318,20 @@ def test_extra_data_is_training_only(thirty, tiny, tmp_path):
             assert (valid["source"] == "train").all() and len(valid) > 0
 
 
+def test_band_only_images_carry_an_unknown_age(thirty, tiny, tmp_path):
+    """A label CSV without ages: the dataset hands the loss NaN ages for its rows (real ages for
+    the others), and drop_ages does not drop them for their stand-in age."""
+    label_csv, labels = write_label_csv(tiny)
+    cfg = make_cfg(thirty / "train", tmp_path, extra_data=[str(label_csv)], cache_dir="")
+    images = D.load_training_images(cfg)
+    train, _ = D.split_train_valid(images, None, drop_ages=list(D.BAND_AGES))
+    assert (train["source"] == "extra0").sum() == len(labels)
+    dataset = D.make_dataset(train, cfg, D.build_transform("plain", RESIZE, MEAN, STD)[0])
+    from_csv = (train["source"] == "extra0").to_numpy()
+    assert np.isnan(dataset.ages[from_csv]).all()
+    assert (dataset.ages[~from_csv] == train["age"][~from_csv].to_numpy()).all()
+
+
 def test_label_csv_rows(tiny):
     path, labels = write_label_csv(tiny)
     table = D.read_label_csv(path, "extra3")

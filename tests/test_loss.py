@@ -185,6 +185,21 @@ def test_age_sigma_in_the_criterion_uses_the_ages(head):
         torch.testing.assert_close(plain["gender"], spread["gender"])
 
 
+def test_images_with_unknown_age_keep_one_hot_bands_and_skip_the_regression():
+    outputs, labels, ages = batch()
+    unknown = ages.clone()
+    unknown[:4] = float("nan")
+    cfg = loss_cfg(age_sigma=5.0, age_threshold=58, age_regression=0.1)
+    _, parts = Criterion(cfg)(outputs, labels, unknown)
+    band = decode_class(labels)[2]
+    dist = age_band_distribution(ages, 58, 5.0)
+    dist[:4] = F.one_hot(band[:4], 3).float()
+    torch.testing.assert_close(parts["age"], -(dist * outputs["age"].log_softmax(1)).sum(1).mean())
+    torch.testing.assert_close(parts["age_value"], F.mse_loss(outputs["age_value"][4:], ages[4:] / 100))
+    _, none_known = Criterion(cfg)(outputs, labels, torch.full_like(ages, float("nan")))
+    assert none_known["age_value"] == 0 and torch.isfinite(none_known["age"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Soft F1 and class weights
 def test_soft_f1_loss_perfect_and_wrong():
