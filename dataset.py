@@ -279,15 +279,21 @@ def load_training_images(cfg):
     return pd.concat([images, *extra], ignore_index=True)
 
 
+def age_known(images):
+    """Which rows know their age (bool array): all but those of label CSVs without ages, whose
+    age column holds only their band's stand-in (BAND_AGES)."""
+    if "age_known" not in images:
+        return np.ones(len(images), bool)
+    return images["age_known"].fillna(True).astype(bool).to_numpy()
+
+
 def split_train_valid(images, fold, drop_ages=()):
     """Training and validation rows for one fold (fold None: everybody trains, validation is
     None); drop_ages leave training only (images whose age is unknown stay). Validation rows
     are labelled with the true classes (label = true_label), whatever age_threshold the
     training labels use."""
     in_valid = images["fold"] == fold if fold is not None else np.zeros(len(images), bool)
-    dropped = images["age"].isin(list(drop_ages))
-    if "age_known" in images:
-        dropped &= images["age_known"].fillna(True).astype(bool)
+    dropped = images["age"].isin(list(drop_ages)) & age_known(images)
     train = images[~in_valid & ~dropped].reset_index(drop=True)
     if fold is None:
         return train, None
@@ -534,9 +540,7 @@ def make_dataset(table, cfg, transform, skip_log=None, cache=None):
     skip_log (a list) so the caller can write them out."""
     paths = table["image_path"].tolist()
     labels = table["label"].to_numpy() if "label" in table else np.zeros(len(table), int)
-    ages = table["age"].to_numpy(np.float32) if "age" in table else np.zeros(len(table), np.float32)
-    if "age_known" in table:  # NaN: only the band is known (rows of other tables concatenated in: known)
-        ages = np.where(table["age_known"].fillna(True).astype(bool), ages, np.nan)
+    ages = np.where(age_known(table), table["age"], np.nan) if "age" in table else np.zeros(len(table))
     size, rows, boxes = tuple(cfg["resize"]), None, None
     if cfg["cache_dir"]:
         cache_file, row_of, error_of = cache or open_cache(paths, cfg)
