@@ -69,7 +69,8 @@ def test_label_smoothing_zero_is_cross_entropy():
     g = torch.Generator().manual_seed(3)
     logits, target = torch.randn(9, NUM_CLASSES, generator=g), torch.randint(NUM_CLASSES, (9,), generator=g)
     criterion = Criterion(loss_cfg(head="single", criterion="label_smoothing", label_smoothing=0.0))
-    torch.testing.assert_close(criterion.head_loss("logits", logits, target, ages=None), F.cross_entropy(logits, target))
+    torch.testing.assert_close(criterion.head_loss("logits", logits, target, ages=None),
+                               F.cross_entropy(logits, target))
 
 
 @pytest.mark.parametrize("s", [0.1, 0.3])
@@ -155,7 +156,8 @@ def test_age_band_distribution_near_and_far_from_the_edges():
     torch.testing.assert_close(dist.sum(1), torch.ones(7))
     assert dist[0, 0] > 0.999 and dist[3, 1] > 0.99 and dist[6, 2] > 0.999
     # the two ages next to an edge mirror each other: 29 is 0.57 <30, 30 is 0.57 30-59
-    assert math.isclose(float(dist[1, 0]), 0.5662, abs_tol=1e-3) and math.isclose(float(dist[2, 1]), 0.5662, abs_tol=1e-3)
+    assert math.isclose(float(dist[1, 0]), 0.5662, abs_tol=1e-3)
+    assert math.isclose(float(dist[2, 1]), 0.5662, abs_tol=1e-3)
     assert math.isclose(float(dist[1, 1]), float(dist[2, 0]), abs_tol=1e-6)
     assert dist[4, 1] > 0.5 > dist[4, 2] > 0.4 and dist[5, 2] > 0.5  # the edge follows age_threshold
 
