@@ -116,8 +116,10 @@ class Criterion:
         parts = {h: self.head_loss(h, outputs[h], targets[h], ages) for h in self.head_weights}
         total = sum(w * parts[h] for h, w in self.head_weights.items())
         if "age_value" in outputs:
-            known = ~ages.isnan()  # images whose age is unknown (band only) are left out
-            parts["age_value"] = (F.mse_loss(outputs["age_value"].float()[known], ages.float()[known] / 100)
-                                  if known.any() else outputs["age_value"].float().sum() * 0)
+            # mean squared error over the images whose age is known (band-only rows are left out);
+            # masked rather than indexed, so CUDA never waits for the host
+            known = ~ages.isnan()
+            squared = (outputs["age_value"].float() - ages.float().nan_to_num() / 100) ** 2
+            parts["age_value"] = (squared * known).sum() / known.sum().clamp(min=1)
             total = total + self.cfg["age_regression"] * parts["age_value"]
         return total, {k: v.detach() for k, v in parts.items()}

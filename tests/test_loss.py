@@ -200,6 +200,10 @@ def test_images_with_unknown_age_keep_one_hot_bands_and_skip_the_regression():
     torch.testing.assert_close(parts["age_value"], F.mse_loss(outputs["age_value"][4:], ages[4:] / 100))
     _, none_known = Criterion(cfg)(outputs, labels, torch.full_like(ages, float("nan")))
     assert none_known["age_value"] == 0 and torch.isfinite(none_known["age"])
+    age_value = outputs["age_value"].clone().requires_grad_()
+    total, _ = Criterion(cfg)({**outputs, "age_value": age_value}, labels, unknown)
+    total.backward()
+    assert (age_value.grad[:4] == 0).all() and (age_value.grad[4:] != 0).all()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +258,8 @@ def test_criterion_multi_head_is_the_weighted_sum_of_its_parts():
     torch.testing.assert_close(parts["mask"], F.cross_entropy(outputs["mask"], mask))
     torch.testing.assert_close(parts["gender"], F.cross_entropy(outputs["gender"], gender))
     torch.testing.assert_close(parts["age"], F.cross_entropy(outputs["age"], band))
-    torch.testing.assert_close(parts["age_value"], F.mse_loss(outputs["age_value"], ages / 100))
+    # bit for bit, so runs recorded before the regression was masked repeat exactly
+    assert torch.equal(parts["age_value"], F.mse_loss(outputs["age_value"], ages / 100))
     torch.testing.assert_close(total, 2.0 * parts["mask"] + 0.5 * parts["gender"] + 3.0 * parts["age"]
                                + 0.7 * parts["age_value"])
 
