@@ -97,6 +97,9 @@ def per_task(probs, task_members):
 def combine(probs, cfg, member_f1=None):
     method = cfg["method"]
     if method == "soft":
+        if cfg["member_weights"] and len(cfg["member_weights"]) != len(probs):
+            raise SystemExit(f"error: {len(cfg['member_weights'])} --member_weights for {len(probs)} members; "
+                             "give one weight per member, in member order")
         return soft_vote(probs, cfg["member_weights"]).argmax(1)
     if method == "hard":
         return hard_vote([p.argmax(1) for p in probs], member_f1)

@@ -8,6 +8,7 @@
 The model, image size and normalization come from the run's saved config; only where to read,
 where to write, batch size, device and TTA are chosen here.
 """
+import json
 import logging
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from config import default_config, parse_config
-from dataset import NUM_CLASSES, DataError, build_transform, make_dataset, read_eval_images, train_root
+from dataset import NUM_CLASSES, DataError, build_transform, make_dataset, num_folds, read_eval_images, train_root
 from model import create_model, task_probabilities
 from train import autocast_for, predict, probs_table, resolve_device, setup_logging, write_csv_atomic
 
@@ -32,7 +33,21 @@ def find_checkpoints(run_dir, checkpoint="best"):
     folds = sorted(run_dir.glob(f"fold*/{checkpoint}.pt"))
     if not folds:
         raise SystemExit(f"error: no {checkpoint}.pt in {run_dir} or its fold folders")
+    check_folds_finished(run_dir, checkpoint)
     return folds
+
+
+def check_folds_finished(run_dir, checkpoint):
+    """Refuse to average a k-fold run that was interrupted: a fold still training (no
+    summary.json) or not started would silently weaken the ensemble."""
+    saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    k = num_folds(saved["val_ratio"]) if saved.get("fold") == "all" and saved.get("val_ratio", 0) > 0 else 0
+    names = sorted({p.parent.name for p in run_dir.glob(f"fold*/{checkpoint}.pt")} | {f"fold{i}" for i in range(k)})
+    unfinished = [name for name in names if not (run_dir / name / "summary.json").is_file()]
+    if unfinished:
+        raise SystemExit(f"error: {run_dir} is an unfinished k-fold run ({', '.join(unfinished)} not finished); "
+                         f"finish it with python train.py --resume {run_dir}, or pass the finished fold folders "
+                         "to --run")
 
 
 def load_model(path, device):

@@ -26,7 +26,7 @@ import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
-from config import parse_config
+from config import default_config, parse_config
 from dataset import (NUM_CLASSES, DataError, build_transform, class_balanced_weights, decode_class, load_training_images,
                      make_dataset, mix_batch, num_folds, open_cache, split_train_valid)
 from loss import Criterion
@@ -82,10 +82,12 @@ def resolve_device(name):
 
 
 def autocast_for(device, enabled):
-    """Mixed precision on CUDA: bf16 where the GPU supports it (no scaler needed), else fp16."""
+    """Mixed precision on CUDA: bf16 on GPUs with native bf16 (compute capability 8.0+, Ampere
+    on; no scaler needed), else fp16 with a gradient scaler. torch.cuda.is_bf16_supported() is
+    not the test: it also says yes to GPUs that only emulate bf16 (V100, T4), which are slower."""
     if device.type != "cuda" or not enabled:
         return contextlib.nullcontext, None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     return (lambda: torch.autocast("cuda", dtype=dtype)), scaler
 
@@ -391,6 +393,22 @@ def tensorboard_writer(out_dir):
 
 
 # ---------------------------------------------------------------------------------------------
+def folds_to_train(cfg):
+    """Validation fold of each model to train: [None] (no validation) for val_ratio 0, else the
+    fold asked for or, for 'all', every one. Refuses a fold the split does not have."""
+    if cfg["val_ratio"] == 0:
+        return [None]
+    if not 0 < cfg["val_ratio"] < 1:
+        raise SystemExit(f"error: --val_ratio must be 0 (no validation) or between 0 and 1, got {cfg['val_ratio']}")
+    k = num_folds(cfg["val_ratio"])
+    if cfg["fold"] == "all":
+        return list(range(k))
+    if not str(cfg["fold"]).isdigit() or int(cfg["fold"]) >= k:
+        raise SystemExit(f"error: --fold {cfg['fold']} is not a fold of this split: "
+                         f"give 0..{k - 1} (val_ratio {cfg['val_ratio']} makes {k} folds) or 'all'")
+    return [int(cfg["fold"])]
+
+
 def train(cfg, run_dir, device):
     """Train the fold(s) a config asks for into run_dir; write the split, out-of-fold
     probabilities and the refit model; returns the per-fold summaries."""
@@ -398,12 +416,7 @@ def train(cfg, run_dir, device):
     people = images.drop_duplicates("id")[["id", "source", "gender", "age", "age_band", "fold"]]
     people.to_csv(run_dir / "split.csv", index=False)
     cache = open_cache(images["image_path"].tolist(), cfg) if cfg["cache_dir"] else None
-    if cfg["val_ratio"] == 0:
-        folds = [None]
-    elif cfg["fold"] == "all":
-        folds = list(range(num_folds(cfg["val_ratio"])))
-    else:
-        folds = [int(cfg["fold"])]
+    folds = folds_to_train(cfg)
     summaries = {}
     for fold in folds:
         out_dir = run_dir / f"fold{fold}" if cfg["fold"] == "all" and fold is not None else run_dir
@@ -427,14 +440,30 @@ def train(cfg, run_dir, device):
     return summaries
 
 
+RESUME_SETTINGS = ("resume", "device", "num_workers")  # all --resume takes from the command line
+
+
+def refuse_settings_resume_would_ignore(cfg, saved):
+    """--resume continues with the run's saved config; a setting given beside it (e.g.
+    --epochs 20) would be silently dropped, so it is refused, naming the saved value."""
+    defaults = default_config("train")
+    ignored = [f"--{key} {json.dumps(value)} (the run has {json.dumps(saved.get(key))})" for key, value in cfg.items()
+               if key not in RESUME_SETTINGS and value != defaults.get(key) and value != saved.get(key)]
+    if ignored:
+        raise SystemExit(f"error: --resume continues {cfg['resume']} with its saved config.json; it would ignore "
+                         f"{', '.join(ignored)}. Drop them, or start a new run")
+
+
 def main(cfg):
     if cfg["resume"]:
         run_dir = Path(cfg["resume"])
         if not (run_dir / "config.json").is_file():
             raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
         saved = json.loads((run_dir / "config.json").read_text())
-        cfg = {**saved, "resume": cfg["resume"], "device": cfg["device"], "num_workers": cfg["num_workers"]}
+        refuse_settings_resume_would_ignore(cfg, saved)
+        cfg = {**saved, **{key: cfg[key] for key in RESUME_SETTINGS}}
     else:
+        folds_to_train(cfg)  # a bad --fold stops here, before a run folder is made
         run_dir = make_run_dir(cfg)
         (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     setup_logging(run_dir / "train.log")

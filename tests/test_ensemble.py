@@ -80,6 +80,12 @@ def test_soft_vote_with_weights():
     assert ensemble.combine([a, b], ens_cfg(member_weights=[1.0, 1.0])).tolist() == [1]
 
 
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 1.0, 1.0]])
+def test_soft_vote_needs_one_weight_per_member(weights):
+    with pytest.raises(SystemExit, match="one weight per member"):
+        ensemble.combine([random_probs(3, k) for k in range(2)], ens_cfg(member_weights=weights))
+
+
 # ---------------------------------------------------------------------------------------------
 # Hard voting
 def test_hard_vote_majority():

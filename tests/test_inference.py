@@ -1,6 +1,7 @@
 """inference.py: submission and eval probabilities of a run, TTA, the submission check,
 k-fold averaging, checkpoints, and the pseudo-label round trip through train.py."""
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -227,6 +228,18 @@ def test_checkpoint_last_and_the_refit_folder(data, run_dir, kfold_dir, tmp_path
     assert np.abs(refit[PROBS].to_numpy() - folds[PROBS].to_numpy()).max() > 1e-4  # another model
     with pytest.raises(SystemExit, match="best.pt"):
         inference.find_checkpoints(tmp_path / "nothing")
+
+
+def test_an_unfinished_kfold_run_is_not_averaged(kfold_dir, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(kfold_dir, partial)
+    (partial / "fold1" / "summary.json").unlink()  # fold 1 stopped mid-training
+    with pytest.raises(SystemExit, match=f"{partial} is an unfinished k-fold run \\(fold1 not finished\\)"):
+        inference.find_checkpoints(partial)
+    shutil.rmtree(partial / "fold1")  # fold 1 never started
+    with pytest.raises(SystemExit, match="fold1 not finished"):
+        inference.find_checkpoints(partial)
+    assert inference.find_checkpoints(partial / "fold0") == [partial / "fold0" / "best.pt"]
 
 
 # ---------------------------------------------------------------------------------------------

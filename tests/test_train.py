@@ -1,5 +1,6 @@
 """train.py end to end on tiny data: run folders, determinism, resume, checkpoints, k-fold,
 refit, no-validation runs and the training options."""
+import contextlib
 import json
 import math
 import re
@@ -262,6 +263,8 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(data, tmp_path, 
     monkeypatch.undo()
 
     resume_cfg = {**default_config("train"), "resume": str(cut), "num_workers": 0, "device": "cpu"}
+    with pytest.raises(SystemExit, match=r"it would ignore --epochs 5 \(the run has 2\)"):
+        train.main({**resume_cfg, "epochs": 5})
     run_dir, _ = train.main(resume_cfg)
     assert run_dir == cut
     assert "resuming" in (cut / "train.log").read_text()
@@ -442,3 +445,23 @@ def test_bad_data_is_a_clean_error_naming_the_file(data, tmp_path):
     with pytest.raises(SystemExit) as exc:
         train.main(cfg)
     assert str(exc.value.code).startswith("error: ") and "nowhere/train.csv: file not found" in str(exc.value.code)
+
+
+@pytest.mark.parametrize("fold", ["3", "-1", "x"])  # val_ratio 0.34 makes 3 folds; -1 marks extra data
+def test_a_fold_the_split_does_not_have_is_refused_before_a_run_folder_is_made(data, tmp_path, fold):
+    with pytest.raises(SystemExit, match=f"--fold {fold} is not a fold of this split: give 0..2"):
+        train.main(make_cfg(data, tmp_path / "runs", fold=fold))
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit, match="val_ratio must be 0"):
+        train.main(make_cfg(data, tmp_path / "runs", val_ratio=1.5))
+
+
+@pytest.mark.filterwarnings("ignore:.*CUDA:UserWarning")  # a machine without a GPU warns, builds them anyway
+@pytest.mark.parametrize("capability, dtype, scaled", [((7, 0), torch.float16, True), ((8, 0), torch.bfloat16, False)])
+def test_mixed_precision_is_bf16_only_on_gpus_with_native_bf16(monkeypatch, capability, dtype, scaled):
+    """V100 / T4 (7.x) get fp16 with a gradient scaler, not the bf16 they only emulate."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    autocast, scaler = train.autocast_for(torch.device("cuda"), True)
+    assert (scaler is not None) == scaled
+    assert autocast().fast_dtype == dtype
+    assert train.autocast_for(torch.device("cpu"), True) == (contextlib.nullcontext, None)
