@@ -74,7 +74,7 @@ def read_csv(path, columns):
         raise DataError(f"{path}: file not found")
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False).apply(lambda col: col.str.strip())
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot parse CSV ({e})")
     missing = [c for c in columns if c not in table.columns]
     if missing:
@@ -161,7 +161,8 @@ def read_eval_images(eval_dir):
 
 
 def read_label_csv(csv_path, source):
-    """A CSV of extra training images: path (relative to the CSV), class (0..17), optional age."""
+    """A CSV of extra training images: path (relative to the CSV), class (0..17), optional age.
+    A row with a blank age (or a CSV without the column) knows only its age band."""
     csv_path = Path(csv_path)
     table = read_csv(csv_path, ["path", "class"])
     labels = pd.to_numeric(table["class"], errors="coerce")
@@ -170,13 +171,15 @@ def read_label_csv(csv_path, source):
         raise DataError(f"{csv_path}: class value(s) {bad[:5]} are not integers 0..17")
     labels = labels.astype(int).to_numpy()
     mask, gender, band = decode_class(labels)
-    if "age" in table:
-        bad_ages = [a for a in table["age"] if not a.isdigit()]
-        if bad_ages:
-            raise DataError(f"{csv_path}: age value(s) {bad_ages[:5]} are not whole numbers")
-        ages, age_known = table["age"].astype(int).to_numpy(), True
-    else:
-        ages, age_known = np.take(BAND_AGES, band), False
+    given = table["age"] if "age" in table else pd.Series("", index=table.index)
+    bad_ages = [a for a in given if a and not a.isdigit()]
+    if bad_ages:
+        raise DataError(f"{csv_path}: age value(s) {bad_ages[:5]} are not whole numbers")
+    age_known = (given != "").to_numpy()
+    ages = np.where(age_known, pd.to_numeric(given, errors="coerce").fillna(0).astype(int), np.take(BAND_AGES, band))
+    wrong_band = table["path"][age_known & (age_band(ages) != band)].tolist()
+    if wrong_band:
+        raise DataError(f"{csv_path}: the age of {wrong_band[:3]} is not in the age band of its class")
     paths = [str((csv_path.parent / p).resolve()) for p in table["path"]]
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
@@ -333,7 +336,10 @@ def read_faces(folder):
     if not csv_path.exists():
         raise DataError(f"{csv_path}: not found; face_crop needs the face boxes of every image: "
                         f"run python detect_faces.py --face_dirs {folder}")
-    table = pd.read_csv(csv_path)
+    try:
+        table = pd.read_csv(csv_path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DataError(f"{csv_path}: cannot parse CSV ({e}); rerun python detect_faces.py --face_dirs {folder}")
     missing = [c for c in FACE_COLUMNS if c not in table.columns]
     if missing:
         raise DataError(f"{csv_path}: missing column(s) {missing}; found {list(table.columns)}")
@@ -454,7 +460,7 @@ def build_cache(paths, size, boxes, cache_dir, num_workers=0):
     array = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(paths), 3, *size))
     errors = [""] * len(paths)
     loader = DataLoader(_DecodeAll(paths, tuple(size), boxes), batch_size=32,
-                        num_workers=num_workers, collate_fn=lambda batch: batch)
+                        num_workers=num_workers, collate_fn=list)  # list, not a lambda: workers may be spawned
     bar = tqdm(loader, desc=f"decoding {len(paths)} images into the cache", unit="batch", leave=False,
                disable=not sys.stderr.isatty())
     for batch in bar:

@@ -292,8 +292,8 @@ def write_label_csv(root, with_age=False):
     """A pseudo-label CSV beside the eval images: path (relative), class, optional age."""
     answers = pd.read_csv(root / "eval" / "answers.csv")
     table = pd.DataFrame({"path": "images/" + answers["ImageID"], "class": answers["ans"]})
-    if with_age:
-        table["age"] = [61] * len(table)
+    if with_age:  # an age inside each class's band, none of them a BAND_AGES stand-in
+        table["age"] = np.take([22, 41, 61], table["class"] % 3)
     path = root / "eval" / ("labels_age.csv" if with_age else "labels.csv")
     table.to_csv(path, index=False)
     return path, table
@@ -339,8 +339,31 @@ def test_label_csv_rows(tiny):
     assert D.encode_class(table["mask"], table["gender"], D.age_band(table["age"])).tolist() == labels["class"].tolist()
     assert set(table["age"]) <= set(D.BAND_AGES)
     assert table["id"].str.startswith("extra3:").all() and (table["source"] == "extra3").all()
-    aged, _ = write_label_csv(tiny, with_age=True)
-    assert (D.read_label_csv(aged, "extra0")["age"] == 61).all()
+    aged, aged_labels = write_label_csv(tiny, with_age=True)
+    aged_table = D.read_label_csv(aged, "extra0")
+    assert aged_table["age"].tolist() == aged_labels["age"].tolist() and aged_table["age_known"].all()
+
+
+def test_label_csv_rows_with_a_blank_age_know_only_their_band(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    (tmp_path / "labels.csv").write_text("path,class,age\na.png,4,33\nb.png,5,\n")  # male, masked: 30-59, 60+
+    table = D.read_label_csv(tmp_path / "labels.csv", "extra0")
+    assert table["age"].tolist() == [33, D.BAND_AGES[2]] and table["age_known"].tolist() == [True, False]
+    assert D.age_known(table).tolist() == [True, False]
+
+
+def test_label_csv_with_an_age_outside_its_class_band_is_refused(tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / "labels.csv").write_text("path,class,age\na.png,0,45\n")  # class 0 is under 30
+    with pytest.raises(D.DataError, match=r"labels.csv: the age of \['a.png'\] is not in the age band of its class"):
+        D.read_label_csv(tmp_path / "labels.csv", "extra0")
+
+
+def test_an_empty_csv_names_the_file(tmp_path):
+    (tmp_path / "labels.csv").write_text("")
+    with pytest.raises(D.DataError, match="labels.csv: cannot parse CSV"):
+        D.read_label_csv(tmp_path / "labels.csv", "extra0")
 
 
 @pytest.mark.parametrize("bad_class", ["18", "x", "-1"])

@@ -131,6 +131,9 @@ def test_face_crop_without_faces_csv_names_the_file_and_the_fix(tmp_path):
     table.iloc[1:].to_csv(root / "train" / "faces.csv", index=False)
     with pytest.raises(D.DataError, match=r"faces.csv: no row for .*run python detect_faces.py"):
         D.crop_boxes(paths, crop_cfg(root, tmp_path))
+    (root / "train" / "faces.csv").write_text("")  # e.g. a detect_faces.py run killed before its first row
+    with pytest.raises(D.DataError, match=r"train/faces.csv: cannot parse CSV .*rerun python detect_faces.py"):
+        D.crop_boxes(paths, crop_cfg(root, tmp_path))
 
 
 def test_train_and_inference_crop_train_and_eval_faces(data, tmp_path):
