@@ -89,24 +89,28 @@ def face_row(image, width, height, face):
 
 def detect_folder(folder, detector, batch_size=32, num_workers=0):
     """Detect the faces of every image under folder; returns the faces.csv table (one row per
-    image, paths relative to folder). Images of different sizes are detected in separate groups."""
+    image, paths relative to folder) and the read errors. Images of different sizes are detected
+    in separate groups. An unreadable image gets a row without a face (found 0) and its error,
+    so one bad file does not throw away the folder's detections; training still stops on it
+    (or skips it with --skip_bad_images)."""
     folder = Path(folder)
     paths = image_files(folder)
     if not paths:
         raise DataError(f"{folder}: no .jpg/.jpeg/.png images found")
-    loader = DataLoader(_Images(paths), batch_size=batch_size, num_workers=num_workers, collate_fn=lambda b: b)
-    rows = [None] * len(paths)
+    loader = DataLoader(_Images(paths), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
+    rows, errors = [None] * len(paths), []
     for batch in loader:
+        by_size = {}
         for i, img, error in batch:
             if error:
-                raise DataError(error)
-        by_size = {}
-        for i, img, _ in batch:
-            by_size.setdefault(img.shape, []).append((i, img))
+                errors.append(error)
+                rows[i] = face_row(paths[i].relative_to(folder).as_posix(), None, None, None)
+            else:
+                by_size.setdefault(img.shape, []).append((i, img))
         for group in by_size.values():
             for (i, img), face in zip(group, detector([img for _, img in group])):
                 rows[i] = face_row(paths[i].relative_to(folder).as_posix(), img.shape[1], img.shape[0], face)
-    return pd.DataFrame(rows, columns=FACE_COLUMNS)
+    return pd.DataFrame(rows, columns=FACE_COLUMNS), errors
 
 
 def default_folders(data_dir):
@@ -125,8 +129,11 @@ def main(argv=None):
     detector = FaceDetector(resolve_device(cfg["device"]))
     try:
         for folder in folders:
-            table = detect_folder(folder, detector, cfg["detect_batch_size"])
+            table, errors = detect_folder(folder, detector, cfg["detect_batch_size"])
             write_csv_atomic(table, Path(folder) / FACES_CSV)
+            if errors:
+                log.warning("%s: %d unreadable image(s) written without a face: %s", Path(folder) / FACES_CSV,
+                            len(errors), "; ".join(errors[:5]) + (" ..." if len(errors) > 5 else ""))
             missed = table.loc[table["found"] == 0, "image"]
             log.info("%s: a face in %d of %d images (%s)%s", Path(folder) / FACES_CSV, len(table) - len(missed),
                      len(table), f"{(len(table) - len(missed)) / len(table):.2%}",

@@ -1,5 +1,6 @@
 """Face crop (detect_faces.py, dataset crop boxes and their fallback) and the synthetic-mask
 external-data writer (mask_faces.py)."""
+import re
 import shutil
 from pathlib import Path
 
@@ -175,18 +176,21 @@ def test_detect_folder_writes_one_row_per_image_in_size_groups(tmp_path):
         Image.new("RGB", size, (k * 50, 0, 0)).save(folder / "images" / "p" / f"{k}.png")
     (folder / "images" / "p" / "._0.png").write_bytes(b"not an image")  # a macOS copy: ignored
     detector = FakeDetector()
-    table = detect_faces.detect_folder(folder, detector, batch_size=8)
+    table, errors = detect_faces.detect_folder(folder, detector, batch_size=8)
+    assert errors == []
     assert table["image"].tolist() == ["images/p/0.png", "images/p/1.png", "images/p/2.png"]
     assert table["found"].tolist() == [1, 0, 1] and table.loc[1, ["x1", "nose_x"]].isna().all()
     assert table.loc[0, ["width", "height", "x1", "y2", "mouth_right_x", "mouth_right_y"]].tolist() == [40, 50, 5, 30, 19, 24]
     assert all(len(shapes) == 1 for shapes in detector.batches)  # one image size per detector call
 
 
-def test_detect_folder_names_an_unreadable_image(tmp_path):
+def test_an_unreadable_image_gets_a_row_without_a_face_and_is_named(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "bad.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(D.DataError, match=r"bad.jpg: unreadable"):
-        detect_faces.detect_folder(tmp_path, FakeDetector())
+    Image.new("RGB", (40, 50)).save(tmp_path / "images" / "good.png")
+    table, errors = detect_faces.detect_folder(tmp_path, FakeDetector(), batch_size=1)
+    assert table["image"].tolist() == ["images/bad.jpg", "images/good.png"] and table["found"].tolist() == [0, 1]
+    assert len(errors) == 1 and re.search(r"bad.jpg: unreadable", errors[0])
 
 
 def test_mtcnn_runs_on_a_batch():
