@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from config import parse_config
-from dataset import GENDERS, IMAGE_EXTENSIONS, DataError, read_csv, read_rgb
+from dataset import GENDERS, IMAGE_EXTENSIONS, MASK_FILES, DataError, read_csv, read_rgb
 from detect_faces import FaceDetector
 from train import resolve_device, setup_logging, write_csv_atomic
 
@@ -60,7 +60,7 @@ def read_labels(faces_dir, faces_csv=""):
             if path.name.startswith(".") or not path.name.lower().endswith(tuple(IMAGE_EXTENSIONS)):
                 continue
             parts = path.name.split("_")
-            if len(parts) < 4 or not (parts[0].isdigit() and parts[1] in "01" and parts[2] in "01234"):
+            if len(parts) < 4 or not (parts[0].isdigit() and parts[1] in ("0", "1") and parts[2] in ("0", "1", "2", "3", "4")):
                 skipped.append((path.name, "name is not {age}_{gender}_{race}_*"))
                 continue
             rows.append((path.name, int(parts[0]), int(parts[1]), UTKFACE_RACES[int(parts[2])]))
@@ -188,12 +188,26 @@ def person_images(photo, landmarks, rng):
 # ---------------------------------------------------------------------------------------------
 def write_people(table, faces_dir, out_dir, detector, frame, face_width, seed):
     """Detect, frame and draw every photo of table; write out_dir/train/images/<person>/*.jpg
-    and out_dir/train/train.csv. Returns the (file, reason) list of photos without a face."""
+    and out_dir/train/train.csv. Returns the (file, reason) list of photos skipped (unreadable,
+    no face found). A person whose 7 images are already there (an interrupted run, rerun with
+    the same arguments) is kept, not redrawn: the drawing depends only on the seed and file."""
     train_dir = Path(out_dir) / "train"
     (train_dir / "images").mkdir(parents=True, exist_ok=True)
-    people, skipped = [], []
+    people, skipped, kept = [], [], 0
     for k, rec in enumerate(table.itertuples(index=False), start=1):
-        photo = read_rgb(Path(faces_dir) / rec.file)
+        gender = "female" if rec.gender else "male"
+        person = f"{k:06d}_{gender}_{rec.race}_{rec.age}"
+        folder = train_dir / "images" / person
+        row = {"id": f"{k:06d}", "gender": gender, "race": rec.race, "age": rec.age, "path": person}
+        if all((folder / f"{name}.jpg").is_file() for name in MASK_FILES):
+            people.append(row)
+            kept += 1
+            continue
+        try:
+            photo = read_rgb(Path(faces_dir) / rec.file)
+        except DataError as e:
+            skipped.append((rec.file, str(e)))
+            continue
         face = detector([np.asarray(photo)])[0]
         if face is None:
             skipped.append((rec.file, "no face found"))
@@ -203,15 +217,16 @@ def write_people(table, faces_dir, out_dir, detector, frame, face_width, seed):
         if frame[0] and frame[1]:
             photo, (scale, dx, dy) = frame_photo(photo, frame, face_width, rng)
             landmarks = landmarks * scale + np.array([dx, dy])
-        gender = "female" if rec.gender else "male"
-        person = f"{k:06d}_{gender}_{rec.race}_{rec.age}"
-        folder = train_dir / "images" / person
         folder.mkdir(exist_ok=True)
         for name, image in person_images(photo, landmarks, rng).items():
-            image.save(folder / f"{name}.jpg", quality=92)
-        people.append({"id": f"{k:06d}", "gender": gender, "race": rec.race, "age": rec.age, "path": person})
+            partial = folder / f".{name}.jpg.partial"  # renamed when complete: an interrupted save is redrawn
+            image.save(partial, format="JPEG", quality=92)
+            partial.replace(folder / f"{name}.jpg")
+        people.append(row)
         if k % 100 == 0:
             log.info("%d of %d photos", k, len(table))
+    if kept:
+        log.info("kept %d people already written by an earlier, interrupted run", kept)
     write_csv_atomic(pd.DataFrame(people, columns=["id", "gender", "race", "age", "path"]), train_dir / "train.csv")
     return skipped
 

@@ -203,11 +203,11 @@ def test_mtcnn_runs_on_a_batch():
 # ---------------------------------------------------------------------------------------------
 # mask_faces.py
 def test_read_labels_from_utkface_names_lists_bad_names(tmp_path):
-    for name in ("25_1_2_2017.jpg.chip.jpg", "61_0_0_2016.jpg", "61_0_2016.jpg", "notes.txt", ".hidden.jpg"):
+    for name in ("25_1_2_2017.jpg.chip.jpg", "61_0_0_2016.jpg", "61_0_2016.jpg", "25_1__x.jpg", "notes.txt", ".hidden.jpg"):
         (tmp_path / name).write_bytes(b"")
     table, skipped = mask_faces.read_labels(tmp_path)
     assert table.values.tolist() == [["25_1_2_2017.jpg.chip.jpg", 25, 1, "Asian"], ["61_0_0_2016.jpg", 61, 0, "White"]]
-    assert skipped == [("61_0_2016.jpg", "name is not {age}_{gender}_{race}_*")]
+    assert skipped == [(name, "name is not {age}_{gender}_{race}_*") for name in ("25_1__x.jpg", "61_0_2016.jpg")]
 
 
 def test_read_labels_from_a_csv_checks_each_line(tmp_path):
@@ -280,10 +280,47 @@ def test_detect_faces_defaults_to_the_train_and_eval_folders(tmp_path):
     assert detect_faces.default_folders(tmp_path / "d" / "train") == [tmp_path / "d" / "train"]
 
 
-def test_mask_faces_names_an_unreadable_photo(tmp_path):
+def test_mask_faces_skips_an_unreadable_photo_and_names_it(tmp_path):
     faces = tmp_path / "utk"
     faces.mkdir()
     (faces / "40_1_2_x.jpg").write_bytes(b"not a jpeg")
+    Image.new("RGB", (60, 60), (120, 100, 90)).save(faces / "50_0_2_y.jpg")
     table, _ = mask_faces.read_labels(faces)
-    with pytest.raises(D.DataError, match=r"40_1_2_x.jpg: unreadable"):
-        mask_faces.write_people(table, faces, tmp_path / "out", LandmarkDetector(), frame=(80, 60), face_width=0.86, seed=0)
+    skipped = mask_faces.write_people(table, faces, tmp_path / "out", LandmarkDetector(), frame=(80, 60), face_width=0.86, seed=0)
+    assert len(skipped) == 1 and skipped[0][0] == "40_1_2_x.jpg" and "40_1_2_x.jpg: unreadable" in skipped[0][1]
+    assert pd.read_csv(tmp_path / "out" / "train" / "train.csv")["age"].tolist() == [50]
+
+
+class InterruptedDetector(LandmarkDetector):
+    """Ctrl-C at its second photo."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, images):
+        self.calls += 1
+        if self.calls == 2:
+            raise KeyboardInterrupt
+        return super().__call__(images)
+
+
+def test_an_interrupted_mask_faces_run_continues_where_it_stopped(tmp_path):
+    faces = tmp_path / "utk"
+    faces.mkdir()
+    for k, name in enumerate(("40_1_2_x.jpg", "50_0_2_y.jpg")):
+        Image.new("RGB", (60, 60), (120 + 20 * k, 100, 90)).save(faces / name)
+    table, _ = mask_faces.read_labels(faces)
+    args = dict(frame=(80, 60), face_width=0.86, seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        mask_faces.write_people(table, faces, tmp_path / "cut", InterruptedDetector(), **args)
+    assert not (tmp_path / "cut" / "train" / "train.csv").exists()
+    rerun = InterruptedDetector()
+    rerun.calls = 2  # past its interruption
+    mask_faces.write_people(table, faces, tmp_path / "cut", rerun, **args)
+    assert rerun.calls == 3  # the first person was kept, only the second one detected and drawn
+    mask_faces.write_people(table, faces, tmp_path / "whole", LandmarkDetector(), **args)
+    for run in ("cut", "whole"):
+        assert pd.read_csv(tmp_path / run / "train" / "train.csv")["age"].tolist() == [40, 50]
+    cut, whole = (sorted(p.relative_to(tmp_path / run) for p in (tmp_path / run).rglob("*.jpg")) for run in ("cut", "whole"))
+    assert cut == whole and len(cut) == 14
+    assert all((tmp_path / "cut" / p).read_bytes() == (tmp_path / "whole" / p).read_bytes() for p in cut)
