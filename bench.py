@@ -34,7 +34,7 @@ from config import default_config, load_spec
 from dataset import build_transform, load_training_images, make_dataset, num_folds, open_cache
 from loss import Criterion
 from model import create_model
-from train import build_optimizer, fit, resolve_device, score
+from train import autocast_for, build_optimizer, fit, resolve_device, score
 
 ROOT = Path(__file__).resolve().parent
 # a budgeted recipe's epochs: the probe's estimate plus this margin (a 20-batch probe has
@@ -110,7 +110,9 @@ def loader_throughput(cfg, table, max_images=2000):
 
 
 def model_throughput(cfg, device, steps=6):
-    """Training images/s of the model alone (random inputs, forward + backward + step)."""
+    """Training images/s of the model alone (random inputs, forward + backward + step), with the
+    mixed precision train.py uses on CUDA."""
+    autocast, _ = autocast_for(device, cfg["amp"])
     model = create_model(cfg).to(device).train()
     criterion, optimizer = Criterion(cfg), build_optimizer(cfg, model)
     memory_format = torch.channels_last if cfg["channels_last"] else torch.contiguous_format
@@ -121,8 +123,11 @@ def model_throughput(cfg, device, steps=6):
     ages = torch.full((cfg["batch_size"],), 40.0, device=device)
     for step in range(steps + 2):  # two warm-up steps
         if step == 2:
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # the warm-up's queued GPU work is not timed
             start = time.time()
-        loss, _ = criterion(model(images), labels, ages)
+        with autocast():
+            loss, _ = criterion(model(images), labels, ages)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
