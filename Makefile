@@ -2,8 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-# tcmalloc makes CPU training 2.5-3.5x faster here (the default allocator spends 40-60% of the
-# time faulting in fresh tensors); used when installed: apt-get install libtcmalloc-minimal4
+# tcmalloc (apt-get install libtcmalloc-minimal4) is preloaded when installed: it sped up the
+# channels-first CPU step 1.25x and was neutral with channels-last (BENCHMARKS.md)
 TCMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4))
 RUN := $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC) )$(PY)
 
@@ -44,8 +44,8 @@ demo: sample
 	@echo "Demo done: runs in $(DEMO)/multi and $(DEMO)/single, ensemble submission $(DEMO)/submission.csv"
 
 ensemble: install
-	@test -n "$(RUNS)" || (echo 'usage: make ensemble RUNS="runs/a runs/b" [METHOD=soft|hard|per_task] [SUBMISSION=file]'; exit 2)
-	$(PY) ensemble.py --members $(RUNS) --method $(METHOD) --submission $(SUBMISSION)
+	@test -n "$(RUNS)" || (echo 'usage: make ensemble RUNS="runs/a runs/b" [METHOD=soft|hard|per_task TASK_MEMBERS="0 1 2"] [SUBMISSION=file]'; exit 2)
+	$(PY) ensemble.py --members $(RUNS) --method $(METHOD) --submission $(SUBMISSION) $(if $(TASK_MEMBERS),--task_members $(TASK_MEMBERS))
 
 bench: install
 	$(RUN) bench.py --maskbench $(MASKBENCH)

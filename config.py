@@ -37,10 +37,14 @@ def script_keys(script, spec):
 def default_config(script="train"):
     """The defaults of a script's keys (environment variables applied), as a plain dict."""
     spec = load_spec()
-    return {key: _env_default(spec[key]) for key in script_keys(script, spec)}
+    return {key: _env_default(spec[key], script) for key in script_keys(script, spec)}
 
 
-def _env_default(entry):
+def _env_default(entry, script):
+    """The key's environment variable when it is set (and, with env_scripts, only for those
+    scripts), else its default."""
+    if script not in entry.get("env_scripts", SCRIPT_GROUPS):
+        return entry["default"]
     value = os.environ.get(entry.get("env", ""), "")
     return value if value else entry["default"]
 

@@ -97,14 +97,15 @@ def per_task(probs, task_members):
 def combine(probs, cfg, member_f1=None):
     method = cfg["method"]
     if method == "soft":
-        if cfg["member_weights"] and len(cfg["member_weights"]) != len(probs):
-            raise SystemExit(f"error: {len(cfg['member_weights'])} --member_weights for {len(probs)} members; "
-                             "give one weight per member, in member order")
+        weights = cfg["member_weights"]
+        if weights and (len(weights) != len(probs) or min(weights) < 0 or sum(weights) <= 0):
+            raise SystemExit(f"error: --member_weights {weights} for {len(probs)} members: give one weight per member, "
+                             "in member order, none negative and not all 0")
         return soft_vote(probs, cfg["member_weights"]).argmax(1)
     if method == "hard":
         return hard_vote([p.argmax(1) for p in probs], member_f1)
     if method == "per_task":
-        if len(cfg["task_members"]) != 3 or max(cfg["task_members"]) >= len(probs):
+        if len(cfg["task_members"]) != 3 or not all(0 <= m < len(probs) for m in cfg["task_members"]):
             raise SystemExit("error: per_task needs --task_members A B C (member indices for mask, gender, age)")
         return per_task(probs, cfg["task_members"])
     raise SystemExit(f"error: method '{method}' is not soft, hard or per_task")

@@ -166,6 +166,14 @@ def test_environment_sets_defaults_and_command_line_wins(monkeypatch, tmp_path):
     assert cfg["model_dir"] == "file/runs" and cfg["data_dir"] == "/srv/competition/train"
 
 
+def test_output_environment_variable_is_inference_only(monkeypatch):
+    """SM_OUTPUT_DATA_DIR is where the starter code's inference writes; a training run must not
+    be pinned to it (every run would go to one folder)."""
+    monkeypatch.setenv("SM_OUTPUT_DATA_DIR", "/srv/output")
+    assert parse_config("inference", [])["output_dir"] == "/srv/output"
+    assert parse_config("train", ["--name", "b0"])["output_dir"] == SPEC["output_dir"]["default"]
+
+
 def test_empty_environment_variable_keeps_the_default(monkeypatch):
     monkeypatch.setenv("SM_CHANNEL_TRAIN", "")
     assert parse_config("train", [])["data_dir"] == SPEC["data_dir"]["default"]
@@ -183,6 +191,7 @@ def test_every_key_has_default_group_and_help():
         assert "%" not in entry["help"], key  # argparse would try to format it
         if "env" in entry:
             assert isinstance(entry["default"], str), key  # environment values are strings
+            assert set(entry.get("env_scripts", [])) <= set(config.SCRIPT_GROUPS), key
         if isinstance(entry["default"], list) and entry["default"]:
             assert len({type(v) for v in entry["default"]}) == 1, key
     used = {k for script in config.SCRIPT_GROUPS for k in script_keys(script, SPEC)}

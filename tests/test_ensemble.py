@@ -80,7 +80,7 @@ def test_soft_vote_with_weights():
     assert ensemble.combine([a, b], ens_cfg(member_weights=[1.0, 1.0])).tolist() == [1]
 
 
-@pytest.mark.parametrize("weights", [[1.0], [1.0, 1.0, 1.0]])
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 1.0, 1.0], [1.0, -1.0], [0.0, 0.0]])
 def test_soft_vote_needs_one_weight_per_member(weights):
     with pytest.raises(SystemExit, match="one weight per member"):
         ensemble.combine([random_probs(3, k) for k in range(2)], ens_cfg(member_weights=weights))
@@ -144,7 +144,7 @@ def test_per_task_takes_each_task_from_its_member():
         assert ensemble.per_task(probs, [k, k, k]).tolist() == p.argmax(1).tolist()
 
 
-@pytest.mark.parametrize("task_members", [[0, 1], [0, 1, 3]])
+@pytest.mark.parametrize("task_members", [[0, 1], [0, 1, 3], [0, 1, -1]])
 def test_per_task_needs_three_valid_members(task_members):
     with pytest.raises(SystemExit, match="task_members"):
         ensemble.combine([random_probs(3, k) for k in range(3)], ens_cfg(method="per_task", task_members=task_members))
