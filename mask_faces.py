@@ -241,12 +241,12 @@ def main(argv=None):
     try:
         table, skipped = read_labels(cfg["faces_dir"], cfg["faces_csv"])
         detector = FaceDetector(resolve_device(cfg["device"]))
-        skipped += write_people(table, cfg["faces_dir"], cfg["masked_out"], detector, cfg["masked_frame"],
-                                cfg["masked_face_width"], cfg["seed"])
+        not_drawn = write_people(table, cfg["faces_dir"], cfg["masked_out"], detector, cfg["masked_frame"],
+                                 cfg["masked_face_width"], cfg["seed"])
     except DataError as e:
         raise SystemExit(f"error: {e}")
-    log.info("wrote %d people to %s", len(table) - sum(r == "no face found" for _, r in skipped),
-             Path(cfg["masked_out"]) / "train")
+    log.info("wrote %d people to %s", len(table) - len(not_drawn), Path(cfg["masked_out"]) / "train")
+    skipped += not_drawn
     if skipped:
         write_csv_atomic(pd.DataFrame(skipped, columns=["file", "reason"]), Path(cfg["masked_out"]) / "skipped.csv")
         log.warning("skipped %d photo(s), listed in %s", len(skipped), Path(cfg["masked_out"]) / "skipped.csv")
