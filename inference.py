@@ -33,16 +33,16 @@ def find_checkpoints(run_dir, checkpoint="best"):
     folds = sorted(run_dir.glob(f"fold*/{checkpoint}.pt"))
     if not folds:
         raise SystemExit(f"error: no {checkpoint}.pt in {run_dir} or its fold folders")
-    check_folds_finished(run_dir, checkpoint)
+    check_folds_finished(run_dir, folds)
     return folds
 
 
-def check_folds_finished(run_dir, checkpoint):
+def check_folds_finished(run_dir, checkpoints):
     """Refuse to average a k-fold run that was interrupted: a fold still training (no
     summary.json) or not started would silently weaken the ensemble."""
     saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
     k = num_folds(saved["val_ratio"]) if saved.get("fold") == "all" and saved.get("val_ratio", 0) > 0 else 0
-    names = sorted({p.parent.name for p in run_dir.glob(f"fold*/{checkpoint}.pt")} | {f"fold{i}" for i in range(k)})
+    names = sorted({p.parent.name for p in checkpoints} | {f"fold{i}" for i in range(k)})
     unfinished = [name for name in names if not (run_dir / name / "summary.json").is_file()]
     if unfinished:
         raise SystemExit(f"error: {run_dir} is an unfinished k-fold run ({', '.join(unfinished)} not finished); "
