@@ -200,7 +200,8 @@ def run_recipe(recipe, args, data, out, device):
     recipe_cfg = {**train_overrides, "epochs": epochs}
     config_file.write_text(json.dumps(recipe_cfg, indent=2))
     common = ["--cache_dir", str(args.cache_dir), "--num_workers", str(args.num_workers)]
-    finished = run_dir / ("oof_probs.csv" if folds > 1 else "summary.json")
+    finished = (run_dir / "pseudo" / "summary.json" if recipe_cfg.get("pseudo_threshold")
+                else run_dir / ("oof_probs.csv" if folds > 1 else "summary.json"))
     done = finished.is_file() and recipe_cfg.items() <= json.loads((run_dir / "config.json").read_text()).items()
     if not done:  # a finished run of the same recipe settings is reused, so an interrupted bench resumes
         subprocess.run([sys.executable, "train.py", "--config", str(config_file), "--data_dir", str(data / "train"),
@@ -212,9 +213,12 @@ def run_recipe(recipe, args, data, out, device):
                              "--submission", str(run_dir / "submission.csv"), "--json"],
                             check=True, capture_output=True, text=True)
     metrics = json.loads(scored.stdout)
-    fold_histories = [csv_rows(path) for path in sorted(run_dir.glob("**/metrics.csv"))]
-    history = [row for rows in fold_histories for row in rows]
-    epochs_run = "/".join(str(n) for n in sorted({len(rows) for rows in fold_histories}))  # a time limit can stop early
+    histories = {path.parent: csv_rows(path) for path in sorted(run_dir.glob("**/metrics.csv"))}
+    history = [row for rows in histories.values() for row in rows]
+    pseudo = histories.pop(run_dir / "pseudo", None)  # the pseudo-label stage, after the run's own models
+    epochs_run = "/".join(str(n) for n in sorted({len(rows) for rows in histories.values()}))  # a time limit can stop early
+    if pseudo:
+        epochs_run += f" + pseudo {len(pseudo)}"
     if folds > 1:
         oof = pd.read_csv(run_dir / "oof_probs.csv")
         valid_f1 = score(oof["label"], oof["pred"])["f1"]
@@ -224,7 +228,8 @@ def run_recipe(recipe, args, data, out, device):
             "input": "x".join(str(v) for v in cfg["resize"][::-1]),
             "train_minutes": sum(float(r["train_seconds"]) for r in history) / 60, "model_images_per_s": model_ips,
             "train_images_per_s": float(np.median([float(r["train_images_per_s"]) for r in history])),
-            "valid_f1": valid_f1, "valid_images_per_s": float(np.median([float(r["valid_images_per_s"]) for r in history])),
+            "valid_f1": valid_f1,
+            "valid_images_per_s": float(np.median([float(r["valid_images_per_s"]) for r in history if r.get("valid_images_per_s")])),
             **metrics}
 
 
@@ -268,7 +273,8 @@ def write_report(args, loader, results, counts_match, faces):
                          f"{r['valid_images_per_s']:.1f} |")
         lines += ["\ntrain min: training time (validation passes not included); valid F1: best epoch on the "
                   "validation fold, or out of fold for a k-fold recipe (epochs 'folds x epochs'), whose eval "
-                  "prediction is the mean of its fold models."]
+                  "prediction is the mean of its fold models; '+ pseudo N': then N epochs of the pseudo-label stage "
+                  "(train min includes them), which makes the eval prediction; valid F1 is the first stage's."]
     text = "\n".join(lines) + "\n"
     print(text)
     with open(ROOT / "BENCHMARKS.md", "a") as f:

@@ -5,6 +5,9 @@
     python inference.py --run runs/exp --eval_dir data/eval --output_dir out
     python inference.py --run runs/exp --pseudo_threshold 0.95   # also pseudo_labels.csv
 
+A run trained with --pseudo_threshold predicts with its pseudo-label stage (RUN/pseudo/); pass
+RUN/fold<k> (or a run without that stage) for the first stage's models.
+
 The model, image size and normalization come from the run's saved config; only where to read,
 where to write, batch size, device and TTA are chosen here.
 """
@@ -23,6 +26,20 @@ from model import create_model, task_probabilities
 from train import autocast_for, predict, probs_table, resolve_device, setup_logging, write_csv_atomic
 
 log = logging.getLogger("mask")
+
+
+def final_stage(run_dir):
+    """The folder of a run that predicts: its pseudo-label stage pseudo/ when it has one (the
+    stage train.py --pseudo_threshold adds after the run's own models), else the run itself.
+    An unfinished stage is refused rather than passed over for the first stage's models."""
+    stage = Path(run_dir) / "pseudo"
+    if not stage.is_dir():
+        return Path(run_dir)
+    if not (stage / "summary.json").is_file():
+        raise SystemExit(f"error: the pseudo-label stage {stage} is not finished; finish it with python train.py "
+                         f"--resume {run_dir}, or pass {run_dir}'s own model or fold folders to --run")
+    log.info("%s: predicting with its pseudo-label stage %s", run_dir, stage)
+    return stage
 
 
 def find_checkpoints(run_dir, checkpoint="best"):
@@ -138,7 +155,7 @@ def main(cfg):
     if not cfg["run"]:
         raise SystemExit("error: give a run folder with --run RUN")
     device = resolve_device(cfg["device"])
-    checkpoints = [c for run in cfg["run"] for c in find_checkpoints(run, cfg["checkpoint"])]
+    checkpoints = [c for run in cfg["run"] for c in find_checkpoints(final_stage(run), cfg["checkpoint"])]
     try:
         probs, images = predict_eval(checkpoints, cfg, device)
     except DataError as e:  # bad input: the message names the file and the problem

@@ -8,7 +8,8 @@
 
 Run folder (runs/<name>/, or --output_dir): config.json, train.log, split.csv, metrics.csv,
 best.pt, last.pt, valid_probs.csv, summary.json (with --fold all: one fold<k>/ folder per fold
-and oof_probs.csv; with --refit: refit/ trained on every person).
+and oof_probs.csv; with --refit: refit/ trained on every person; with --pseudo_threshold:
+pseudo_labels.csv and pseudo/, the model trained on every person plus the pseudo-labelled eval images).
 """
 import contextlib
 import json
@@ -437,7 +438,34 @@ def train(cfg, run_dir, device):
         log.info("refit: training on every person for %d epochs into %s", epochs, run_dir / "refit")
         all_train, _ = split_train_valid(images, None, cfg["drop_ages"])
         fit({**cfg, "epochs": epochs}, run_dir / "refit", all_train, None, device, cache)
+    if cfg["pseudo_threshold"] > 0:
+        pseudo_stage(cfg, run_dir, run_dir / "refit" if cfg["refit"] and folds != [None] else run_dir, device)
     return summaries
+
+
+def pseudo_stage(cfg, run_dir, labeller, device):
+    """Pseudo-labelling, the competition teams' last step: the labeller run's models (its folds
+    averaged, flip TTA) label the eval images; those whose top probability reaches
+    pseudo_threshold join every training person, and one more model trains on them into
+    run_dir/pseudo/ for cfg epochs. It has no validation: the eval images have no true labels
+    (BENCHMARKS.md measures the stage on held-out people). A pseudo_labels.csv kept from an
+    interrupted run is reused, so a resumed stage trains on the same labels."""
+    from inference import find_checkpoints, predict_eval, write_pseudo_labels  # inference imports train
+    if (run_dir / "pseudo" / "summary.json").is_file():  # finished before an interruption
+        return
+    labels_csv = run_dir / "pseudo_labels.csv"
+    if not labels_csv.is_file():
+        probs, images = predict_eval(find_checkpoints(labeller), {**cfg, "tta": "flip"}, device)
+        if probs.max() < cfg["pseudo_threshold"]:
+            raise SystemExit(f"error: no eval image reaches --pseudo_threshold {cfg['pseudo_threshold']} (the highest "
+                             f"top probability is {probs.max():.3f}); lower it. The models trained so far stay in {run_dir}")
+        write_pseudo_labels(images, probs, cfg["pseudo_threshold"], labels_csv)
+    stage_cfg = {**cfg, "extra_data": [*cfg["extra_data"], str(labels_csv)]}
+    images = load_training_images(stage_cfg)
+    everyone, _ = split_train_valid(images, None, cfg["drop_ages"])
+    cache = open_cache(images["image_path"].tolist(), cfg) if cfg["cache_dir"] else None
+    log.info("pseudo-label stage: every training person plus the eval images of %s -> %s", labels_csv, run_dir / "pseudo")
+    fit(stage_cfg, run_dir / "pseudo", everyone, None, device, cache)
 
 
 RESUME_SETTINGS = ("resume", "device", "num_workers")  # all --resume takes from the command line

@@ -4,6 +4,7 @@ import contextlib
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -320,6 +321,70 @@ def test_refit_trains_on_everybody(kfold_run):
     assert training_images_logged(run_dir, refit) == (7 * N_PEOPLE, N_PEOPLE)
     for k in (0, 1):
         assert training_images_logged(run_dir, run_dir / f"fold{k}")[0] < 7 * N_PEOPLE
+
+
+@pytest.fixture(scope="module")
+def pseudo_run(data, tmp_path_factory):
+    """A one-fold run with a pseudo-label stage; the threshold lets every eval image through
+    (a top probability of 18 classes is at least 1/18)."""
+    cfg = make_cfg(data, tmp_path_factory.mktemp("pseudo_runs"), pseudo_threshold=0.05)
+    run_dir, summaries = train.main(cfg)
+    return run_dir, cfg
+
+
+def eval_predictions(checkpoints, cfg):
+    probs, images = inference.predict_eval(checkpoints, {**cfg, "tta": "flip", "eval_dir": ""}, torch.device("cpu"))
+    return probs, images
+
+
+def test_pseudo_stage_trains_on_everybody_plus_the_labelled_eval_images(pseudo_run, data):
+    run_dir, cfg = pseudo_run
+    labels = pd.read_csv(run_dir / "pseudo_labels.csv")
+    probs, images = eval_predictions([run_dir / "best.pt"], cfg)  # the first stage labels the eval images
+    assert labels["path"].tolist() == [str(Path(p).resolve()) for p in images["image_path"]]
+    np.testing.assert_array_equal(labels["class"], probs.argmax(1))
+    n_eval = len(pd.read_csv(data / "sample" / "eval" / "info.csv"))
+    assert len(labels) == n_eval
+    stage = run_dir / "pseudo"
+    assert training_images_logged(run_dir, stage) == (7 * N_PEOPLE + n_eval, N_PEOPLE + n_eval)
+    assert training_images_logged(run_dir)[0] < 7 * N_PEOPLE  # the first stage kept its validation fold
+    assert len(pd.read_csv(stage / "metrics.csv")) == cfg["epochs"]
+    saved = torch.load(stage / "best.pt", map_location="cpu", weights_only=True)["config"]
+    assert saved["extra_data"] == [str(run_dir / "pseudo_labels.csv")]
+    assert not (stage / "valid_probs.csv").exists()
+
+
+def test_inference_predicts_with_the_pseudo_stage(pseudo_run, tmp_path):
+    run_dir, cfg = pseudo_run
+    inference.main({**default_config("inference"), "run": [str(run_dir)], "output_dir": str(tmp_path), "num_workers": 0,
+                    "cache_dir": cfg["cache_dir"], "device": "cpu"})
+    probs, _ = eval_predictions([run_dir / "pseudo" / "best.pt"], cfg)
+    submitted = pd.read_csv(tmp_path / "submission.csv")
+    np.testing.assert_array_equal(submitted["ans"], probs.argmax(1))
+    first_stage, _ = eval_predictions([run_dir / "best.pt"], cfg)
+    assert not np.allclose(probs, first_stage)  # a different model, not the first stage under another name
+
+
+def test_an_unfinished_pseudo_stage_is_resumed_on_its_saved_labels(pseudo_run, tmp_path):
+    run_dir, cfg = pseudo_run
+    cut = tmp_path / "cut"
+    shutil.copytree(run_dir, cut, ignore=shutil.ignore_patterns("pseudo"))
+    (cut / "pseudo").mkdir()
+    with pytest.raises(SystemExit, match="pseudo-label stage .* is not finished"):
+        inference.final_stage(cut)
+    labels = pd.read_csv(cut / "pseudo_labels.csv").head(3)
+    labels.to_csv(cut / "pseudo_labels.csv", index=False)  # a resumed stage must not label the eval images again
+    train.main({**default_config("train"), "resume": str(cut), "num_workers": 0, "device": "cpu"})
+    assert training_images_logged(cut, cut / "pseudo") == (7 * N_PEOPLE + 3, N_PEOPLE + 3)
+    assert inference.final_stage(cut) == cut / "pseudo"
+
+
+def test_a_threshold_no_eval_image_reaches_stops_with_the_first_stage_kept(data, tmp_path):
+    cfg = make_cfg(data, tmp_path / "runs", pseudo_threshold=1.5, output_dir=str(tmp_path / "run"))
+    with pytest.raises(SystemExit, match="no eval image reaches --pseudo_threshold 1.5"):
+        train.main(cfg)
+    assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "summary.json").is_file()
+    assert not (tmp_path / "run" / "pseudo_labels.csv").exists() and not (tmp_path / "run" / "pseudo").exists()
 
 
 def test_val_ratio_0_trains_on_everybody(data, tmp_path):
