@@ -9,7 +9,7 @@
 Run folder (runs/<name>/, or --output_dir): config.json, train.log, split.csv, metrics.csv,
 best.pt, last.pt, valid_probs.csv, summary.json (with --fold all: one fold<k>/ folder per fold
 and oof_probs.csv; with --refit: refit/ trained on every person; with --pseudo_threshold:
-pseudo_labels.csv and pseudo/, the model trained on every person plus the pseudo-labelled eval images).
+pseudo/, the model trained on every person plus the eval images in its labels.csv).
 """
 import contextlib
 import json
@@ -448,17 +448,19 @@ def pseudo_stage(cfg, run_dir, labeller, device):
     averaged, flip TTA) label the eval images; those whose top probability reaches
     pseudo_threshold join every training person, and one more model trains on them into
     run_dir/pseudo/ for cfg epochs. It has no validation: the eval images have no true labels
-    (BENCHMARKS.md measures the stage on held-out people). A pseudo_labels.csv kept from an
-    interrupted run is reused, so a resumed stage trains on the same labels."""
+    (BENCHMARKS.md measures the stage on held-out people). The labels go to pseudo/labels.csv
+    (not pseudo_labels.csv, which inference.py --pseudo_threshold writes into the run folder);
+    kept from an interrupted run, they are reused, so a resumed stage trains on the same labels."""
     from inference import find_checkpoints, predict_eval, write_pseudo_labels  # inference imports train
     if (run_dir / "pseudo" / "summary.json").is_file():  # finished before an interruption
         return
-    labels_csv = run_dir / "pseudo_labels.csv"
+    labels_csv = run_dir / "pseudo" / "labels.csv"
     if not labels_csv.is_file():
         probs, images = predict_eval(find_checkpoints(labeller), {**cfg, "tta": "flip"}, device)
         if probs.max() < cfg["pseudo_threshold"]:
             raise SystemExit(f"error: no eval image reaches --pseudo_threshold {cfg['pseudo_threshold']} (the highest "
                              f"top probability is {probs.max():.3f}); lower it. The models trained so far stay in {run_dir}")
+        labels_csv.parent.mkdir(exist_ok=True)
         write_pseudo_labels(images, probs, cfg["pseudo_threshold"], labels_csv)
     stage_cfg = {**cfg, "extra_data": [*cfg["extra_data"], str(labels_csv)]}
     images = load_training_images(stage_cfg)

@@ -339,7 +339,7 @@ def eval_predictions(checkpoints, cfg):
 
 def test_pseudo_stage_trains_on_everybody_plus_the_labelled_eval_images(pseudo_run, data):
     run_dir, cfg = pseudo_run
-    labels = pd.read_csv(run_dir / "pseudo_labels.csv")
+    labels = pd.read_csv(run_dir / "pseudo" / "labels.csv")
     probs, images = eval_predictions([run_dir / "best.pt"], cfg)  # the first stage labels the eval images
     assert labels["path"].tolist() == [str(Path(p).resolve()) for p in images["image_path"]]
     np.testing.assert_array_equal(labels["class"], probs.argmax(1))
@@ -350,7 +350,7 @@ def test_pseudo_stage_trains_on_everybody_plus_the_labelled_eval_images(pseudo_r
     assert training_images_logged(run_dir)[0] < 7 * N_PEOPLE  # the first stage kept its validation fold
     assert len(pd.read_csv(stage / "metrics.csv")) == cfg["epochs"]
     saved = torch.load(stage / "best.pt", map_location="cpu", weights_only=True)["config"]
-    assert saved["extra_data"] == [str(run_dir / "pseudo_labels.csv")]
+    assert saved["extra_data"] == [str(run_dir / "pseudo" / "labels.csv")]
     assert not (stage / "valid_probs.csv").exists()
 
 
@@ -365,15 +365,27 @@ def test_inference_predicts_with_the_pseudo_stage(pseudo_run, tmp_path):
     assert not np.allclose(probs, first_stage)  # a different model, not the first stage under another name
 
 
+def test_inference_pseudo_labels_leave_the_stage_labels_alone(pseudo_run):
+    """inference.py --pseudo_threshold writes RUN/pseudo_labels.csv; the file the stage trained
+    on, RUN/pseudo/labels.csv, is another and stays as it was."""
+    run_dir, cfg = pseudo_run
+    stage_labels = (run_dir / "pseudo" / "labels.csv").read_bytes()
+    inference.main({**default_config("inference"), "run": [str(run_dir)], "pseudo_threshold": 0.05, "num_workers": 0,
+                    "cache_dir": cfg["cache_dir"], "device": "cpu"})
+    assert (run_dir / "pseudo_labels.csv").is_file()
+    assert (run_dir / "pseudo" / "labels.csv").read_bytes() == stage_labels
+
+
 def test_an_unfinished_pseudo_stage_is_resumed_on_its_saved_labels(pseudo_run, tmp_path):
     run_dir, cfg = pseudo_run
     cut = tmp_path / "cut"
-    shutil.copytree(run_dir, cut, ignore=shutil.ignore_patterns("pseudo"))
-    (cut / "pseudo").mkdir()
+    shutil.copytree(run_dir, cut)
+    for name in ["best.pt", "last.pt", "metrics.csv", "summary.json"]:  # interrupted before its first epoch ended
+        (cut / "pseudo" / name).unlink()
     with pytest.raises(SystemExit, match="pseudo-label stage .* is not finished"):
         inference.final_stage(cut)
-    labels = pd.read_csv(cut / "pseudo_labels.csv").head(3)
-    labels.to_csv(cut / "pseudo_labels.csv", index=False)  # a resumed stage must not label the eval images again
+    labels = pd.read_csv(cut / "pseudo" / "labels.csv").head(3)
+    labels.to_csv(cut / "pseudo" / "labels.csv", index=False)  # a resumed stage must not label the eval images again
     train.main({**default_config("train"), "resume": str(cut), "num_workers": 0, "device": "cpu"})
     assert training_images_logged(cut, cut / "pseudo") == (7 * N_PEOPLE + 3, N_PEOPLE + 3)
     assert inference.final_stage(cut) == cut / "pseudo"
@@ -384,7 +396,7 @@ def test_a_threshold_no_eval_image_reaches_stops_with_the_first_stage_kept(data,
     with pytest.raises(SystemExit, match="no eval image reaches --pseudo_threshold 1.5"):
         train.main(cfg)
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "summary.json").is_file()
-    assert not (tmp_path / "run" / "pseudo_labels.csv").exists() and not (tmp_path / "run" / "pseudo").exists()
+    assert not (tmp_path / "run" / "pseudo").exists()
 
 
 def test_val_ratio_0_trains_on_everybody(data, tmp_path):
