@@ -202,8 +202,15 @@ def run_recipe(recipe, args, data, out, device):
     common = ["--cache_dir", str(args.cache_dir), "--num_workers", str(args.num_workers)]
     finished = (run_dir / "pseudo" / "summary.json" if recipe_cfg.get("pseudo_threshold")
                 else run_dir / ("oof_probs.csv" if folds > 1 else "summary.json"))
-    done = finished.is_file() and recipe_cfg.items() <= json.loads((run_dir / "config.json").read_text()).items()
-    if not done:  # a finished run of the same recipe settings is reused, so an interrupted bench resumes
+    same_recipe = ((run_dir / "config.json").is_file()
+                   and recipe_cfg.items() <= json.loads((run_dir / "config.json").read_text()).items())
+    done = same_recipe and finished.is_file()
+    # a finished run of the same recipe settings is reused, an unfinished one continued (its finished
+    # folds kept), so an interrupted bench resumes
+    if same_recipe and not done:
+        subprocess.run([sys.executable, "train.py", "--resume", str(run_dir), "--num_workers", str(args.num_workers)],
+                       check=True, cwd=ROOT)
+    elif not done:
         subprocess.run([sys.executable, "train.py", "--config", str(config_file), "--data_dir", str(data / "train"),
                         "--output_dir", str(run_dir), "--overwrite", *common], check=True, cwd=ROOT)
     if not (done and (run_dir / "submission.csv").is_file()):

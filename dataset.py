@@ -88,6 +88,12 @@ def train_root(data_dir):
     return data_dir.parent if data_dir.name == "images" and not (data_dir / "train.csv").exists() else data_dir
 
 
+def eval_folder(cfg):
+    """A training config's eval folder: its eval_dir, else the eval/ folder the competition ships
+    beside train/."""
+    return cfg["eval_dir"] or str(train_root(cfg["data_dir"]).parent / "eval")
+
+
 def read_people(data_dir):
     """train.csv as a table of people: id (string), gender (0/1), age (int), path (folder)."""
     csv_path = train_root(data_dir) / "train.csv"

@@ -6,7 +6,7 @@
     python inference.py --run runs/exp --pseudo_threshold 0.95   # also pseudo_labels.csv
 
 A run trained with --pseudo_threshold predicts with its pseudo-label stage (RUN/pseudo/); pass
-RUN/fold<k> (or a run without that stage) for the first stage's models.
+RUN/best.pt or RUN/fold<k> for the first stage's models. --run also takes checkpoint files.
 
 The model, image size and normalization come from the run's saved config; only where to read,
 where to write, batch size, device and TTA are chosen here.
@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from config import default_config, parse_config
-from dataset import NUM_CLASSES, DataError, build_transform, make_dataset, num_folds, read_eval_images, train_root
+from dataset import NUM_CLASSES, DataError, build_transform, eval_folder, make_dataset, num_folds, read_eval_images
 from model import create_model, task_probabilities
 from train import autocast_for, predict, probs_table, resolve_device, setup_logging, write_csv_atomic
 
@@ -37,14 +37,17 @@ def final_stage(run_dir):
         return Path(run_dir)
     if not (stage / "summary.json").is_file():
         raise SystemExit(f"error: the pseudo-label stage {stage} is not finished; finish it with python train.py "
-                         f"--resume {run_dir}, or pass {run_dir}'s own model or fold folders to --run")
+                         f"--resume {run_dir}, or pass the first stage's models to --run: {run_dir}/best.pt or "
+                         f"{run_dir}/fold<k> folders")
     log.info("%s: predicting with its pseudo-label stage %s", run_dir, stage)
     return stage
 
 
 def find_checkpoints(run_dir, checkpoint="best"):
-    """best.pt / last.pt of a run, or of each fold<k>/ of a k-fold run."""
+    """best.pt / last.pt of a run, or of each fold<k>/ of a k-fold run; a checkpoint file as it is."""
     run_dir = Path(run_dir)
+    if run_dir.is_file():
+        return [run_dir]
     if (run_dir / f"{checkpoint}.pt").is_file():
         return [run_dir / f"{checkpoint}.pt"]
     folds = sorted(run_dir.glob(f"fold*/{checkpoint}.pt"))
@@ -78,11 +81,6 @@ def load_model(path, device):
     return model.to(device).eval(), train_cfg
 
 
-def default_eval_dir(train_cfg):
-    """The competition ships train/ and eval/ side by side."""
-    return str(train_root(train_cfg["data_dir"]).parent / "eval")
-
-
 def predict_eval(checkpoints, cfg, device):
     """Mean 18-class probabilities of the checkpoints over eval/info.csv, and the info table.
     The eval table and dataset are built once and shared by checkpoints with the same
@@ -91,7 +89,7 @@ def predict_eval(checkpoints, cfg, device):
     total, inputs = 0, {}
     for path in checkpoints:
         model, train_cfg = load_model(path, device)
-        eval_dir = cfg["eval_dir"] or default_eval_dir(train_cfg)
+        eval_dir = cfg["eval_dir"] or eval_folder(train_cfg)
         key = (eval_dir, *(tuple(train_cfg[k]) for k in ("resize", "center_crop", "mean", "std")),
                train_cfg["face_crop"], train_cfg["face_margin"])
         if key not in inputs:
@@ -160,7 +158,8 @@ def main(cfg):
         probs, images = predict_eval(checkpoints, cfg, device)
     except DataError as e:  # bad input: the message names the file and the problem
         raise SystemExit(f"error: {e}")
-    out_dir = Path(cfg["output_dir"] or cfg["run"][0])
+    first = Path(cfg["run"][0])
+    out_dir = Path(cfg["output_dir"]) if cfg["output_dir"] else first.parent if first.is_file() else first
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(eval_probs_table(images["ImageID"], probs), out_dir / "eval_probs.csv")
     path = write_submission(images["ImageID"], probs.argmax(1), out_dir)

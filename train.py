@@ -28,8 +28,9 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from config import default_config, parse_config
-from dataset import (NUM_CLASSES, DataError, build_transform, class_balanced_weights, decode_class, load_training_images,
-                     make_dataset, mix_batch, num_folds, open_cache, split_train_valid)
+from dataset import (NUM_CLASSES, DataError, build_transform, class_balanced_weights, decode_class, eval_folder,
+                     load_training_images, make_dataset, mix_batch, num_folds, open_cache, read_eval_images,
+                     split_train_valid)
 from loss import Criterion
 from model import class_probabilities, create_model
 
@@ -443,6 +444,20 @@ def train(cfg, run_dir, device):
     return summaries
 
 
+def check_pseudo_settings(cfg):
+    """The pseudo-label stage runs after all the training: its threshold and eval folder are
+    checked before any, so a typo does not surface an hour later."""
+    if not 0 <= cfg["pseudo_threshold"] <= 1:
+        raise SystemExit(f"error: --pseudo_threshold is a probability, 0 (no pseudo-label stage) to 1; "
+                         f"got {cfg['pseudo_threshold']}")
+    if cfg["pseudo_threshold"] > 0:
+        try:
+            read_eval_images(eval_folder(cfg))
+        except DataError as e:
+            raise SystemExit(f"error: the pseudo-label stage (--pseudo_threshold {cfg['pseudo_threshold']}) labels the "
+                             f"eval images, and they cannot be read: {e} (set --eval_dir)")
+
+
 def pseudo_stage(cfg, run_dir, labeller, device):
     """Pseudo-labelling, the competition teams' last step: the labeller run's models (its folds
     averaged, flip TTA) label the eval images; those whose top probability reaches
@@ -458,8 +473,10 @@ def pseudo_stage(cfg, run_dir, labeller, device):
     if not labels_csv.is_file():
         probs, images = predict_eval(find_checkpoints(labeller), {**cfg, "tta": "flip"}, device)
         if probs.max() < cfg["pseudo_threshold"]:
-            raise SystemExit(f"error: no eval image reaches --pseudo_threshold {cfg['pseudo_threshold']} (the highest "
-                             f"top probability is {probs.max():.3f}); lower it. The models trained so far stay in {run_dir}")
+            raise DataError(f"no image of {eval_folder(cfg)} reaches --pseudo_threshold {cfg['pseudo_threshold']} (the "
+                            f"highest top probability is {probs.max():.3f}). The models trained so far stay in {run_dir}; "
+                            f"label with a lower threshold by hand: python inference.py --run {labeller} "
+                            f"--pseudo_threshold P, then python train.py --extra_data {labeller}/pseudo_labels.csv")
         labels_csv.parent.mkdir(exist_ok=True)
         write_pseudo_labels(images, probs, cfg["pseudo_threshold"], labels_csv)
     stage_cfg = {**cfg, "extra_data": [*cfg["extra_data"], str(labels_csv)]}
@@ -491,9 +508,11 @@ def main(cfg):
             raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
         saved = json.loads((run_dir / "config.json").read_text())
         refuse_settings_resume_would_ignore(cfg, saved)
-        cfg = {**saved, **{key: cfg[key] for key in RESUME_SETTINGS}}
+        # keys added to args.json after the run was saved take their defaults, as in inference.load_model
+        cfg = {**default_config("train"), **saved, **{key: cfg[key] for key in RESUME_SETTINGS}}
     else:
         folds_to_train(cfg)  # a bad --fold stops here, before a run folder is made
+        check_pseudo_settings(cfg)
         run_dir = make_run_dir(cfg)
         (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
     setup_logging(run_dir / "train.log")

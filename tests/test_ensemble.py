@@ -285,3 +285,15 @@ def test_score_refuses_other_ids(tmp_path, answers, change):
     submission.to_csv(tmp_path / "submission.csv", index=False)
     with pytest.raises(SystemExit, match="ImageIDs"):
         score.score_files(tmp_path / "answers.csv", tmp_path / "submission.csv")
+
+
+def test_a_run_with_a_pseudo_label_stage_has_no_validation_to_report(tmp_path):
+    """Its eval_probs.csv comes from pseudo/, which has no validation; the first stage's
+    validation probabilities belong to other models and are not reported as its own."""
+    labels = np.arange(8)
+    run = write_run(tmp_path / "run", IDS[:6], peaked([0, 1, 2, 3, 4, 5]), [f"/t/{k}.jpg" for k in range(8)],
+                    peaked(labels), labels)
+    assert ensemble.Member(run).valid_f1 == 1.0
+    (run / "pseudo").mkdir()
+    member = ensemble.Member(run)
+    assert member.valid is None and member.valid_f1 is None

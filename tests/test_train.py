@@ -356,13 +356,14 @@ def test_pseudo_stage_trains_on_everybody_plus_the_labelled_eval_images(pseudo_r
 
 def test_inference_predicts_with_the_pseudo_stage(pseudo_run, tmp_path):
     run_dir, cfg = pseudo_run
-    inference.main({**default_config("inference"), "run": [str(run_dir)], "output_dir": str(tmp_path), "num_workers": 0,
-                    "cache_dir": cfg["cache_dir"], "device": "cpu"})
-    probs, _ = eval_predictions([run_dir / "pseudo" / "best.pt"], cfg)
-    submitted = pd.read_csv(tmp_path / "submission.csv")
-    np.testing.assert_array_equal(submitted["ans"], probs.argmax(1))
-    first_stage, _ = eval_predictions([run_dir / "best.pt"], cfg)
-    assert not np.allclose(probs, first_stage)  # a different model, not the first stage under another name
+    predict = {**default_config("inference"), "num_workers": 0, "cache_dir": cfg["cache_dir"], "device": "cpu"}
+    inference.main({**predict, "run": [str(run_dir)], "output_dir": str(tmp_path / "final")})
+    inference.main({**predict, "run": [str(run_dir / "best.pt")], "output_dir": str(tmp_path / "first")})
+    final, _ = eval_predictions([run_dir / "pseudo" / "best.pt"], cfg)
+    first, _ = eval_predictions([run_dir / "best.pt"], cfg)
+    assert not np.allclose(final, first)  # a different model, not the first stage under another name
+    for name, probs in [("final", final), ("first", first)]:
+        np.testing.assert_array_equal(pd.read_csv(tmp_path / name / "submission.csv")["ans"], probs.argmax(1))
 
 
 def test_inference_pseudo_labels_leave_the_stage_labels_alone(pseudo_run):
@@ -391,12 +392,48 @@ def test_an_unfinished_pseudo_stage_is_resumed_on_its_saved_labels(pseudo_run, t
     assert inference.final_stage(cut) == cut / "pseudo"
 
 
-def test_a_threshold_no_eval_image_reaches_stops_with_the_first_stage_kept(data, tmp_path):
-    cfg = make_cfg(data, tmp_path / "runs", pseudo_threshold=1.5, output_dir=str(tmp_path / "run"))
-    with pytest.raises(SystemExit, match="no eval image reaches --pseudo_threshold 1.5"):
+def test_a_pseudo_threshold_no_eval_image_reaches_stops_with_the_first_stage_kept(data, tmp_path, monkeypatch):
+    cfg = make_cfg(data, tmp_path / "runs", pseudo_threshold=0.9, output_dir=str(tmp_path / "run"))
+    uniform = lambda checkpoints, cfg, device: (np.full((42, NUM_CLASSES), 1 / NUM_CLASSES), None)  # noqa: E731
+    monkeypatch.setattr(inference, "predict_eval", uniform)
+    with pytest.raises(SystemExit, match=r"no image of .*eval reaches --pseudo_threshold 0.9 \(the highest top probability is 0.056"):
         train.main(cfg)
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "summary.json").is_file()
     assert not (tmp_path / "run" / "pseudo").exists()
+    assert "reaches --pseudo_threshold" in (tmp_path / "run" / "train.log").read_text()
+
+
+@pytest.mark.parametrize("threshold, eval_dir, message", [
+    (1.5, "", "is a probability, 0 .* to 1; got 1.5"),
+    (-0.1, "", "is a probability"),
+    (0.5, "no/such/eval", "eval images, and they cannot be read: .*no/such/eval.*info.csv"),
+])
+def test_bad_pseudo_settings_are_refused_before_training(data, tmp_path, threshold, eval_dir, message):
+    cfg = make_cfg(data, tmp_path / "runs", pseudo_threshold=threshold, eval_dir=eval_dir)
+    with pytest.raises(SystemExit, match=message):
+        train.main(cfg)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_pseudo_stage_of_a_refit_kfold_run_is_labelled_by_the_refit_model(data, tmp_path):
+    run_dir, _ = train.main(make_cfg(data, tmp_path / "runs", val_ratio=0.5, fold="all", refit=True,
+                                     pseudo_threshold=0.05))
+    labels = pd.read_csv(run_dir / "pseudo" / "labels.csv")
+    probs, _ = eval_predictions([run_dir / "refit" / "best.pt"], make_cfg(data, tmp_path))
+    np.testing.assert_array_equal(labels["class"], probs.argmax(1))
+    assert inference.final_stage(run_dir) == run_dir / "pseudo"
+
+
+def test_resuming_a_run_saved_before_a_key_existed_takes_its_default(base_run, tmp_path):
+    run_dir, cfg, _ = base_run
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    saved = json.loads((old / "config.json").read_text())
+    for key in ("pseudo_threshold", "eval_dir"):  # keys added to args.json later
+        del saved[key]
+    (old / "config.json").write_text(json.dumps(saved))
+    train.main({**default_config("train"), "resume": str(old), "num_workers": 0, "device": "cpu"})
+    assert not (old / "pseudo").exists()
 
 
 def test_val_ratio_0_trains_on_everybody(data, tmp_path):
