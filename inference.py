@@ -160,6 +160,9 @@ def main(cfg):
         raise SystemExit(f"error: {e}")
     first = Path(cfg["run"][0])
     out_dir = Path(cfg["output_dir"]) if cfg["output_dir"] else first.parent if first.is_file() else first
+    if first.is_file() and not cfg["output_dir"] and (out_dir / "pseudo").is_dir():
+        raise SystemExit(f"error: give --output_dir: by default the predictions of {first} would replace those of "
+                         f"{out_dir}'s pseudo-label stage in {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(eval_probs_table(images["ImageID"], probs), out_dir / "eval_probs.csv")
     path = write_submission(images["ImageID"], probs.argmax(1), out_dir)

@@ -28,7 +28,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from config import default_config, parse_config
-from dataset import (NUM_CLASSES, DataError, build_transform, class_balanced_weights, decode_class, eval_folder,
+from dataset import (NUM_CLASSES, DataError, build_transform, class_balanced_weights, crop_boxes, decode_class, eval_folder,
                      load_training_images, make_dataset, mix_batch, num_folds, open_cache, read_eval_images,
                      split_train_valid)
 from loss import Criterion
@@ -445,14 +445,15 @@ def train(cfg, run_dir, device):
 
 
 def check_pseudo_settings(cfg):
-    """The pseudo-label stage runs after all the training: its threshold and eval folder are
-    checked before any, so a typo does not surface an hour later."""
+    """The pseudo-label stage runs after all the training: its threshold, eval folder and, with
+    face_crop, the folder's faces.csv are checked before any, so a typo does not surface an
+    hour later."""
     if not 0 <= cfg["pseudo_threshold"] <= 1:
         raise SystemExit(f"error: --pseudo_threshold is a probability, 0 (no pseudo-label stage) to 1; "
                          f"got {cfg['pseudo_threshold']}")
     if cfg["pseudo_threshold"] > 0:
         try:
-            read_eval_images(eval_folder(cfg))
+            crop_boxes(read_eval_images(eval_folder(cfg))["image_path"].tolist(), cfg)  # faces.csv with face_crop
         except DataError as e:
             raise SystemExit(f"error: the pseudo-label stage (--pseudo_threshold {cfg['pseudo_threshold']}) labels the "
                              f"eval images, and they cannot be read: {e} (set --eval_dir)")

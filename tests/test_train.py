@@ -364,6 +364,8 @@ def test_inference_predicts_with_the_pseudo_stage(pseudo_run, tmp_path):
     assert not np.allclose(final, first)  # a different model, not the first stage under another name
     for name, probs in [("final", final), ("first", first)]:
         np.testing.assert_array_equal(pd.read_csv(tmp_path / name / "submission.csv")["ans"], probs.argmax(1))
+    with pytest.raises(SystemExit, match="give --output_dir"):  # would replace the stage's submission in RUN
+        inference.main({**predict, "run": [str(run_dir / "best.pt")]})
 
 
 def test_inference_pseudo_labels_leave_the_stage_labels_alone(pseudo_run):
@@ -407,9 +409,13 @@ def test_a_pseudo_threshold_no_eval_image_reaches_stops_with_the_first_stage_kep
     (1.5, "", "is a probability, 0 .* to 1; got 1.5"),
     (-0.1, "", "is a probability"),
     (0.5, "no/such/eval", "eval images, and they cannot be read: .*no/such/eval.*info.csv"),
+    (0.5, "FACE_CROP", "eval images, and they cannot be read: .*faces.csv"),
 ])
 def test_bad_pseudo_settings_are_refused_before_training(data, tmp_path, threshold, eval_dir, message):
     cfg = make_cfg(data, tmp_path / "runs", pseudo_threshold=threshold, eval_dir=eval_dir)
+    if eval_dir == "FACE_CROP":  # an eval folder without the faces.csv that face_crop needs
+        shutil.copytree(data / "sample" / "eval", tmp_path / "eval", ignore=shutil.ignore_patterns("faces.csv"))
+        cfg.update(eval_dir=str(tmp_path / "eval"), face_crop=True)
     with pytest.raises(SystemExit, match=message):
         train.main(cfg)
     assert not (tmp_path / "runs").exists()
