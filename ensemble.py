@@ -45,11 +45,11 @@ class Member:
         self.valid = None
         if (run_dir / "pseudo").is_dir():  # its eval predictions come from pseudo/, which has no validation
             log.info("%s: no validation probabilities (its pseudo-label stage predicted eval, and has none)", path)
-            run_dir = run_dir / "pseudo"
-        for name in ("oof_probs.csv", "valid_probs.csv"):
-            if (run_dir / name).is_file():
-                self.valid = pd.read_csv(run_dir / name).set_index("image_path")
-                break
+        else:
+            for name in ("oof_probs.csv", "valid_probs.csv"):
+                if (run_dir / name).is_file():
+                    self.valid = pd.read_csv(run_dir / name).set_index("image_path")
+                    break
         self.valid_f1 = score(self.valid["label"], self.valid["pred"])["f1"] if self.valid is not None else None
 
     @property

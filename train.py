@@ -460,7 +460,7 @@ def check_pseudo_settings(cfg):
 
 
 def pseudo_stage(cfg, run_dir, labeller, device):
-    """Pseudo-labelling, the competition teams' last step: the labeller run's models (its folds
+    """Pseudo-labelling, a step from the teams' reports: the labeller run's models (its folds
     averaged, flip TTA) label the eval images; those whose top probability reaches
     pseudo_threshold join every training person, and one more model trains on them into
     run_dir/pseudo/ for cfg epochs. It has no validation: the eval images have no true labels
