@@ -36,6 +36,7 @@ MASK_NAMES = ("wear", "incorrect", "not_wear")
 GENDER_NAMES = ("male", "female")
 AGE_NAMES = ("<30", "30-59", ">=60")
 NUM_CLASSES = 18
+PROB_COLUMNS = [f"p{c}" for c in range(NUM_CLASSES)]  # class probabilities in CSVs (eval_probs, soft labels)
 # A pseudo-labelled or CSV-listed image knows only its age band: its table row gets this age so
 # that its band comes out right (for any age_threshold from 46 to 65), with age_known False; the
 # loss then leaves it out of the age regression and keeps its age-band target one-hot.
@@ -166,15 +167,34 @@ def read_eval_images(eval_dir):
     return pd.DataFrame({"ImageID": info["ImageID"], "image_path": [str(p) for p in paths]})
 
 
+def read_soft_targets(table, csv_path):
+    """The p0..p17 columns of a label CSV as an N x 18 array of class probabilities, or None
+    when it has none of them."""
+    present = [c for c in PROB_COLUMNS if c in table]
+    if not present:
+        return None
+    if len(present) < NUM_CLASSES:
+        raise DataError(f"{csv_path}: soft targets need all of p0..p17; missing {sorted(set(PROB_COLUMNS) - set(present))}")
+    probs = table[PROB_COLUMNS].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)
+    bad = ~np.isfinite(probs).all(1) | (probs < 0).any(1) | (np.abs(probs.sum(1) - 1) > 0.01)
+    if bad.any():
+        raise DataError(f"{csv_path}: p0..p17 of {table['path'][bad].tolist()[:3]} are not probabilities "
+                        f"(non-negative numbers summing to 1)")
+    return probs
+
+
 def read_label_csv(csv_path, source):
-    """A CSV of extra training images: path (relative to the CSV), class (0..17), optional age.
-    A row with a blank age (or a CSV without the column) knows only its age band."""
+    """A CSV of extra training images: path (relative to the CSV), class (0..17), optional age,
+    optional p0..p17. A row with a blank age (or a CSV without the column) knows only its age band.
+    With p0..p17 (pseudo labels written with --pseudo_soft), those class probabilities are the
+    training targets (the loss spreads them over its heads) and class only names the age band."""
     csv_path = Path(csv_path)
     table = read_csv(csv_path, ["path", "class"])
     labels = pd.to_numeric(table["class"], errors="coerce")
     bad = table["class"][labels.isna() | ~labels.between(0, NUM_CLASSES - 1)].tolist()
     if bad:
         raise DataError(f"{csv_path}: class value(s) {bad[:5]} are not integers 0..17")
+    soft = read_soft_targets(table, csv_path)
     labels = labels.astype(int).to_numpy()
     mask, gender, band = decode_class(labels)
     given = table["age"] if "age" in table else pd.Series("", index=table.index)
@@ -190,9 +210,10 @@ def read_label_csv(csv_path, source):
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise DataError(f"{csv_path}: {len(missing)} listed image(s) not found, e.g. {missing[:3]}")
-    return pd.DataFrame({"id": [f"{source}:{Path(p).stem}" for p in paths], "file": [Path(p).stem for p in paths],
+    rows = pd.DataFrame({"id": [f"{source}:{Path(p).stem}" for p in paths], "file": [Path(p).stem for p in paths],
                          "image_path": paths, "mask": mask, "gender": gender, "age": ages, "age_known": age_known,
                          "source": source})
+    return rows if soft is None else pd.concat([rows, pd.DataFrame(soft, columns=PROB_COLUMNS)], axis=1)
 
 
 def read_extra(paths):
@@ -493,10 +514,12 @@ def check_decode_errors(paths, errors, skip_bad_images):
 
 class FaceDataset(Dataset):
     """Images (from a cache array file, or decoded on each access) with their labels.
-    Items: (uint8 image tensor C x H x W transformed by `transform`, label, age, index)."""
+    Items: (uint8 image tensor C x H x W transformed by `transform`, label, age, soft): soft is
+    the image's 18 class probabilities when it was labelled with them, else NaN."""
 
-    def __init__(self, paths, labels, ages, size, boxes, transform, cache_file=None, rows=None):
+    def __init__(self, paths, labels, ages, size, boxes, transform, cache_file=None, rows=None, soft=None):
         self.paths, self.labels, self.ages = list(paths), np.asarray(labels), np.asarray(ages, np.float32)
+        self.soft = np.asarray(np.full((len(self.paths), NUM_CLASSES), np.nan) if soft is None else soft, np.float32)
         self.size, self.boxes, self.transform = tuple(size), boxes, transform  # boxes: when decoding here
         self.cache_file, self.rows = cache_file, rows  # rows: index of each item in the cache array
         self._array = None  # opened lazily, once per worker process
@@ -524,7 +547,7 @@ class FaceDataset(Dataset):
 
     def __getitem__(self, i):
         img = torch.from_numpy(self.image(i))
-        return self.transform(img), int(self.labels[i]), self.ages[i], i
+        return self.transform(img), int(self.labels[i]), self.ages[i], self.soft[i]
 
     def __getitems__(self, indices):
         """A batch of items (the DataLoader calls this instead of __getitem__ per index). From
@@ -532,7 +555,7 @@ class FaceDataset(Dataset):
         if self.cache_file is None:
             return [self[i] for i in indices]
         images = torch.from_numpy(self.cache_array()[[self.rows[i] for i in indices]])
-        return [(self.transform(img), int(self.labels[i]), self.ages[i], i) for img, i in zip(images, indices)]
+        return [(self.transform(img), int(self.labels[i]), self.ages[i], self.soft[i]) for img, i in zip(images, indices)]
 
 
 def open_cache(paths, cfg):
@@ -553,6 +576,7 @@ def make_dataset(table, cfg, transform, skip_log=None, cache=None):
     paths = table["image_path"].tolist()
     labels = table["label"].to_numpy() if "label" in table else np.zeros(len(table), int)
     ages = np.where(age_known(table), table["age"], np.nan) if "age" in table else np.zeros(len(table))
+    soft = table[PROB_COLUMNS].to_numpy(np.float32) if PROB_COLUMNS[0] in table else None
     size, rows, boxes = tuple(cfg["resize"]), None, None
     if cfg["cache_dir"]:
         cache_file, row_of, error_of = cache or open_cache(paths, cfg)
@@ -574,7 +598,7 @@ def make_dataset(table, cfg, transform, skip_log=None, cache=None):
         return None if values is None else [values[i] for i in keep]
 
     return FaceDataset([paths[i] for i in keep], labels[keep], ages[keep], size, pick(boxes), transform,
-                       cache_file=cache_file, rows=pick(rows))
+                       cache_file=cache_file, rows=pick(rows), soft=None if soft is None else soft[keep])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,12 +19,11 @@ import numpy as np
 import pandas as pd
 
 from config import parse_config
-from dataset import NUM_CLASSES, encode_class
+from dataset import NUM_CLASSES, PROB_COLUMNS, encode_class
 from train import score, setup_logging
 from inference import write_submission
 
 log = logging.getLogger("mask")
-PROB_COLUMNS = [f"p{c}" for c in range(NUM_CLASSES)]
 
 
 class Member:

@@ -21,7 +21,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from config import default_config, parse_config
-from dataset import NUM_CLASSES, DataError, build_transform, eval_folder, make_dataset, num_folds, read_eval_images
+from dataset import (NUM_CLASSES, PROB_COLUMNS, DataError, build_transform, eval_folder, make_dataset, num_folds,
+                     read_eval_images)
 from model import create_model, task_probabilities
 from train import autocast_for, predict, probs_table, resolve_device, setup_logging, write_csv_atomic
 
@@ -137,12 +138,14 @@ def write_submission(image_ids, preds, out_dir, name="submission.csv"):
     return Path(out_dir) / name
 
 
-def write_pseudo_labels(images, probs, threshold, path):
-    """Eval images whose top probability is at least threshold, as a label CSV (path,class)
-    that train.py takes with --extra_data."""
+def write_pseudo_labels(images, probs, threshold, path, soft=False):
+    """Eval images whose top probability is at least threshold, as a label CSV (path,class, and
+    with soft their probabilities p0..p17) that train.py takes with --extra_data."""
     confident = probs.max(1) >= threshold
     table = pd.DataFrame({"path": [str(Path(p).resolve()) for p in images["image_path"][confident]],
                           "class": probs.argmax(1)[confident]})
+    if soft:
+        table[PROB_COLUMNS] = probs[confident]
     write_csv_atomic(table, path)
     log.info("pseudo labels: %d of %d eval images at probability >= %.2f -> %s", len(table), len(probs), threshold, path)
     return path
@@ -167,7 +170,7 @@ def main(cfg):
     write_csv_atomic(eval_probs_table(images["ImageID"], probs), out_dir / "eval_probs.csv")
     path = write_submission(images["ImageID"], probs.argmax(1), out_dir)
     if cfg["pseudo_threshold"] > 0:
-        write_pseudo_labels(images, probs, cfg["pseudo_threshold"], out_dir / "pseudo_labels.csv")
+        write_pseudo_labels(images, probs, cfg["pseudo_threshold"], out_dir / "pseudo_labels.csv", cfg["pseudo_soft"])
     log.info("wrote %s and %s", path, out_dir / "eval_probs.csv")
     return path
 

@@ -1,6 +1,7 @@
 """Losses: cross-entropy, focal, label smoothing (optionally only towards adjacent age bands),
 age-band targets spread by age (age_sigma), a soft macro-F1 loss, and MSE for the age regression
-output, combined per head with weights from the config. `Criterion(outputs, targets)` returns
+output, combined per head with weights from the config; images labelled with class probabilities
+(soft pseudo-labels) train towards them instead. `Criterion(outputs, labels, ages, soft)` returns
 (total, {part: detached value}) for logging."""
 import numpy as np
 import torch
@@ -46,6 +47,14 @@ def soft_targets(target, num_classes, smoothing=0.0, age_smoothing=0.0, age_band
     return dist
 
 
+def head_probabilities(class_probs, head):
+    """18-class probabilities (B x 18) summed into one head's classes (B x 3, 2 or 3)."""
+    if head == "logits":
+        return class_probs
+    by_task = class_probs.reshape(-1, 3, 2, 3)  # mask, gender, age band (class = mask*6 + gender*3 + band)
+    return by_task.sum({"mask": (2, 3), "gender": (1, 3), "age": (1, 2)}[head])
+
+
 def focal_loss(logits, target_dist, gamma=2.0, weight=None):
     """Focal loss (Lin et al.) on soft targets: -sum_c w_c t_c (1 - p_c)^gamma log p_c.
     With gamma 0 and no weights it is the cross-entropy."""
@@ -72,8 +81,10 @@ def frequency_weights(labels, num_classes):
 
 
 class Criterion:
-    """The training loss of a config. Targets: 18-class labels (B) and ages in years (B; NaN where
-    only the age band is known)."""
+    """The training loss of a config. Targets: 18-class labels (B), ages in years (B; NaN where
+    only the age band is known) and, optionally, class probabilities (B x 18; NaN rows for the
+    images labelled with one class), which replace the target distribution of every head except
+    under the f1 criterion (it needs one class)."""
 
     def __init__(self, cfg, train_labels=None):
         if cfg["criterion"] not in CRITERIA:
@@ -91,7 +102,7 @@ class Criterion:
     def num_classes(head):
         return {"logits": NUM_CLASSES, "mask": 3, "gender": 2, "age": 3}[head]
 
-    def head_loss(self, head, logits, target, ages):
+    def head_loss(self, head, logits, target, ages, soft=None):
         cfg, n = self.cfg, self.num_classes(head)
         if cfg["criterion"] == "f1":
             return soft_f1_loss(logits, target, n)
@@ -103,6 +114,8 @@ class Criterion:
             band_dist = torch.where(ages.isnan()[:, None], one_hot,
                                     age_band_distribution(ages, cfg["age_threshold"], cfg["age_sigma"]))
         dist = soft_targets(target, n, smoothing, cfg["age_smoothing"], band_of, band_dist)
+        if soft is not None:
+            dist = torch.where(soft[:, :1].isnan(), dist, head_probabilities(soft.nan_to_num(), head))
         gamma = cfg["focal_gamma"] if cfg["criterion"] == "focal" else 0.0
         weight = self.class_weights.get(head)
         loss = focal_loss(logits, dist, gamma, None if weight is None else weight.to(logits.device))
@@ -110,10 +123,10 @@ class Criterion:
             loss = loss + cfg["f1_weight"] * soft_f1_loss(logits, target, n)
         return loss
 
-    def __call__(self, outputs, labels, ages):
+    def __call__(self, outputs, labels, ages, soft=None):
         mask, gender, band = decode_class(labels)
         targets = {"logits": labels, "mask": mask, "gender": gender, "age": band}
-        parts = {h: self.head_loss(h, outputs[h], targets[h], ages) for h in self.head_weights}
+        parts = {h: self.head_loss(h, outputs[h], targets[h], ages, soft) for h in self.head_weights}
         total = sum(w * parts[h] for h, w in self.head_weights.items())
         if "age_value" in outputs:
             # mean squared error over the images whose age is known (band-only rows are left out);

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import confusion_matrix
 
-from dataset import (AGE_NAMES, GENDER_NAMES, MASK_NAMES, NUM_CLASSES, DataError, build_transform, class_name,
-                     crop_boxes, decode_class, decode_image)
+from dataset import (AGE_NAMES, GENDER_NAMES, MASK_NAMES, NUM_CLASSES, PROB_COLUMNS, DataError, build_transform,
+                     class_name, crop_boxes, decode_class, decode_image)
 from inference import load_model
 from model import class_probabilities
 
@@ -220,7 +220,7 @@ def gradcam_sheet(model, cfg, table, device, images_per_class, batch_size=32):
 
 
 def worst_sheet(table, cfg):
-    probs = table[[f"p{c}" for c in range(NUM_CLASSES)]].to_numpy()
+    probs = table[PROB_COLUMNS].to_numpy()
     worst = table.assign(p_true=probs[np.arange(len(table)), table["label"]]).nsmallest(WORST, "p_true")
     boxes, _ = crop_boxes(worst["image_path"].tolist(), cfg)
     tiles = [tile(Image.fromarray(display_image(r.image_path, box, cfg)),

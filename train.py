@@ -28,9 +28,9 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from config import default_config, parse_config
-from dataset import (NUM_CLASSES, DataError, build_transform, class_balanced_weights, crop_boxes, decode_class, eval_folder,
-                     load_training_images, make_dataset, mix_batch, num_folds, open_cache, read_eval_images,
-                     split_train_valid)
+from dataset import (NUM_CLASSES, PROB_COLUMNS, DataError, build_transform, class_balanced_weights, crop_boxes,
+                     decode_class, eval_folder, load_training_images, make_dataset, mix_batch, num_folds, open_cache,
+                     read_eval_images, split_train_valid)
 from loss import Criterion
 from model import class_probabilities, create_model
 
@@ -166,7 +166,7 @@ def predict(model, loader, device, autocast=contextlib.nullcontext, channels_las
 
 
 def probs_table(ids, probs, id_column="ImageID"):
-    table = pd.DataFrame(probs, columns=[f"p{c}" for c in range(NUM_CLASSES)])
+    table = pd.DataFrame(probs, columns=PROB_COLUMNS)
     table.insert(0, id_column, list(ids))
     table["pred"] = probs.argmax(1)
     return table
@@ -225,8 +225,8 @@ def train_one_epoch(model, loader, batch_transform, criterion, optimizer, schedu
     model.train()
     totals, seen, start = {}, 0, time.time()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg['epochs']}", leave=False, disable=not sys.stderr.isatty())
-    for step, (images, labels, ages, _) in enumerate(bar):
-        images, labels, ages = (t.to(device, non_blocking=True) for t in (images, labels, ages))
+    for step, (images, labels, ages, soft) in enumerate(bar):
+        images, labels, ages, soft = (t.to(device, non_blocking=True) for t in (images, labels, ages, soft))
         images = batch_transform(images)
         if cfg["channels_last"]:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -235,12 +235,12 @@ def train_one_epoch(model, loader, batch_transform, criterion, optimizer, schedu
             if mixed:
                 images, perm, lam = mix_batch(images, cfg["mix"], cfg["mix_alpha"])
                 outputs = model(images)
-                loss_a, parts = criterion(outputs, labels, ages)
-                loss_b, _ = criterion(outputs, labels[perm], ages[perm])
+                loss_a, parts = criterion(outputs, labels, ages, soft)
+                loss_b, _ = criterion(outputs, labels[perm], ages[perm], soft[perm])
                 loss = lam * loss_a + (1 - lam) * loss_b
             else:
                 outputs = model(images)
-                loss, parts = criterion(outputs, labels, ages)
+                loss, parts = criterion(outputs, labels, ages, soft)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -479,7 +479,7 @@ def pseudo_stage(cfg, run_dir, labeller, device):
                             f"label with a lower threshold by hand: python inference.py --run {labeller} "
                             f"--pseudo_threshold P, then python train.py --extra_data {labeller}/pseudo_labels.csv")
         labels_csv.parent.mkdir(exist_ok=True)
-        write_pseudo_labels(images, probs, cfg["pseudo_threshold"], labels_csv)
+        write_pseudo_labels(images, probs, cfg["pseudo_threshold"], labels_csv, cfg["pseudo_soft"])
     stage_cfg = {**cfg, "extra_data": [*cfg["extra_data"], str(labels_csv)]}
     images = load_training_images(stage_cfg)
     everyone, _ = split_train_valid(images, None, cfg["drop_ages"])

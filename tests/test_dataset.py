@@ -353,6 +353,46 @@ def test_label_csv_rows_with_a_blank_age_know_only_their_band(tmp_path):
     assert D.age_known(table).tolist() == [True, False]
 
 
+def write_soft_label_csv(root, probs):
+    names = [f"{k}.png" for k in range(len(probs))]
+    for name in names:
+        Image.new("RGB", (4, 4)).save(root / name)
+    table = pd.DataFrame({"path": names, "class": np.asarray(probs).argmax(1)})
+    table[D.PROB_COLUMNS] = probs
+    table.to_csv(root / "soft.csv", index=False)
+    return root / "soft.csv", table
+
+
+def test_label_csv_with_class_probabilities_gives_the_dataset_soft_targets(thirty, tmp_path):
+    probs = np.random.default_rng(0).dirichlet(np.ones(D.NUM_CLASSES), size=3).astype(np.float32)
+    label_csv, _ = write_soft_label_csv(tmp_path, probs)
+    table = D.read_label_csv(label_csv, "extra0")
+    np.testing.assert_allclose(table[D.PROB_COLUMNS].to_numpy(), probs, rtol=1e-6)
+    cfg = make_cfg(thirty / "train", tmp_path, extra_data=[str(label_csv)], cache_dir="")
+    images = D.load_training_images(cfg)
+    train, _ = D.split_train_valid(images, None)
+    dataset = D.make_dataset(train, cfg, D.build_transform("plain", RESIZE, MEAN, STD)[0])
+    from_csv = (train["source"] == "extra0").to_numpy()
+    np.testing.assert_allclose(dataset.soft[from_csv], probs, rtol=1e-6)
+    assert np.isnan(dataset.soft[~from_csv]).all()
+    first_soft = int(np.flatnonzero(from_csv)[0])
+    np.testing.assert_array_equal(dataset[first_soft][3], dataset.soft[first_soft])
+    assert np.isnan(dataset[0][3]).all() and not from_csv[0]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.drop(columns="p17"), r"soft targets need all of p0..p17; missing \['p17'\]"),
+    (lambda t: t.assign(p0=t["p0"] + 0.5), r"p0..p17 of \['0.png'\] are not probabilities"),
+    (lambda t: t.assign(p3=-t["p3"]), r"p0..p17 of \['0.png'\] are not probabilities"),
+    (lambda t: t.assign(p5="x"), r"p0..p17 of \['0.png'\] are not probabilities"),
+])
+def test_label_csv_with_bad_class_probabilities_names_the_file(tmp_path, change, message):
+    label_csv, table = write_soft_label_csv(tmp_path, np.full((1, D.NUM_CLASSES), 1 / D.NUM_CLASSES))
+    change(table).to_csv(label_csv, index=False)
+    with pytest.raises(D.DataError, match="soft.csv: " + message):
+        D.read_label_csv(label_csv, "extra0")
+
+
 def test_label_csv_with_an_age_outside_its_class_band_is_refused(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
     (tmp_path / "labels.csv").write_text("path,class,age\na.png,0,45\n")  # class 0 is under 30
@@ -626,13 +666,14 @@ def test_face_dataset_same_with_and_without_cache(tiny, tmp_path):
         assert (cached.loader_workers(2), direct.loader_workers(2)) == (0, 2)  # workers only to decode
         assert len(cached) == len(direct) == len(table)
         for i in range(len(table)):
-            (xc, yc, ac, ic), (xd, yd, ad, id_) = cached[i], direct[i]
-            assert torch.equal(xc, xd) and (yc, ac, ic) == (yd, ad, id_)
-            assert yc == table["label"][i] and ac == table["age"][i] and ic == i
+            (xc, yc, ac, sc), (xd, yd, ad, sd) = cached[i], direct[i]
+            assert torch.equal(xc, xd) and (yc, ac) == (yd, ad)
+            assert yc == table["label"][i] and ac == table["age"][i]
+            assert sc.shape == sd.shape == (D.NUM_CLASSES,) and np.isnan(sc).all() and np.isnan(sd).all()
             assert xc.shape == (3, *RESIZE) and xc.dtype == torch.uint8  # workers hand over uint8
         order = [4, 0, 2, 2, 1]  # a shuffled batch (one read of the cache array) = item by item
-        for (xb, yb, ab, ib), (xd, yd, ad, id_) in zip(cached.__getitems__(order), [direct[i] for i in order]):
-            assert torch.equal(xb, xd) and (yb, ab, ib) == (yd, ad, id_)
+        for (xb, yb, ab, _), (xd, yd, ad, _) in zip(cached.__getitems__(order), [direct[i] for i in order]):
+            assert torch.equal(xb, xd) and (yb, ab) == (yd, ad)
         batch = next(iter(torch.utils.data.DataLoader(cached, batch_size=len(table))))
         assert torch.equal(batch[0], torch.stack([direct[i][0] for i in range(len(table))]))
         assert batch[2].dtype == torch.float32

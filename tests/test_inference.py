@@ -8,16 +8,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 import inference
 import train
 from config import default_config
-from dataset import NUM_CLASSES, decode_class
+import dataset as D
+from dataset import NUM_CLASSES, PROB_COLUMNS, decode_class
 from make_sample_data import make_sample_dataset
 from model import create_model
 
-PROBS = [f"p{c}" for c in range(NUM_CLASSES)]
 TASK_COLUMNS = ["mask0", "mask1", "mask2", "gender0", "gender1", "age0", "age1", "age2"]
 
 
@@ -88,9 +89,9 @@ def test_submission_matches_info_csv(data, predicted):
 def test_eval_probs_table(data, predicted):
     _, out = predicted
     probs = pd.read_csv(out / "eval_probs.csv")
-    assert list(probs.columns) == ["ImageID", *PROBS, "pred", *TASK_COLUMNS]
+    assert list(probs.columns) == ["ImageID", *PROB_COLUMNS, "pred", *TASK_COLUMNS]
     assert probs["ImageID"].tolist() == info_ids(data)
-    p = probs[PROBS].to_numpy()
+    p = probs[PROB_COLUMNS].to_numpy()
     np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
     np.testing.assert_array_equal(probs["pred"], p.argmax(1))
     np.testing.assert_array_equal(pd.read_csv(out / "submission.csv")["ans"], probs["pred"])
@@ -151,8 +152,8 @@ def test_tta_flip_is_the_mean_of_the_image_and_its_mirror():
 
 def test_inference_tta_flip_changes_the_eval_probabilities(data, run_dir, predicted, tmp_path):
     inference.main(make_inference_cfg(data, run_dir, tmp_path, tta="none"))
-    plain = pd.read_csv(tmp_path / "eval_probs.csv")[PROBS].to_numpy()
-    flipped = pd.read_csv(predicted[1] / "eval_probs.csv")[PROBS].to_numpy()
+    plain = pd.read_csv(tmp_path / "eval_probs.csv")[PROB_COLUMNS].to_numpy()
+    flipped = pd.read_csv(predicted[1] / "eval_probs.csv")[PROB_COLUMNS].to_numpy()
     assert np.abs(plain - flipped).max() > 1e-5
 
 
@@ -197,9 +198,9 @@ def test_kfold_run_averages_its_folds(data, kfold_dir, tmp_path):
     folds = []
     for k in (0, 1):
         inference.main(make_inference_cfg(data, kfold_dir / f"fold{k}", tmp_path / f"fold{k}"))
-        folds.append(pd.read_csv(tmp_path / f"fold{k}" / "eval_probs.csv")[PROBS].to_numpy())
+        folds.append(pd.read_csv(tmp_path / f"fold{k}" / "eval_probs.csv")[PROB_COLUMNS].to_numpy())
     averaged = pd.read_csv(tmp_path / "all" / "eval_probs.csv")
-    np.testing.assert_allclose(averaged[PROBS].to_numpy(), (folds[0] + folds[1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(averaged[PROB_COLUMNS].to_numpy(), (folds[0] + folds[1]) / 2, atol=1e-6)
     assert np.abs(folds[0] - folds[1]).max() > 1e-4  # two different models were averaged
     assert pd.read_csv(tmp_path / "all" / "submission.csv")["ImageID"].tolist() == info_ids(data)
 
@@ -208,9 +209,9 @@ def test_two_runs_are_averaged_too(data, run_dir, kfold_dir, tmp_path):
     inference.main(make_inference_cfg(data, [run_dir, kfold_dir], tmp_path / "both"))
     inference.main(make_inference_cfg(data, run_dir, tmp_path / "one"))
     inference.main(make_inference_cfg(data, kfold_dir, tmp_path / "folds"))
-    one = pd.read_csv(tmp_path / "one" / "eval_probs.csv")[PROBS].to_numpy()
-    folds = pd.read_csv(tmp_path / "folds" / "eval_probs.csv")[PROBS].to_numpy()
-    both = pd.read_csv(tmp_path / "both" / "eval_probs.csv")[PROBS].to_numpy()
+    one = pd.read_csv(tmp_path / "one" / "eval_probs.csv")[PROB_COLUMNS].to_numpy()
+    folds = pd.read_csv(tmp_path / "folds" / "eval_probs.csv")[PROB_COLUMNS].to_numpy()
+    both = pd.read_csv(tmp_path / "both" / "eval_probs.csv")[PROB_COLUMNS].to_numpy()
     np.testing.assert_allclose(both, (one + 2 * folds) / 3, atol=1e-6)  # the mean over all 3 checkpoints
 
 
@@ -225,7 +226,7 @@ def test_checkpoint_last_and_the_refit_folder(data, run_dir, kfold_dir, tmp_path
     refit = pd.read_csv(tmp_path / "refit" / "eval_probs.csv")
     folds = pd.read_csv(tmp_path / "folds" / "eval_probs.csv")
     assert refit["ImageID"].tolist() == info_ids(data)
-    assert np.abs(refit[PROBS].to_numpy() - folds[PROBS].to_numpy()).max() > 1e-4  # another model
+    assert np.abs(refit[PROB_COLUMNS].to_numpy() - folds[PROB_COLUMNS].to_numpy()).max() > 1e-4  # another model
     with pytest.raises(SystemExit, match="best.pt"):
         inference.find_checkpoints(tmp_path / "nothing")
 
@@ -255,6 +256,22 @@ def test_write_pseudo_labels_keeps_confident_images(tmp_path):
     assert table["class"].tolist() == [4, 17]
 
 
+def test_soft_pseudo_labels_keep_the_probabilities_and_read_back(tmp_path):
+    images = pd.DataFrame({"ImageID": ["a.png", "b.png"], "image_path": [str(tmp_path / n) for n in ("a.png", "b.png")]})
+    for path in images["image_path"]:
+        Image.new("RGB", (4, 4)).save(path)
+    probs = np.random.default_rng(0).dirichlet(np.ones(NUM_CLASSES), size=2)
+    probs[1] = 0.02
+    probs[1, 7] = 1 - 0.02 * (NUM_CLASSES - 1)
+    path = inference.write_pseudo_labels(images, probs, 0.5, tmp_path / "pseudo.csv", soft=True)
+    table = pd.read_csv(path)
+    assert list(table.columns) == ["path", "class", *PROB_COLUMNS] and table["class"].tolist() == [7]
+    np.testing.assert_allclose(table[PROB_COLUMNS].to_numpy(), probs[1:])
+    read_back = D.read_label_csv(path, "extra0")
+    np.testing.assert_allclose(read_back[PROB_COLUMNS].to_numpy(), probs[1:], rtol=1e-6)
+    assert read_back["image_path"].tolist() == [str((tmp_path / "b.png").resolve())]
+
+
 def training_images_logged(run):
     found = re.findall(re.escape(str(run)) + r": (\d+) training images \((\d+) people\)",
                        (Path(run) / "train.log").read_text())
@@ -262,12 +279,12 @@ def training_images_logged(run):
 
 
 def test_pseudo_label_round_trip(data, run_dir, predicted, tmp_path):
-    top = pd.read_csv(predicted[1] / "eval_probs.csv")[PROBS].to_numpy().max(1)
+    top = pd.read_csv(predicted[1] / "eval_probs.csv")[PROB_COLUMNS].to_numpy().max(1)
     threshold = float(np.median(top))
     inference.main(make_inference_cfg(data, run_dir, tmp_path / "pseudo", tta="flip", pseudo_threshold=threshold))
     pseudo = pd.read_csv(tmp_path / "pseudo" / "pseudo_labels.csv")
     eval_probs = pd.read_csv(tmp_path / "pseudo" / "eval_probs.csv")
-    confident = eval_probs[eval_probs[PROBS].max(axis=1) >= threshold]
+    confident = eval_probs[eval_probs[PROB_COLUMNS].max(axis=1) >= threshold]
     assert len(pseudo) == len(confident) >= 21  # the median keeps at least half of the 42 images
     eval_images = data / "sample" / "eval" / "images"
     assert pseudo["path"].tolist() == [str((eval_images / i).resolve()) for i in confident["ImageID"]]

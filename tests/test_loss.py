@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from config import default_config
 from dataset import NUM_CLASSES, decode_class, encode_class
-from loss import Criterion, age_band_distribution, focal_loss, frequency_weights, soft_f1_loss, soft_targets
+from loss import (Criterion, age_band_distribution, focal_loss, frequency_weights, head_probabilities, soft_f1_loss,
+                  soft_targets)
 
 
 def loss_cfg(**overrides):
@@ -204,6 +205,44 @@ def test_images_with_unknown_age_keep_one_hot_bands_and_skip_the_regression():
     total, _ = Criterion(cfg)({**outputs, "age_value": age_value}, labels, unknown)
     total.backward()
     assert (age_value.grad[:4] == 0).all() and (age_value.grad[4:] != 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Class probabilities as targets (soft pseudo-labels)
+def test_head_probabilities_sum_the_classes_of_each_task():
+    one_hot = F.one_hot(torch.arange(NUM_CLASSES), NUM_CLASSES).float()
+    mask, gender, band = decode_class(torch.arange(NUM_CLASSES))
+    for head, task, n in (("mask", mask, 3), ("gender", gender, 2), ("age", band, 3)):
+        torch.testing.assert_close(head_probabilities(one_hot, head), F.one_hot(task, n).float())
+    probs = torch.rand(5, NUM_CLASSES).softmax(1)
+    torch.testing.assert_close(head_probabilities(probs, "gender")[:, 1], probs[:, [3, 4, 5, 9, 10, 11, 15, 16, 17]].sum(1))
+    assert head_probabilities(probs, "logits") is probs
+
+
+@pytest.mark.parametrize("head", ["multi", "single"])
+def test_rows_with_class_probabilities_train_towards_them(head):
+    """Rows with probabilities use them as every head's target (no smoothing, no age spread);
+    NaN rows keep their usual targets; the age regression still skips NaN ages."""
+    outputs, labels, ages = batch(head=head)
+    cfg = loss_cfg(head=head, criterion="label_smoothing", label_smoothing=0.1, age_sigma=5.0, age_regression=0.1)
+    g = torch.Generator().manual_seed(1)
+    soft = torch.full((len(labels), NUM_CLASSES), float("nan"))
+    soft[:4] = torch.rand(4, NUM_CLASSES, generator=g).softmax(1)
+    ages = ages.clone()
+    ages[:4] = float("nan")
+    _, hard_parts = Criterion(cfg)(outputs, labels, ages)
+    _, parts = Criterion(cfg)(outputs, labels, ages, soft)
+    _, all_nan = Criterion(cfg)(outputs, labels, ages, torch.full_like(soft, float("nan")))
+    for name in outputs:
+        torch.testing.assert_close(all_nan[name], hard_parts[name])
+        if name == "age_value":
+            torch.testing.assert_close(parts[name], hard_parts[name])
+            continue
+        log_p = outputs[name].log_softmax(1)
+        soft_ce = -(head_probabilities(soft[:4], name) * log_p[:4]).sum(1)
+        # each hard row's share of the mean is unchanged, so the difference is the soft rows' own
+        hard_rows = Criterion(cfg)({k: v[:4] for k, v in outputs.items()}, labels[:4], ages[:4])[1][name]
+        torch.testing.assert_close(parts[name] - hard_parts[name], (soft_ce.mean() - hard_rows) * 4 / len(labels))
 
 
 # ---------------------------------------------------------------------------------------------

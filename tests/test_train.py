@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 import inference
 import train
 from config import default_config
-from dataset import MASK_FILES, NUM_CLASSES, age_band, build_transform, encode_class, make_dataset
+from dataset import MASK_FILES, NUM_CLASSES, PROB_COLUMNS, age_band, build_transform, encode_class, make_dataset
 from make_sample_data import make_sample_dataset
 from model import class_probabilities, create_model
 
@@ -352,6 +352,28 @@ def test_pseudo_stage_trains_on_everybody_plus_the_labelled_eval_images(pseudo_r
     saved = torch.load(stage / "best.pt", map_location="cpu", weights_only=True)["config"]
     assert saved["extra_data"] == [str(run_dir / "pseudo" / "labels.csv")]
     assert not (stage / "valid_probs.csv").exists()
+
+
+def test_soft_pseudo_stage_trains_towards_the_first_stage_probabilities(data, tmp_path, monkeypatch):
+    soft_rows = []
+    original = train.Criterion.__call__
+
+    def counting(self, outputs, labels, ages, soft=None):
+        soft_rows.append(int((~soft[:, 0].isnan()).sum()))
+        return original(self, outputs, labels, ages, soft)
+
+    monkeypatch.setattr(train.Criterion, "__call__", counting)
+    cfg = make_cfg(data, tmp_path, pseudo_threshold=0.05, pseudo_soft=True, batch_size=8)  # 8 divides 7 * 18 + 42
+    run_dir, _ = train.main(cfg)
+    labels = pd.read_csv(run_dir / "pseudo" / "labels.csv")
+    probs, images = eval_predictions([run_dir / "best.pt"], cfg)
+    assert labels["path"].tolist() == [str(Path(p).resolve()) for p in images["image_path"]]
+    np.testing.assert_allclose(labels[PROB_COLUMNS].to_numpy(), probs, rtol=1e-5)
+    np.testing.assert_array_equal(labels["class"], probs.argmax(1))
+    n_eval = len(labels)
+    first_stage_steps = len(soft_rows) - (7 * N_PEOPLE + n_eval) // cfg["batch_size"] * cfg["epochs"]
+    assert sum(soft_rows[:first_stage_steps]) == 0  # the first stage has no soft targets
+    assert sum(soft_rows[first_stage_steps:]) == n_eval * cfg["epochs"]  # the stage sees each eval image once per epoch
 
 
 def test_inference_predicts_with_the_pseudo_stage(pseudo_run, tmp_path):
