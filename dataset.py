@@ -187,7 +187,8 @@ def read_label_csv(csv_path, source):
     """A CSV of extra training images: path (relative to the CSV), class (0..17), optional age,
     optional p0..p17. A row with a blank age (or a CSV without the column) knows only its age band.
     With p0..p17 (pseudo labels written with --pseudo_soft), those class probabilities are the
-    training targets (the loss spreads them over its heads) and class only names the age band."""
+    loss's targets (summed over each head's classes); class remains the row's label for what needs
+    one class (balanced sampler, class weights, the f1 criterion)."""
     csv_path = Path(csv_path)
     table = read_csv(csv_path, ["path", "class"])
     labels = pd.to_numeric(table["class"], errors="coerce")
