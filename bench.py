@@ -281,7 +281,8 @@ def write_report(args, loader, results, counts_match, faces):
         lines += ["\ntrain min: training time (validation passes not included); valid F1: best epoch on the "
                   "validation fold, or out of fold for a k-fold recipe (epochs 'folds x epochs'), whose eval "
                   "prediction is the mean of its fold models; '+ pseudo N': then N epochs of the pseudo-label stage "
-                  "(train min includes them), which makes the eval prediction; valid F1 is the first stage's."]
+                  "(train min includes them), whose model makes the eval prediction with the first stage's models "
+                  "(first_stage_weight of inference.py); valid F1 is the first stage's."]
     text = "\n".join(lines) + "\n"
     print(text)
     with open(ROOT / "BENCHMARKS.md", "a") as f:

@@ -5,8 +5,10 @@
     python inference.py --run runs/exp --eval_dir data/eval --output_dir out
     python inference.py --run runs/exp --pseudo_threshold 0.95   # also pseudo_labels.csv
 
-A run trained with --pseudo_threshold predicts with its pseudo-label stage (RUN/pseudo/); pass
-RUN/best.pt or RUN/fold<k> for the first stage's models. --run also takes checkpoint files.
+A run trained with --pseudo_threshold predicts with its pseudo-label stage (RUN/pseudo/) and its
+first stage's models, half and half (--first_stage_weight; 0 for the stage alone); pass RUN/best.pt
+or RUN/fold<k> for the first stage's models alone. --run also takes checkpoint files; several runs
+are averaged, each counting once.
 
 The model, image size and normalization come from the run's saved config; only where to read,
 where to write, batch size, device and TTA are chosen here.
@@ -40,8 +42,32 @@ def final_stage(run_dir):
         raise SystemExit(f"error: the pseudo-label stage {stage} is not finished; finish it with python train.py "
                          f"--resume {run_dir}, or pass the first stage's models to --run: {run_dir}/best.pt or "
                          f"{run_dir}/fold<k> folders")
-    log.info("%s: predicting with its pseudo-label stage %s", run_dir, stage)
     return stage
+
+
+def first_stage(run_dir):
+    """The models of a run that label the eval images for its pseudo-label stage: refit/ when
+    the run has one, else the run's own (its folds)."""
+    return Path(run_dir) / "refit" if (Path(run_dir) / "refit").is_dir() else Path(run_dir)
+
+
+def run_members(run, checkpoint="best", first_stage_weight=0.0):
+    """The checkpoints one --run predicts with and their weights, which sum to 1: its models
+    (its folds) equally, or, for a run with a pseudo-label stage, the stage's model with weight
+    1 - first_stage_weight and the models of its first stage sharing first_stage_weight (the
+    blend is measured out of fold in BENCHMARKS.md, session 10)."""
+    stage = final_stage(run)
+    checkpoints = find_checkpoints(stage, checkpoint)
+    if stage == Path(run):
+        return [(path, 1 / len(checkpoints)) for path in checkpoints]
+    if first_stage_weight == 0:
+        log.info("%s: predicting with its pseudo-label stage %s", run, stage)
+        return [(path, 1.0) for path in checkpoints]
+    first = find_checkpoints(first_stage(run), checkpoint)
+    log.info("%s: predicting with its pseudo-label stage %s (weight %g) and the %d model(s) of its first stage "
+             "(weight %g)", run, stage, 1 - first_stage_weight, len(first), first_stage_weight)
+    return [(path, 1 - first_stage_weight) for path in checkpoints] + [(path, first_stage_weight / len(first))
+                                                                         for path in first]
 
 
 def find_checkpoints(run_dir, checkpoint="best"):
@@ -82,13 +108,14 @@ def load_model(path, device):
     return model.to(device).eval(), train_cfg
 
 
-def predict_eval(checkpoints, cfg, device):
-    """Mean 18-class probabilities of the checkpoints over eval/info.csv, and the info table.
-    The eval table and dataset are built once and shared by checkpoints with the same
-    preprocessing (the folds of a k-fold run)."""
+def predict_eval(checkpoints, cfg, device, weights=None):
+    """Mean 18-class probabilities of the checkpoints over eval/info.csv (weighted by `weights`,
+    default equal), and the info table. The eval table and dataset are built once and shared by
+    checkpoints with the same preprocessing (the folds of a k-fold run)."""
+    weights = np.full(len(checkpoints), 1 / len(checkpoints)) if weights is None else np.asarray(weights) / sum(weights)
     autocast, _ = autocast_for(device, True)
     total, inputs = 0, {}
-    for path in checkpoints:
+    for path, weight in zip(checkpoints, weights):
         model, train_cfg = load_model(path, device)
         eval_dir = cfg["eval_dir"] or eval_folder(train_cfg)
         key = (eval_dir, *(tuple(train_cfg[k]) for k in ("resize", "center_crop", "mean", "std")),
@@ -109,8 +136,8 @@ def predict_eval(checkpoints, cfg, device):
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         log.info("predicting %d images of %s with %s (tta %s)", len(images), eval_dir, path, cfg["tta"])
-        total = total + predict(model, loader, device, autocast, channels_last, cfg["tta"], batch_transform)
-    return total / len(checkpoints), images
+        total = total + weight * predict(model, loader, device, autocast, channels_last, cfg["tta"], batch_transform)
+    return total, images
 
 
 def check_submission(submission, info_ids):
@@ -155,10 +182,13 @@ def main(cfg):
     setup_logging()
     if not cfg["run"]:
         raise SystemExit("error: give a run folder with --run RUN")
+    if not 0 <= cfg["first_stage_weight"] <= 1:
+        raise SystemExit(f"error: --first_stage_weight is a share, 0 to 1; got {cfg['first_stage_weight']}")
     device = resolve_device(cfg["device"])
-    checkpoints = [c for run in cfg["run"] for c in find_checkpoints(final_stage(run), cfg["checkpoint"])]
+    members = [(path, weight / len(cfg["run"])) for run in cfg["run"]  # every run counts once
+               for path, weight in run_members(run, cfg["checkpoint"], cfg["first_stage_weight"])]
     try:
-        probs, images = predict_eval(checkpoints, cfg, device)
+        probs, images = predict_eval([path for path, _ in members], cfg, device, [weight for _, weight in members])
     except DataError as e:  # bad input: the message names the file and the problem
         raise SystemExit(f"error: {e}")
     first = Path(cfg["run"][0])

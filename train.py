@@ -440,7 +440,7 @@ def train(cfg, run_dir, device):
         all_train, _ = split_train_valid(images, None, cfg["drop_ages"])
         fit({**cfg, "epochs": epochs}, run_dir / "refit", all_train, None, device, cache)
     if cfg["pseudo_threshold"] > 0:
-        pseudo_stage(cfg, run_dir, run_dir / "refit" if cfg["refit"] and folds != [None] else run_dir, device)
+        pseudo_stage(cfg, run_dir, device)
     return summaries
 
 
@@ -459,17 +459,18 @@ def check_pseudo_settings(cfg):
                              f"eval images, and they cannot be read: {e} (set --eval_dir)")
 
 
-def pseudo_stage(cfg, run_dir, labeller, device):
-    """Pseudo-labelling, a step from the teams' reports: the labeller run's models (its folds
-    averaged, flip TTA) label the eval images; those whose top probability reaches
+def pseudo_stage(cfg, run_dir, device):
+    """Pseudo-labelling, a step from the teams' reports: the run's first stage (its folds
+    averaged, or its refit model; flip TTA) labels the eval images; those whose top probability reaches
     pseudo_threshold join every training person, and one more model trains on them into
     run_dir/pseudo/ for cfg epochs. It has no validation: the eval images have no true labels
     (BENCHMARKS.md measures the stage on held-out people). The labels go to pseudo/labels.csv
     (not pseudo_labels.csv, which inference.py --pseudo_threshold writes into the run folder);
     kept from an interrupted run, they are reused, so a resumed stage trains on the same labels."""
-    from inference import find_checkpoints, predict_eval, write_pseudo_labels  # inference imports train
+    from inference import find_checkpoints, first_stage, predict_eval, write_pseudo_labels  # inference imports train
     if (run_dir / "pseudo" / "summary.json").is_file():  # finished before an interruption
         return
+    labeller = first_stage(run_dir)
     labels_csv = run_dir / "pseudo" / "labels.csv"
     if not labels_csv.is_file():
         probs, images = predict_eval(find_checkpoints(labeller), {**cfg, "tta": "flip"}, device)

@@ -376,18 +376,42 @@ def test_soft_pseudo_stage_trains_towards_the_first_stage_probabilities(data, tm
     assert sum(soft_rows[first_stage_steps:]) == n_eval * cfg["epochs"]  # the stage sees each eval image once per epoch
 
 
-def test_inference_predicts_with_the_pseudo_stage(pseudo_run, tmp_path):
+def test_inference_blends_the_pseudo_stage_with_the_first_stage(pseudo_run, tmp_path):
     run_dir, cfg = pseudo_run
     predict = {**default_config("inference"), "num_workers": 0, "cache_dir": cfg["cache_dir"], "device": "cpu"}
-    inference.main({**predict, "run": [str(run_dir)], "output_dir": str(tmp_path / "final")})
+    assert predict["first_stage_weight"] == 0.5
+    inference.main({**predict, "run": [str(run_dir)], "output_dir": str(tmp_path / "blend")})
+    inference.main({**predict, "run": [str(run_dir)], "first_stage_weight": 0.0, "output_dir": str(tmp_path / "stage")})
     inference.main({**predict, "run": [str(run_dir / "best.pt")], "output_dir": str(tmp_path / "first")})
-    final, _ = eval_predictions([run_dir / "pseudo" / "best.pt"], cfg)
+    stage, _ = eval_predictions([run_dir / "pseudo" / "best.pt"], cfg)
     first, _ = eval_predictions([run_dir / "best.pt"], cfg)
-    assert not np.allclose(final, first)  # a different model, not the first stage under another name
-    for name, probs in [("final", final), ("first", first)]:
+    assert not np.allclose(stage, first)  # a different model, not the first stage under another name
+    for name, probs in [("blend", (stage + first) / 2), ("stage", stage), ("first", first)]:
+        np.testing.assert_allclose(pd.read_csv(tmp_path / name / "eval_probs.csv")[PROB_COLUMNS], probs, atol=1e-6)
         np.testing.assert_array_equal(pd.read_csv(tmp_path / name / "submission.csv")["ans"], probs.argmax(1))
     with pytest.raises(SystemExit, match="give --output_dir"):  # would replace the stage's submission in RUN
         inference.main({**predict, "run": [str(run_dir / "best.pt")]})
+    with pytest.raises(SystemExit, match="first_stage_weight is a share, 0 to 1; got 1.5"):
+        inference.main({**predict, "run": [str(run_dir)], "first_stage_weight": 1.5})
+
+
+def test_a_pseudo_stage_shares_its_weight_with_every_first_stage_model(tmp_path):
+    """A k-fold run's folds share first_stage_weight; with a refit model, the refit model
+    (which labelled the eval images) takes it instead."""
+    run_dir = tmp_path / "run"
+    for folder in ["fold0", "fold1", "pseudo"]:
+        (run_dir / folder).mkdir(parents=True)
+        (run_dir / folder / "best.pt").touch()
+        (run_dir / folder / "summary.json").touch()
+    members = inference.run_members(run_dir, "best", 0.4)
+    assert members == [(run_dir / "pseudo" / "best.pt", 0.6), (run_dir / "fold0" / "best.pt", 0.2),
+                       (run_dir / "fold1" / "best.pt", 0.2)]
+    assert inference.run_members(run_dir, "best", 0.0) == [(run_dir / "pseudo" / "best.pt", 1.0)]
+    assert inference.run_members(run_dir / "fold1") == [(run_dir / "fold1" / "best.pt", 1.0)]
+    (run_dir / "refit").mkdir()
+    (run_dir / "refit" / "best.pt").touch()
+    assert inference.run_members(run_dir, "best", 0.4) == [(run_dir / "pseudo" / "best.pt", 0.6),
+                                                           (run_dir / "refit" / "best.pt", 0.4)]
 
 
 def test_inference_pseudo_labels_leave_the_stage_labels_alone(pseudo_run):
