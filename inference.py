@@ -58,16 +58,17 @@ def run_members(run, checkpoint="best", first_stage_weight=0.0):
     blend is measured out of fold in BENCHMARKS.md, session 10)."""
     stage = final_stage(run)
     checkpoints = find_checkpoints(stage, checkpoint)
+    own = [(path, 1 / len(checkpoints)) for path in checkpoints]
     if stage == Path(run):
-        return [(path, 1 / len(checkpoints)) for path in checkpoints]
+        return own
     if first_stage_weight == 0:
         log.info("%s: predicting with its pseudo-label stage %s", run, stage)
-        return [(path, 1.0) for path in checkpoints]
+        return own
     first = find_checkpoints(first_stage(run), checkpoint)
     log.info("%s: predicting with its pseudo-label stage %s (weight %g) and the %d model(s) of its first stage "
              "(weight %g)", run, stage, 1 - first_stage_weight, len(first), first_stage_weight)
-    return [(path, 1 - first_stage_weight) for path in checkpoints] + [(path, first_stage_weight / len(first))
-                                                                         for path in first]
+    return [(path, weight * (1 - first_stage_weight)) for path, weight in own] + \
+        [(path, first_stage_weight / len(first)) for path in first]
 
 
 def find_checkpoints(run_dir, checkpoint="best"):
