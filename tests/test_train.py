@@ -378,8 +378,7 @@ def test_soft_pseudo_stage_trains_towards_the_first_stage_probabilities(data, tm
 
 def test_inference_blends_the_pseudo_stage_with_the_first_stage(pseudo_run, tmp_path):
     run_dir, cfg = pseudo_run
-    predict = {**default_config("inference"), "num_workers": 0, "cache_dir": cfg["cache_dir"], "device": "cpu",
-               "tta": "flip"}  # as eval_predictions
+    predict = {**default_config("inference"), "num_workers": 0, "cache_dir": cfg["cache_dir"], "device": "cpu"}
     assert predict["first_stage_weight"] == 0.5
     inference.main({**predict, "run": [str(run_dir)], "output_dir": str(tmp_path / "blend")})
     inference.main({**predict, "run": [str(run_dir)], "first_stage_weight": 0.0, "output_dir": str(tmp_path / "stage")})
