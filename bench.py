@@ -303,7 +303,8 @@ def main(argv=None):
                              "of the first recipe (30 if it has no epochs of its own), so the default baseline gets "
                              "the time the recommended recipe took")
     parser.add_argument("--epochs", type=int, default=0, help="fixed epochs instead of the time budget")
-    parser.add_argument("--tta", default="flip", help="test-time augmentation unless the recipe sets one")
+    parser.add_argument("--tta", default=default_config("inference")["tta"],
+                        help="test-time augmentation unless the recipe sets one")
     parser.add_argument("--limit", type=int, default=0, help="build maskbench from this many people only (quick loader measurements)")
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--skip_loader", action="store_true", help="do not measure the loader")
