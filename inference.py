@@ -186,8 +186,8 @@ def main(cfg):
     if not 0 <= cfg["first_stage_weight"] <= 1:
         raise SystemExit(f"error: --first_stage_weight is a share, 0 to 1; got {cfg['first_stage_weight']}")
     device = resolve_device(cfg["device"])
-    members = [(path, weight / len(cfg["run"])) for run in cfg["run"]  # every run counts once
-               for path, weight in run_members(run, cfg["checkpoint"], cfg["first_stage_weight"])]
+    # each run's weights sum to 1 and predict_eval normalises the total, so every run counts once
+    members = [member for run in cfg["run"] for member in run_members(run, cfg["checkpoint"], cfg["first_stage_weight"])]
     try:
         probs, images = predict_eval([path for path, _ in members], cfg, device, [weight for _, weight in members])
     except DataError as e:  # bad input: the message names the file and the problem
