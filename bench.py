@@ -4,8 +4,9 @@
     python bench.py --recipes best best+head=single best+pretrained=false --budget_minutes 5   # an ablation
     python bench.py --skip_training --size 384x512                        # loader throughput only
 
-On a CUDA GPU it builds maskbench at full size (384x512) and feeds the recipes 192x256 inputs
-(--cuda_input); on the CPU 192x256 images and the recipes' own 128x96 inputs.
+On a CUDA GPU it builds maskbench at full size (384x512), on the CPU at 192x256; either way the
+recipes read their faces at their own input size (128x96) unless --cuda_input names another on
+a GPU (192x256 scored lower out of fold with the recommended 4 epochs on an H100: BENCHMARKS.md).
 
 Steps: build maskbench (once per size) -> decode loader throughput with and without the cache ->
 for each recipe: model-only training throughput, train.py (a recipe without fixed epochs trains
@@ -109,9 +110,12 @@ def loader_throughput(cfg, table, max_images=2000):
     return result
 
 
-def model_throughput(cfg, device, steps=6):
+def model_throughput(cfg, device):
     """Training images/s of the model alone (random inputs, forward + backward + step), with the
-    mixed precision train.py uses on CUDA."""
+    mixed precision and cuDNN autotuning train.py uses on CUDA (where a step takes milliseconds,
+    so it times more of them)."""
+    steps = 50 if device.type == "cuda" else 6
+    torch.backends.cudnn.benchmark = not cfg["deterministic"]
     autocast, _ = autocast_for(device, cfg["amp"])
     model = create_model(cfg).to(device).train()
     criterion, optimizer = Criterion(cfg), build_optimizer(cfg, model)
@@ -176,7 +180,7 @@ def run_recipe(recipe, args, data, out, device):
     predicts with the mean of the folds and reports the out-of-fold validation F1."""
     train_overrides = recipe_config(recipe)
     tta = train_overrides.pop("tta", args.tta)  # an inference key: the recipe's TTA
-    if device.type == "cuda" and "+resize=" not in recipe:  # the recipes' inputs are sized for a CPU
+    if device.type == "cuda" and args.cuda_input and "+resize=" not in recipe:
         width, height = (int(v) for v in args.cuda_input.split("x"))
         train_overrides["resize"] = [height, width]
     cfg = {**default_config("train"), **train_overrides, "data_dir": str(data / "train"),
@@ -294,8 +298,9 @@ def main(argv=None):
     parser.add_argument("--maskbench", type=Path, default=ROOT.parent / "shared" / "maskbench", help="maskbench folder (build.py, faces/, score.py)")
     parser.add_argument("--size", default="", help="maskbench image size WxH to build; default 384x512 (full size) "
                                                    "on a CUDA GPU, 192x256 on the CPU")
-    parser.add_argument("--cuda_input", default="192x256",
-                        help="on a CUDA GPU: the model input WxH of every recipe that does not set +resize= itself")
+    parser.add_argument("--cuda_input", default="",
+                        help="on a CUDA GPU: the model input WxH of every recipe that does not set +resize= "
+                             "itself (e.g. 192x256); empty: the recipes' own")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out", help="where data, caches and runs go")
     parser.add_argument("--recipes", nargs="*", default=["best", "baseline"], help="configs/<name>.json[+key=value...]")
     parser.add_argument("--budget_minutes", type=float, default=0,
