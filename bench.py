@@ -98,7 +98,7 @@ def loader_throughput(cfg, table, max_images=2000):
         row = {"cache_build_s": build_s}
         for name, cache_dir in (("uncached", ""), ("cached", cfg["cache_dir"])):
             dataset = make_dataset(table, {**cfg, "cache_dir": cache_dir}, transform)
-            loader = DataLoader(dataset, batch_size=32, shuffle=True, num_workers=dataset.loader_workers(cfg["num_workers"]))
+            loader = DataLoader(dataset, batch_size=32, shuffle=True, num_workers=dataset.loader_workers(cfg))
             start, seen = time.time(), 0
             for images, *_ in loader:  # timed from the first batch: worker start-up is reported apart
                 if seen == 0:

@@ -528,12 +528,14 @@ class FaceDataset(Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def loader_workers(self, num_workers):
-        """Worker processes worth starting for this dataset: num_workers when it decodes images,
-        none when it reads the cache. A cached batch is one array read plus cheap flips, faster in
-        the main process (about 6,000 images/s at 384x512 in make bench) than through 2 workers
-        (about 1,950), which pay for start-up, shared memory and pickling and take cores from the model."""
-        return 0 if self.cache_file is not None else num_workers
+    def loader_workers(self, cfg):
+        """Worker processes for this dataset's loader: cfg's num_workers when it decodes images,
+        its cache_workers (default none) when it reads the cache. On the 2-core CPU a cached batch,
+        one array read plus cheap flips, was faster in the main process (about 6,000 images/s at
+        384x512 in make bench) than through 2 workers (about 1,950), which pay for start-up, shared
+        memory and pickling and take cores from the model. On a GPU the main process also launches
+        the model's kernels, and the loading waits for them (BENCHMARKS.md, session 11)."""
+        return cfg["cache_workers"] if self.cache_file is not None else cfg["num_workers"]
 
     def cache_array(self):
         if self._array is None:

@@ -215,7 +215,7 @@ def make_loader(dataset, cfg, epoch, device):
     sampler = (WeightedRandomSampler(class_balanced_weights(dataset.labels), len(dataset), generator=generator)
                if cfg["balanced_sampler"] else None)
     return DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=sampler is None, sampler=sampler,
-                      generator=generator, num_workers=dataset.loader_workers(cfg["num_workers"]), pin_memory=device.type == "cuda",
+                      generator=generator, num_workers=dataset.loader_workers(cfg), pin_memory=device.type == "cuda",
                       drop_last=len(dataset) > cfg["batch_size"])
 
 
@@ -331,7 +331,7 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
                  state["best_f1"], state["best_epoch"])
     writer = tensorboard_writer(out_dir)
     valid_loader = (DataLoader(valid_set, batch_size=cfg["valid_batch_size"],
-                               num_workers=valid_set.loader_workers(cfg["num_workers"]),
+                               num_workers=valid_set.loader_workers(cfg),
                                pin_memory=device.type == "cuda") if valid_set is not None else None)
 
     for epoch in range(state["epoch"], cfg["epochs"]):
@@ -489,7 +489,7 @@ def pseudo_stage(cfg, run_dir, device):
     fit(stage_cfg, run_dir / "pseudo", everyone, None, device, cache)
 
 
-RESUME_SETTINGS = ("resume", "device", "num_workers")  # all --resume takes from the command line
+RESUME_SETTINGS = ("resume", "device", "num_workers", "cache_workers")  # all --resume takes from the command line
 
 
 def refuse_settings_resume_would_ignore(cfg, saved):

@@ -663,7 +663,9 @@ def test_face_dataset_same_with_and_without_cache(tiny, tmp_path):
         cached = D.make_dataset(table, make_cfg(tiny / "train", tmp_path, center_crop=crop), transform)
         direct = D.make_dataset(table, make_cfg(tiny / "train", tmp_path, center_crop=crop, cache_dir=""), transform)
         assert cached.cache_file is not None and direct.cache_file is None
-        assert (cached.loader_workers(2), direct.loader_workers(2)) == (0, 2)  # workers only to decode
+        workers = {"num_workers": 2, "cache_workers": 0}
+        assert (cached.loader_workers(workers), direct.loader_workers(workers)) == (0, 2)  # workers only to decode
+        assert cached.loader_workers({**workers, "cache_workers": 3}) == 3
         assert len(cached) == len(direct) == len(table)
         for i in range(len(table)):
             (xc, yc, ac, sc), (xd, yd, ad, sd) = cached[i], direct[i]

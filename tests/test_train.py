@@ -606,6 +606,25 @@ def test_kfold_and_refit_decode_every_image_once(data, tmp_path):
     assert np.load(arrays[0], mmap_mode="r").shape[0] == N_PEOPLE * len(MASK_FILES)
 
 
+def test_cache_workers_read_the_cache_in_worker_processes_and_repeat_the_run_exactly(data, tmp_path, monkeypatch):
+    """With cache_workers the cached batches come from worker processes (by default the main
+    process reads them), and the run still repeats exactly."""
+    workers_seen = []
+    real_loader = train.DataLoader
+
+    def recording_loader(dataset, **kwargs):
+        workers_seen.append(kwargs["num_workers"])
+        return real_loader(dataset, **kwargs)
+
+    monkeypatch.setattr(train, "DataLoader", recording_loader)
+    cfg = make_cfg(data, tmp_path / "runs", cache_workers=2, report=False)
+    first, _ = train.main(cfg)
+    assert workers_seen and set(workers_seen) == {2}
+    second, _ = train.main(cfg)
+    pd.testing.assert_frame_equal(metrics_without_timing(first), metrics_without_timing(second), check_exact=True)
+    assert_same_state(model_state(first / "best.pt"), model_state(second / "best.pt"))
+
+
 def test_bad_data_is_a_clean_error_naming_the_file(data, tmp_path):
     cfg = make_cfg(data, tmp_path / "runs", data_dir=str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit) as exc:
