@@ -45,6 +45,14 @@ EPOCH_HEADROOM = 1.5
 WHOLE_RUN_SCHEDULES = ("one_cycle", "cosine")
 
 
+def check_maskbench(folder):
+    """Stop with a clear message, before any work, when the maskbench folder is not there."""
+    missing = [name for name in ("build.py", "score.py", "faces.csv", "faces") if not (folder / name).exists()]
+    if missing:
+        raise SystemExit(f"error: {folder} is not a maskbench folder (no {', '.join(missing)}); give its path with "
+                         "--maskbench (make bench MASKBENCH=path)")
+
+
 def build_maskbench(maskbench, size, out, limit=0):
     if (out / "train" / "train.csv").is_file() and (out / "eval" / "answers.csv").is_file():
         return
@@ -154,9 +162,15 @@ def pipeline_throughput(cfg, table, device, out_dir, batches=20):
 def recipe_config(recipe):
     """configs/<name>.json plus '+key=value' overrides (values parsed as JSON, else strings)."""
     name, *overrides = recipe.split("+")
-    cfg = json.loads((ROOT / "configs" / f"{name}.json").read_text())
+    path = ROOT / "configs" / f"{name}.json"
+    if not path.is_file():
+        names = ", ".join(sorted(p.stem for p in (ROOT / "configs").glob("*.json")))
+        raise SystemExit(f"error: recipe {recipe}: there is no configs/{name}.json (there are: {names})")
+    cfg = json.loads(path.read_text())
     spec = load_spec()
     for item in overrides:
+        if "=" not in item:
+            raise SystemExit(f"error: recipe {recipe}: override {item!r} is not key=value")
         key, value = item.split("=", 1)
         if key not in spec:
             raise SystemExit(f"error: recipe {recipe}: unknown key {key}")
@@ -315,6 +329,9 @@ def main(argv=None):
     parser.add_argument("--skip_loader", action="store_true", help="do not measure the loader")
     parser.add_argument("--skip_training", action="store_true", help="only build and measure the loader")
     args = parser.parse_args(argv)
+    check_maskbench(args.maskbench)
+    for recipe in args.recipes:  # a misspelt recipe stops here, not after the build
+        recipe_config(recipe)
     args.size = args.size or ("384x512" if torch.cuda.is_available() else "192x256")
     args.out.mkdir(parents=True, exist_ok=True)
     args.cache_dir = args.out / "cache"

@@ -1,0 +1,39 @@
+"""bench.py's recipe names and its checks before any work (the benchmark itself is `make bench`,
+not a test)."""
+import json
+
+import pytest
+
+import bench
+
+
+def test_a_recipe_is_a_config_file_with_typed_overrides():
+    best = json.loads((bench.ROOT / "configs" / "best.json").read_text())
+    cfg = bench.recipe_config("best+head=single+epochs=3+resize=[160,120]+fold=0+pretrained=false+tta=flip_crops")
+    assert cfg == {**best, "head": "single", "epochs": 3, "resize": [160, 120], "fold": "0", "pretrained": False,
+                   "tta": "flip_crops"}
+    assert bench.recipe_config("best") == best
+    assert bench.run_name("best+resize=[160,120]") == "best__resize-[160,120]"
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("bset", r"there is no configs/bset\.json \(there are: .*best"),
+    ("best+head", "override 'head' is not key=value"),
+    ("best+haed=single", "unknown key haed"),
+])
+def test_a_bad_recipe_is_refused_by_name(recipe, message):
+    with pytest.raises(SystemExit, match=message):
+        bench.recipe_config(recipe)
+
+
+def test_a_bad_recipe_or_maskbench_folder_stops_bench_before_it_builds_anything(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="no build.py, score.py, faces.csv, faces"):
+        bench.main(["--maskbench", str(tmp_path / "nowhere"), "--out", str(out)])
+    maskbench = tmp_path / "maskbench"
+    (maskbench / "faces").mkdir(parents=True)
+    for name in ("build.py", "score.py", "faces.csv"):
+        (maskbench / name).write_text("")
+    with pytest.raises(SystemExit, match="there is no configs/bset.json"):
+        bench.main(["--maskbench", str(maskbench), "--out", str(out), "--recipes", "best", "bset"])
+    assert not out.exists()
