@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from config import default_config, load_spec
+from config import check_value, default_config, load_spec
 from dataset import build_transform, load_training_images, make_dataset, num_folds, open_cache
 from loss import Criterion
 from model import create_model
@@ -181,6 +181,10 @@ def recipe_config(recipe):
             cfg[key] = json.loads(value)
         except json.JSONDecodeError:
             cfg[key] = value
+    for key, value in cfg.items():  # a bad value stops bench here, not after the build or another recipe's training
+        if key not in spec:
+            raise SystemExit(f"error: recipe {recipe}: unknown key {key} in configs/{name}.json")
+        check_value(key, value, spec[key], f"recipe {recipe}")
     return cfg
 
 

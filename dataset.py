@@ -484,22 +484,28 @@ def build_cache(paths, size, boxes, cache_dir, num_workers=0):
     array_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     if array_path.exists() and meta_path.exists():
         return array_path, json.loads(meta_path.read_text())["errors"]
-    tmp_path = cache_dir / f"{key}.tmp{os.getpid()}.npy"
-    array = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(paths), 3, *size))
+    tmp_path, tmp_meta = (cache_dir / f"{key}.tmp{os.getpid()}{suffix}" for suffix in (".npy", ".json"))
     errors = [""] * len(paths)
     loader = DataLoader(_DecodeAll(paths, tuple(size), boxes), batch_size=32,
                         num_workers=num_workers, collate_fn=list)  # list, not a lambda: workers may be spawned
     bar = tqdm(loader, desc=f"decoding {len(paths)} images into the cache", unit="batch", leave=False,
                disable=not sys.stderr.isatty())
-    for batch in bar:
-        for i, img, err in batch:
-            if img is not None:  # stored channels-first, as the model reads it: no transpose per epoch
-                array[i] = img.transpose(2, 0, 1)
-            errors[i] = err
-    array.flush()
-    del array
-    os.replace(tmp_path, array_path)
-    meta_path.write_text(json.dumps({"size": list(size), "count": len(paths), "errors": errors}))
+    try:
+        array = np.lib.format.open_memmap(tmp_path, mode="w+", dtype=np.uint8, shape=(len(paths), 3, *size))
+        for batch in bar:
+            for i, img, err in batch:
+                if img is not None:  # stored channels-first, as the model reads it: no transpose per epoch
+                    array[i] = img.transpose(2, 0, 1)
+                errors[i] = err
+        array.flush()
+        del array
+        tmp_meta.write_text(json.dumps({"size": list(size), "count": len(paths), "errors": errors}))
+        os.replace(tmp_meta, meta_path)
+        os.replace(tmp_path, array_path)  # last: the cache counts only once both files are complete
+    except BaseException:  # Ctrl-C too: an unfinished array (gigabytes at full size) is never left behind
+        for path in (tmp_path, tmp_meta):
+            path.unlink(missing_ok=True)
+        raise
     return array_path, errors
 
 

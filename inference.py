@@ -185,6 +185,14 @@ def main(cfg):
         raise SystemExit("error: give a run folder with --run RUN")
     if not 0 <= cfg["first_stage_weight"] <= 1:
         raise SystemExit(f"error: --first_stage_weight is a share, 0 to 1; got {cfg['first_stage_weight']}")
+    first = Path(cfg["run"][0])
+    out_dir = Path(cfg["output_dir"]) if cfg["output_dir"] else first.parent if first.is_file() else first
+    if not cfg["output_dir"] and len(cfg["run"]) > 1:
+        raise SystemExit(f"error: give --output_dir: by default the blend of {len(cfg['run'])} runs would replace "
+                         f"{out_dir}'s own predictions (which ensemble.py reads as that run's)")
+    if first.is_file() and not cfg["output_dir"] and (out_dir / "pseudo").is_dir():
+        raise SystemExit(f"error: give --output_dir: by default the predictions of {first} would replace those of "
+                         f"{out_dir}'s pseudo-label stage in {out_dir}")
     device = resolve_device(cfg["device"])
     # each run's weights sum to 1 and predict_eval normalises the total, so every run counts once
     members = [member for run in cfg["run"] for member in run_members(run, cfg["checkpoint"], cfg["first_stage_weight"])]
@@ -192,11 +200,6 @@ def main(cfg):
         probs, images = predict_eval([path for path, _ in members], cfg, device, [weight for _, weight in members])
     except DataError as e:  # bad input: the message names the file and the problem
         raise SystemExit(f"error: {e}")
-    first = Path(cfg["run"][0])
-    out_dir = Path(cfg["output_dir"]) if cfg["output_dir"] else first.parent if first.is_file() else first
-    if first.is_file() and not cfg["output_dir"] and (out_dir / "pseudo").is_dir():
-        raise SystemExit(f"error: give --output_dir: by default the predictions of {first} would replace those of "
-                         f"{out_dir}'s pseudo-label stage in {out_dir}")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(eval_probs_table(images["ImageID"], probs), out_dir / "eval_probs.csv")
     path = write_submission(images["ImageID"], probs.argmax(1), out_dir)

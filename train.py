@@ -116,10 +116,16 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def write_csv_atomic(table, path):
+def write_text_atomic(text, path):
+    """Write to a temporary file, then rename: a file whose presence marks a finished step
+    (summary.json) is never left half-written."""
     tmp = Path(f"{path}.tmp")
-    table.to_csv(tmp, index=False)
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_csv_atomic(table, path):
+    write_text_atomic(table.to_csv(index=False), path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +387,7 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
             break
     summary = {"best_epoch": state["best_epoch"], "best_valid_f1": state["best_f1"], "epochs_run": state["epoch"],
                **{k: v for k, v in state["history"][state["best_epoch"] - 1].items() if k.startswith("valid_")}}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(json.dumps(summary, indent=2), out_dir / "summary.json")
     return summary
 
 
@@ -489,7 +495,9 @@ def pseudo_stage(cfg, run_dir, device):
     fit(stage_cfg, run_dir / "pseudo", everyone, None, device, cache)
 
 
-RESUME_SETTINGS = ("resume", "device", "num_workers", "cache_workers")  # all --resume takes from the command line
+# what --resume takes from the command line when given there; otherwise the run's own values,
+# since another worker count changes the augmentation stream and so the result
+RESUME_SETTINGS = ("resume", "device", "num_workers", "cache_workers")
 
 
 def refuse_settings_resume_would_ignore(cfg, saved):
@@ -511,12 +519,13 @@ def main(cfg):
         saved = json.loads((run_dir / "config.json").read_text())
         refuse_settings_resume_would_ignore(cfg, saved)
         # keys added to args.json after the run was saved take their defaults, as in inference.load_model
-        cfg = {**default_config("train"), **saved, **{key: cfg[key] for key in RESUME_SETTINGS}}
+        defaults = default_config("train")
+        cfg = {**defaults, **saved, **{key: cfg[key] for key in RESUME_SETTINGS if cfg[key] != defaults[key]}}
     else:
         folds_to_train(cfg)  # a bad --fold stops here, before a run folder is made
         check_pseudo_settings(cfg)
         run_dir = make_run_dir(cfg)
-        (run_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+        write_text_atomic(json.dumps(cfg, indent=2), run_dir / "config.json")
     setup_logging(run_dir / "train.log")
     device = resolve_device(cfg["device"])
     torch.backends.cudnn.benchmark = not cfg["deterministic"]

@@ -20,6 +20,9 @@ def test_a_recipe_is_a_config_file_with_typed_overrides():
     ("bset", r"there is no configs/bset\.json \(there are: .*best"),
     ("best+head", "override 'head' is not key=value"),
     ("best+haed=single", "unknown key haed"),
+    ("best+epochs=abc", "'epochs' should look like 6, got 'abc'"),
+    ("best+resize=160,120", r"'resize' should look like \[128, 96\], got '160,120'"),
+    ("best+head=singel", "'head' is 'singel', not one of"),
 ])
 def test_a_bad_recipe_is_refused_by_name(recipe, message):
     with pytest.raises(SystemExit, match=message):

@@ -630,6 +630,29 @@ def test_build_cache_writes_and_reuses_the_array(tiny, tmp_path, monkeypatch):
     assert Path(again).stat().st_mtime_ns == mtime
 
 
+def test_an_interrupted_cache_build_leaves_nothing_behind(tiny, tmp_path, monkeypatch):
+    """Ctrl-C mid-build removes the half-written array (gigabytes at full size), and the next
+    build starts afresh and completes."""
+    paths = D.read_train_images(tiny / "train")["image_path"].tolist()[:10]
+    cache_dir = tmp_path / "cache"
+    real_decode, calls = D.decode_image, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_decode(*args)
+
+    monkeypatch.setattr(D, "decode_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        D.build_cache(paths, RESIZE, [D.FULL_IMAGE] * len(paths), cache_dir)
+    assert cache_dir.is_dir() and not list(cache_dir.iterdir())
+    monkeypatch.undo()
+    array_path, errors = D.build_cache(paths, RESIZE, [D.FULL_IMAGE] * len(paths), cache_dir)
+    assert np.load(array_path).shape[0] == len(paths) and errors == [""] * len(paths)
+    assert sorted(p.suffix for p in cache_dir.iterdir()) == [".json", ".npy"]
+
+
 def test_cache_key_changes_with_size_crop_files_and_order(tiny, tmp_path):
     paths = D.read_train_images(tiny / "train")["image_path"].tolist()[:4]
     full = [D.FULL_IMAGE] * len(paths)

@@ -206,6 +206,10 @@ def test_kfold_run_averages_its_folds(data, kfold_dir, tmp_path):
 
 
 def test_two_runs_are_averaged_too(data, run_dir, kfold_dir, tmp_path):
+    before = (run_dir / "eval_probs.csv").read_bytes() if (run_dir / "eval_probs.csv").is_file() else None
+    with pytest.raises(SystemExit, match="give --output_dir: by default the blend of 2 runs"):
+        inference.main(make_inference_cfg(data, [run_dir, kfold_dir], ""))  # would overwrite run_dir's own
+    assert ((run_dir / "eval_probs.csv").read_bytes() if (run_dir / "eval_probs.csv").is_file() else None) == before
     inference.main(make_inference_cfg(data, [run_dir, kfold_dir], tmp_path / "both"))
     inference.main(make_inference_cfg(data, run_dir, tmp_path / "one"))
     inference.main(make_inference_cfg(data, kfold_dir, tmp_path / "folds"))

@@ -240,8 +240,11 @@ class _StopAfter:
             yield item
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run(data, tmp_path, monkeypatch):
-    full, _ = train.main(make_cfg(data, tmp_path / "runs", epochs=2, name="full"))
+@pytest.mark.parametrize("cache_workers", [0, 2])
+def test_resume_after_interruption_matches_an_uninterrupted_run(data, tmp_path, monkeypatch, cache_workers):
+    """Also with cached batches read by worker processes: the plain resume command keeps the
+    run's worker counts (another count would change the augmentation stream)."""
+    full, _ = train.main(make_cfg(data, tmp_path / "runs", epochs=2, name="full", cache_workers=cache_workers))
 
     real, calls = train.train_one_epoch, []
 
@@ -251,7 +254,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(data, tmp_path, 
         return real(model, _StopAfter(loader, 1) if len(calls) == 2 else loader, *args, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", interrupted)
-    cut_cfg = make_cfg(data, tmp_path / "runs", epochs=2, name="cut")
+    cut_cfg = make_cfg(data, tmp_path / "runs", epochs=2, name="cut", cache_workers=cache_workers)
     with pytest.raises(SystemExit) as stop:
         train.main(cut_cfg)
     assert stop.value.code == 130
