@@ -135,12 +135,18 @@ def read_config_file(path, known_keys):
     return {key: value for key, value in values.items() if key in known_keys}
 
 
-def parse_config(script, argv=None, description=None):
-    """Resolve a script's configuration: args.json defaults, then --config FILE, then argv."""
+def parse_config(script, argv=None, description=None, with_given=False):
+    """Resolve a script's configuration: args.json defaults, then --config FILE, then argv.
+    with_given: also return the keys set by the file or the command line (even to their
+    default value), for train.py --resume, which must refuse settings it would not use."""
     parser = build_parser(script, description)
     cli = vars(parser.parse_args(argv))
     cfg = default_config(script)
+    given = set()
     if "config" in cli:
-        cfg.update(read_config_file(cli.pop("config"), parser.known_keys))
+        from_file = read_config_file(cli.pop("config"), parser.known_keys)
+        cfg.update(from_file)
+        given |= set(from_file)
     cfg.update(cli)
-    return cfg
+    given |= set(cli)
+    return (cfg, given) if with_given else cfg

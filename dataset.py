@@ -69,7 +69,9 @@ class DataError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Reading and checking
-def read_csv(path, columns):
+def read_csv(path, columns, numeric=()):
+    """A CSV as stripped text with the given columns, the `numeric` ones converted to numbers;
+    anything wrong is a DataError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -80,6 +82,11 @@ def read_csv(path, columns):
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {list(table.columns)}")
+    for column in numeric:
+        values = pd.to_numeric(table[column], errors="coerce")
+        if values.isna().any():
+            raise DataError(f"{path}: column {column}: {table[column][values.isna()].tolist()[:3]} not numbers")
+        table[column] = values
     return table
 
 

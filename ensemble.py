@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from config import parse_config
-from dataset import NUM_CLASSES, PROB_COLUMNS, encode_class
+from dataset import NUM_CLASSES, PROB_COLUMNS, DataError, encode_class, read_csv
 from train import score, setup_logging
 from inference import write_submission
 
@@ -36,10 +36,10 @@ class Member:
         eval_file = path / "eval_probs.csv" if path.is_dir() else path
         if not eval_file.is_file():
             raise SystemExit(f"error: {eval_file} not found (run inference.py --run {path} first)")
-        self.eval = pd.read_csv(eval_file)
-        missing = [c for c in ["ImageID", *PROB_COLUMNS] if c not in self.eval.columns]
-        if missing:
-            raise SystemExit(f"error: {eval_file} lacks column(s) {missing}")
+        try:
+            self.eval = read_csv(eval_file, ["ImageID", *PROB_COLUMNS], numeric=PROB_COLUMNS)
+        except DataError as e:  # the message names the file and the problem
+            raise SystemExit(f"error: {e}")
         run_dir = path if path.is_dir() else path.parent
         self.valid = None
         if (run_dir / "pseudo").is_dir():  # its eval predictions come from pseudo/, which has no validation

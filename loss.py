@@ -80,6 +80,15 @@ def frequency_weights(labels, num_classes):
     return torch.tensor(1 - freq, dtype=torch.float32)
 
 
+def check_criterion_settings(cfg):
+    """The f1 criterion trains each head on its hard class alone, so the options that shape the
+    target distribution or add an F1 term would do nothing with it: refused, not silently unused."""
+    unused = [f"--{key}" for key in ("age_smoothing", "age_sigma", "class_weights", "f1_weight") if cfg[key]]
+    if cfg["criterion"] == "f1" and unused:
+        raise SystemExit(f"error: --criterion f1 (soft macro F1 on the hard class) does not use {', '.join(unused)}; "
+                         "drop them or choose another criterion")
+
+
 class Criterion:
     """The training loss of a config. Targets: 18-class labels (B), ages in years (B; NaN where
     only the age band is known) and, optionally, class probabilities (B x 18; NaN rows for the

@@ -151,10 +151,14 @@ def _person_images(person, seed, split, index, size):
 def make_sample_dataset(out_dir, n_train_people=60, n_eval_people=20, size=(96, 128), seed=0, image_ext=".jpg"):
     """Write the dataset; size is (width, height); returns Path(out_dir).
 
-    out_dir/train and out_dir/eval are removed first. image_ext applies to train images only.
+    An earlier sample's out_dir/train and out_dir/eval are removed first; a folder holding other
+    data there (real data, say) is refused, never deleted. image_ext applies to train images only.
     """
     out = Path(out_dir)
     size = (int(size[0]), int(size[1]))
+    if any((out / sub).exists() for sub in ("train", "eval")) and not _is_sample(out):
+        raise SystemExit(f"error: {out} already holds train/ or eval/ that make_sample_data.py did not write "
+                         "(no build_info.json of a sample); choose another --out")
     for sub in ("train", "eval"):
         shutil.rmtree(out / sub, ignore_errors=True)
     (out / "train" / "images").mkdir(parents=True)
@@ -191,6 +195,14 @@ def make_sample_dataset(out_dir, n_train_people=60, n_eval_people=20, size=(96, 
             "eval": {"people": n_eval_people, "images": sum(eval_counts), "class_counts": eval_counts}}
     (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     return out
+
+
+def _is_sample(out):
+    """out holds a dataset this script wrote (its build_info.json names n_train_people)."""
+    try:
+        return "n_train_people" in json.loads((out / "build_info.json").read_text())["args"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _parse_size(text):

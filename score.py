@@ -3,14 +3,16 @@ ImageID,ans file): 18-class macro F1 (the competition metric), accuracy and per-
 
     python score.py --answers data/sample/eval/answers.csv --submission runs/exp/submission.csv
 """
-import pandas as pd
-
 from config import parse_config
+from dataset import DataError, read_csv
 from train import score
 
 
 def score_files(answers_csv, submission_csv):
-    answers, submission = pd.read_csv(answers_csv), pd.read_csv(submission_csv)
+    try:
+        answers, submission = (read_csv(path, ["ImageID", "ans"], numeric=["ans"]) for path in (answers_csv, submission_csv))
+    except DataError as e:  # the message names the file and the problem
+        raise SystemExit(f"error: {e}")
     merged = answers.merge(submission, on="ImageID", how="left", suffixes=("_true", "_pred"))
     if merged["ans_pred"].isna().any() or len(submission) != len(answers):
         raise SystemExit(f"error: {submission_csv} does not hold exactly the ImageIDs of {answers_csv}")

@@ -31,7 +31,7 @@ from config import default_config, parse_config
 from dataset import (NUM_CLASSES, PROB_COLUMNS, DataError, build_transform, class_balanced_weights, crop_boxes,
                      decode_class, eval_folder, load_training_images, make_dataset, mix_batch, num_folds, open_cache,
                      read_eval_images, split_train_valid)
-from loss import Criterion
+from loss import Criterion, check_criterion_settings
 from model import class_probabilities, create_model
 
 log = logging.getLogger("mask")
@@ -500,30 +500,34 @@ def pseudo_stage(cfg, run_dir, device):
 RESUME_SETTINGS = ("resume", "device", "num_workers", "cache_workers")
 
 
-def refuse_settings_resume_would_ignore(cfg, saved):
-    """--resume continues with the run's saved config; a setting given beside it (e.g.
-    --epochs 20) would be silently dropped, so it is refused, naming the saved value."""
+def resumed_config(cfg, given, saved):
+    """The run's saved config with the RESUME_SETTINGS that were given. Any other setting given
+    with another value than the saved one (e.g. --epochs 20) would be silently dropped, so it is
+    refused, naming the saved value. `given`: the keys set on the command line; None (a call
+    from Python) counts those that differ from args.json's defaults."""
     defaults = default_config("train")
-    ignored = [f"--{key} {json.dumps(value)} (the run has {json.dumps(saved.get(key))})" for key, value in cfg.items()
-               if key not in RESUME_SETTINGS and value != defaults.get(key) and value != saved.get(key)]
+    if given is None:
+        given = {key for key, value in cfg.items() if value != defaults.get(key)}
+    ignored = [f"--{key} {json.dumps(cfg[key])} (the run has {json.dumps(saved.get(key, defaults.get(key)))})"
+               for key in sorted(given) if key not in RESUME_SETTINGS and cfg[key] != saved.get(key, defaults.get(key))]
     if ignored:
         raise SystemExit(f"error: --resume continues {cfg['resume']} with its saved config.json; it would ignore "
                          f"{', '.join(ignored)}. Drop them, or start a new run")
+    # keys added to args.json after the run was saved take their defaults, as in inference.load_model
+    return {**defaults, **saved, **{key: cfg[key] for key in RESUME_SETTINGS if key in given}}
 
 
-def main(cfg):
+def main(cfg, given=None):
+    """Train a new run, or continue cfg['resume']; `given` as in resumed_config."""
     if cfg["resume"]:
         run_dir = Path(cfg["resume"])
         if not (run_dir / "config.json").is_file():
             raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
-        saved = json.loads((run_dir / "config.json").read_text())
-        refuse_settings_resume_would_ignore(cfg, saved)
-        # keys added to args.json after the run was saved take their defaults, as in inference.load_model
-        defaults = default_config("train")
-        cfg = {**defaults, **saved, **{key: cfg[key] for key in RESUME_SETTINGS if cfg[key] != defaults[key]}}
+        cfg = resumed_config(cfg, given, json.loads((run_dir / "config.json").read_text()))
     else:
         folds_to_train(cfg)  # a bad --fold stops here, before a run folder is made
         check_pseudo_settings(cfg)
+        check_criterion_settings(cfg)
         run_dir = make_run_dir(cfg)
         write_text_atomic(json.dumps(cfg, indent=2), run_dir / "config.json")
     setup_logging(run_dir / "train.log")
@@ -538,6 +542,8 @@ def main(cfg):
         raise SystemExit(130)
     except DataError as e:  # bad input: the message names the file and the problem
         log.error("%s", e)
+        if not cfg["resume"] and not any(run_dir.rglob("*.pt")):  # nothing trained: leave no half-made run behind
+            shutil.rmtree(run_dir)
         raise SystemExit(f"error: {e}")
     if cfg["report"] and cfg["val_ratio"] > 0:
         write_run_report(run_dir, device)
@@ -556,4 +562,4 @@ def write_run_report(run_dir, device):
 
 
 if __name__ == "__main__":
-    main(parse_config("train", description=__doc__))
+    main(*parse_config("train", description=__doc__, with_given=True))

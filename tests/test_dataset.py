@@ -82,6 +82,19 @@ def test_reads_every_image_extension(tmp_path, ext):
     assert D.decode_image(images["image_path"][0], RESIZE).shape == (*RESIZE, 3)
 
 
+def test_sample_data_replaces_an_old_sample_but_never_other_data(tmp_path):
+    sample = make_sample_dataset(tmp_path / "sample", n_train_people=3, n_eval_people=1, size=SIZE)
+    (sample / "train" / "extra.txt").write_text("from the old sample")
+    make_sample_dataset(sample, n_train_people=3, n_eval_people=1, size=SIZE)  # an old sample is replaced
+    assert not (sample / "train" / "extra.txt").exists() and (sample / "train" / "train.csv").is_file()
+    real = tmp_path / "real"
+    (real / "train").mkdir(parents=True)
+    (real / "train" / "train.csv").write_text("id,gender,race,age,path\n")
+    with pytest.raises(SystemExit, match="already holds train/ or eval/ that make_sample_data.py did not write"):
+        make_sample_dataset(real, n_train_people=3, n_eval_people=1, size=SIZE)
+    assert (real / "train" / "train.csv").read_text() == "id,gender,race,age,path\n"
+
+
 def test_upper_case_extension_is_accepted(fresh):
     folder = person_folder(fresh)
     (folder / "mask1.jpg").rename(folder / "mask1.JPG")

@@ -9,7 +9,7 @@ import pytest
 import ensemble
 import score
 from config import default_config
-from dataset import NUM_CLASSES, encode_class
+from dataset import NUM_CLASSES, PROB_COLUMNS, encode_class
 
 PROBS = [f"p{c}" for c in range(NUM_CLASSES)]
 
@@ -182,8 +182,14 @@ def test_member_files_are_checked(tmp_path):
     with pytest.raises(SystemExit, match="not found"):
         ensemble.Member(tmp_path)  # a folder without eval_probs.csv
     pd.DataFrame({"ImageID": ["a"], "p0": [1.0]}).to_csv(tmp_path / "short.csv", index=False)
-    with pytest.raises(SystemExit, match="p17"):
+    with pytest.raises(SystemExit, match="short.csv: missing column.*p17"):
         ensemble.Member(tmp_path / "short.csv")
+    (tmp_path / "broken.csv").write_text('ImageID,' + ','.join(PROB_COLUMNS) + '\n"a,0.5\n')
+    with pytest.raises(SystemExit, match="broken.csv: cannot parse CSV"):
+        ensemble.Member(tmp_path / "broken.csv")
+    (tmp_path / "text.csv").write_text('ImageID,' + ','.join(PROB_COLUMNS) + '\na,' + ','.join(['x'] * 18) + '\n')
+    with pytest.raises(SystemExit, match=r"text.csv: column p0: \['x'\] not numbers"):
+        ensemble.Member(tmp_path / "text.csv")
     with pytest.raises(SystemExit, match="--members"):
         ensemble.main(ens_cfg(tmp_path))
 
@@ -284,6 +290,14 @@ def test_score_refuses_other_ids(tmp_path, answers, change):
         [answers, pd.DataFrame({"ImageID": ["zzz.jpg"], "ans": [0]})])
     submission.to_csv(tmp_path / "submission.csv", index=False)
     with pytest.raises(SystemExit, match="ImageIDs"):
+        score.score_files(tmp_path / "answers.csv", tmp_path / "submission.csv")
+
+
+def test_score_names_the_file_that_is_missing_or_malformed(tmp_path, answers):
+    with pytest.raises(SystemExit, match="submission.csv: file not found"):
+        score.score_files(tmp_path / "answers.csv", tmp_path / "submission.csv")
+    answers.rename(columns={"ans": "class"}).to_csv(tmp_path / "submission.csv", index=False)
+    with pytest.raises(SystemExit, match=r"submission.csv: missing column\(s\) \['ans'\]"):
         score.score_files(tmp_path / "answers.csv", tmp_path / "submission.csv")
 
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 import inference
 import train
-from config import default_config
+from config import default_config, parse_config
 from dataset import MASK_FILES, NUM_CLASSES, PROB_COLUMNS, age_band, build_transform, encode_class, make_dataset
 from make_sample_data import make_sample_dataset
 from model import class_probabilities, create_model
@@ -282,6 +282,20 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(data, tmp_path, 
     assert summaries[0] == summaries[1] and summaries[0]["epochs_run"] == 2
 
 
+def test_resume_refuses_a_setting_given_on_the_command_line_even_at_its_default(base_run):
+    """--epochs 6 is args.json's default, but given beside --resume of a 1-epoch run it would be
+    ignored: refused. The worker counts given there replace the run's; not given, the run's stay."""
+    run_dir, _, _ = base_run
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["epochs"] == 1 and default_config("train")["epochs"] == 6
+    cfg, given = parse_config("train", ["--resume", str(run_dir), "--epochs", "6"], with_given=True)
+    with pytest.raises(SystemExit, match=r"it would ignore --epochs 6 \(the run has 1\)"):
+        train.main(cfg, given)
+    cfg, given = parse_config("train", ["--resume", str(run_dir), "--epochs", "1", "--cache_workers", "3"], with_given=True)
+    resumed = train.resumed_config(cfg, given, {**saved, "cache_workers": 2, "num_workers": 1})
+    assert (resumed["cache_workers"], resumed["num_workers"], resumed["epochs"]) == (3, 1, 1)
+
+
 def test_resume_of_a_folder_that_is_not_a_run_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="not a run folder"):
         train.main({**default_config("train"), "resume": str(tmp_path), "device": "cpu"})
@@ -524,7 +538,8 @@ OPTIONS = {
     "Adam": dict(optimizer="Adam", scheduler="none"),
     "focal_single_head": dict(criterion="focal", head="single"),
     "label_smoothing_age_smoothing": dict(criterion="label_smoothing", age_smoothing=0.1),
-    "f1_class_weights": dict(criterion="f1", class_weights=True),
+    "f1_single_head": dict(criterion="f1", head="single"),
+    "class_weights": dict(class_weights=True),
     "age_regression_grad_clip": dict(age_regression=0.5, f1_weight=0.2, grad_clip=1.0),
     "strong_augmentation": dict(augmentation="strong"),
 }
@@ -547,6 +562,13 @@ def test_option_trains_one_epoch(option, data, tmp_path, plain_loss):
         model, _ = inference.load_model(run_dir / "best.pt", "cpu")
         probs = class_probabilities(model(torch.randn(2, 3, 32, 24)))
     torch.testing.assert_close(probs.sum(1), torch.ones(2))
+
+
+@pytest.mark.parametrize("unused", [dict(class_weights=True), dict(age_sigma=5.0), dict(f1_weight=0.5)])
+def test_options_the_f1_criterion_would_not_use_are_refused_before_a_run_folder_is_made(unused, data, tmp_path):
+    with pytest.raises(SystemExit, match=f"--criterion f1 .* does not use --{next(iter(unused))}"):
+        train.main(make_cfg(data, tmp_path / "runs", criterion="f1", **unused))
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
 def test_scheduler_lr_after_two_epochs(data, tmp_path):
@@ -633,6 +655,7 @@ def test_bad_data_is_a_clean_error_naming_the_file(data, tmp_path):
     with pytest.raises(SystemExit) as exc:
         train.main(cfg)
     assert str(exc.value.code).startswith("error: ") and "nowhere/train.csv: file not found" in str(exc.value.code)
+    assert not list((tmp_path / "runs").iterdir())  # no half-made run folder for the next run or inference to find
 
 
 @pytest.mark.parametrize("fold", ["3", "-1", "x"])  # val_ratio 0.34 makes 3 folds; -1 marks extra data
