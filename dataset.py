@@ -148,6 +148,9 @@ def person_images(folder):
 def read_train_images(data_dir, corrections="", source="train"):
     """One row per image: id, file, image_path, mask, gender, age, source."""
     root = train_root(data_dir)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; give the training folder (train.csv and images/) with --data_dir "
+                        "(python make_sample_data.py writes a small sample to data/sample)")
     people = read_people(root)
     files = {rec.id: person_images(root / "images" / rec.path) for rec in people.itertuples()}
     if corrections:

@@ -654,8 +654,11 @@ def test_bad_data_is_a_clean_error_naming_the_file(data, tmp_path):
     cfg = make_cfg(data, tmp_path / "runs", data_dir=str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit) as exc:
         train.main(cfg)
-    assert str(exc.value.code).startswith("error: ") and "nowhere/train.csv: file not found" in str(exc.value.code)
+    assert str(exc.value.code).startswith("error: ") and "nowhere: no such folder; give the training folder" in str(exc.value.code)
     assert not list((tmp_path / "runs").iterdir())  # no half-made run folder for the next run or inference to find
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="empty/train.csv: file not found"):
+        train.main(make_cfg(data, tmp_path / "runs", data_dir=str(tmp_path / "empty")))
 
 
 @pytest.mark.parametrize("fold", ["3", "-1", "x"])  # val_ratio 0.34 makes 3 folds; -1 marks extra data
