@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from config import check_value, default_config, load_spec
+from config import check_value, default_config, load_spec, read_config_file
 from dataset import build_transform, load_training_images, make_dataset, num_folds, open_cache
 from loss import Criterion
 from model import create_model
@@ -166,8 +166,8 @@ def recipe_config(recipe):
     if not path.is_file():
         names = ", ".join(sorted(p.stem for p in (ROOT / "configs").glob("*.json")))
         raise SystemExit(f"error: recipe {recipe}: there is no configs/{name}.json (there are: {names})")
-    cfg = json.loads(path.read_text())
     spec = load_spec()
+    cfg = read_config_file(path, list(spec))  # checks the file's keys and values, as train.py --config does
     for item in overrides:
         if "=" not in item:
             raise SystemExit(f"error: recipe {recipe}: override {item!r} is not key=value")
@@ -176,15 +176,12 @@ def recipe_config(recipe):
             raise SystemExit(f"error: recipe {recipe}: unknown key {key}")
         if isinstance(spec[key]["default"], str):  # fold=0 stays the string "0"
             cfg[key] = value
-            continue
-        try:
-            cfg[key] = json.loads(value)
-        except json.JSONDecodeError:
-            cfg[key] = value
-    for key, value in cfg.items():  # a bad value stops bench here, not after the build or another recipe's training
-        if key not in spec:
-            raise SystemExit(f"error: recipe {recipe}: unknown key {key} in configs/{name}.json")
-        check_value(key, value, spec[key], f"recipe {recipe}")
+        else:
+            try:
+                cfg[key] = json.loads(value)
+            except json.JSONDecodeError:
+                cfg[key] = value
+        check_value(key, cfg[key], spec[key], f"recipe {recipe}")  # stops bench now, not after the build
     return cfg
 
 

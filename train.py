@@ -506,15 +506,15 @@ def resumed_config(cfg, given, saved):
     refused, naming the saved value. `given`: the keys set on the command line; None (a call
     from Python) counts those that differ from args.json's defaults."""
     defaults = default_config("train")
+    run_cfg = {**defaults, **saved}  # keys added to args.json after the run was saved take their defaults
     if given is None:
-        given = {key for key, value in cfg.items() if value != defaults.get(key)}
-    ignored = [f"--{key} {json.dumps(cfg[key])} (the run has {json.dumps(saved.get(key, defaults.get(key)))})"
-               for key in sorted(given) if key not in RESUME_SETTINGS and cfg[key] != saved.get(key, defaults.get(key))]
+        given = {key for key, value in cfg.items() if value != defaults[key]}
+    ignored = [f"--{key} {json.dumps(cfg[key])} (the run has {json.dumps(run_cfg[key])})"
+               for key in sorted(given) if key not in RESUME_SETTINGS and cfg[key] != run_cfg[key]]
     if ignored:
         raise SystemExit(f"error: --resume continues {cfg['resume']} with its saved config.json; it would ignore "
                          f"{', '.join(ignored)}. Drop them, or start a new run")
-    # keys added to args.json after the run was saved take their defaults, as in inference.load_model
-    return {**defaults, **saved, **{key: cfg[key] for key in RESUME_SETTINGS if key in given}}
+    return {**run_cfg, **{key: cfg[key] for key in RESUME_SETTINGS if key in given}}
 
 
 def main(cfg, given=None):
