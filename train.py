@@ -32,7 +32,7 @@ from dataset import (NUM_CLASSES, PROB_COLUMNS, DataError, build_transform, clas
                      decode_class, eval_folder, load_training_images, make_dataset, mix_batch, num_folds, open_cache,
                      read_eval_images, split_train_valid)
 from loss import Criterion, check_criterion_settings
-from model import class_probabilities, create_model
+from model import check_model_settings, class_probabilities, create_model
 
 log = logging.getLogger("mask")
 
@@ -183,11 +183,11 @@ def probs_table(ids, probs, id_column="ImageID"):
 def build_optimizer(cfg, model):
     """backbone_lr_scale != 1 puts the backbone in its own parameter group at lr * scale (the heads
     first, at lr, so metrics.csv's lr is the configured one); every scheduler scales both groups."""
-    params = model.parameters()
+    params = [p for p in model.parameters() if p.requires_grad]  # --freeze_blocks leaves some out
     if cfg["backbone_lr_scale"] != 1.0:
-        backbone = list(model.backbone.parameters())
+        backbone = [p for p in model.backbone.parameters() if p.requires_grad]
         in_backbone = {id(p) for p in backbone}
-        params = [{"params": [p for p in model.parameters() if id(p) not in in_backbone], "lr": cfg["lr"]},
+        params = [{"params": [p for p in params if id(p) not in in_backbone], "lr": cfg["lr"]},
                   {"params": backbone, "lr": cfg["lr"] * cfg["backbone_lr_scale"]}]
     if cfg["optimizer"] == "SGD":
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
@@ -528,6 +528,7 @@ def main(cfg, given=None):
         folds_to_train(cfg)  # a bad --fold stops here, before a run folder is made
         check_pseudo_settings(cfg)
         check_criterion_settings(cfg)
+        check_model_settings(cfg)
         run_dir = make_run_dir(cfg)
         write_text_atomic(json.dumps(cfg, indent=2), run_dir / "config.json")
     setup_logging(run_dir / "train.log")

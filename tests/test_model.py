@@ -217,3 +217,41 @@ def test_unknown_model_or_head_raises():
         create_model(model_cfg(model="resnet101"))
     with pytest.raises(ValueError, match="double"):
         MaskModel(model_lib.BaseModel(), head="double")
+
+
+# ---------------------------------------------------------------------------------------------
+# Freezing the early layers
+@pytest.mark.parametrize("name,n,frozen_prefixes,trained_prefix", [
+    ("efficientnet-lite0", 3, ["net._conv_stem.", "net._bn0.", "net._blocks.0.", "net._blocks.2."], "net._blocks.3."),
+    ("resnet18", 1, ["layers.0.", "layers.1.", "layers.4."], "layers.5."),  # conv1, bn1, layer1 | layer2
+])
+def test_freeze_blocks_keeps_the_stem_and_first_blocks_as_loaded(name, n, frozen_prefixes, trained_prefix):
+    torch.manual_seed(0)
+    cfg = model_cfg(model=name, freeze_blocks=n)
+    net = create_model(cfg).train()
+    before = {k: v.clone() for k, v in net.backbone.named_parameters()}
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=0.01)
+    total, _ = Criterion(cfg)(net(torch.randn(4, 3, 32, 32)), torch.tensor([0, 7, 11, 17]), torch.full((4,), 40.0))
+    total.backward()
+    optimizer.step()
+    after = dict(net.backbone.named_parameters())
+    for prefix in frozen_prefixes:
+        names = [k for k in before if k.startswith(prefix)]
+        assert names, prefix
+        for k in names:
+            assert not after[k].requires_grad and after[k].grad is None, k
+            torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, msg=k)
+    trained = [k for k in before if k.startswith(trained_prefix)]
+    assert trained and all(not torch.equal(after[k], before[k]) for k in trained)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(model="basemodel", pretrained=False), "needs a pretrained EfficientNet or ResNet"),
+    (dict(model="efficientnet-lite0", pretrained=False), "needs a pretrained"),
+    (dict(model="efficientnet-lite0", pretrained=True), "0 to 15 for efficientnet-lite0"),  # n = 16 below
+    (dict(model="resnet18", pretrained=True), "0 to 3 for resnet18"),
+])
+def test_freeze_blocks_is_refused_where_it_keeps_nothing_or_everything(overrides, message, no_internet):
+    with pytest.raises(SystemExit, match=message):
+        model_lib.check_model_settings(model_cfg(freeze_blocks=16, **overrides))
+    assert not no_internet  # counting the blocks loads no weights

@@ -571,6 +571,19 @@ def test_options_the_f1_criterion_would_not_use_are_refused_before_a_run_folder_
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
+def test_freeze_blocks_is_checked_before_a_run_folder_is_made_and_frozen_weights_stay_out_of_the_optimizer(
+        data, tmp_path):
+    with pytest.raises(SystemExit, match="--freeze_blocks 2 keeps"):
+        train.main(make_cfg(data, tmp_path / "runs", freeze_blocks=2))  # basemodel has no ImageNet layers
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+    cfg = {**default_config("train"), "model": "resnet18", "pretrained": False, "freeze_blocks": 2,
+           "backbone_lr_scale": 0.1}
+    model = create_model(cfg)
+    in_optimizer = {id(p) for group in train.build_optimizer(cfg, model).param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+    assert len(in_optimizer) < len(list(model.parameters()))
+
+
 def test_scheduler_lr_after_two_epochs(data, tmp_path):
     """step decays by lr_gamma every lr_decay_step epochs; the recorded lr is the epoch's start."""
     run_dir, _ = train.main(make_cfg(data, tmp_path / "runs", epochs=2, scheduler="step", lr_decay_step=1,
