@@ -33,11 +33,11 @@ log = logging.getLogger("mask")
 
 def final_stage(run_dir):
     """The folder of a run that predicts: its pseudo-label stage pseudo/ when it has one (the
-    stage train.py --pseudo_threshold adds after the run's own models), else the run itself.
+    stage train.py --pseudo_threshold adds after the run's own models), else its first stage.
     An unfinished stage is refused rather than passed over for the first stage's models."""
     stage = Path(run_dir) / "pseudo"
     if not stage.is_dir():
-        return Path(run_dir)
+        return first_stage(run_dir)
     if not (stage / "summary.json").is_file():
         raise SystemExit(f"error: the pseudo-label stage {stage} is not finished; finish it with python train.py "
                          f"--resume {run_dir}, or pass the first stage's models to --run: {run_dir}/best.pt or "
@@ -46,20 +46,30 @@ def final_stage(run_dir):
 
 
 def first_stage(run_dir):
-    """The models of a run that label the eval images for its pseudo-label stage: refit/ when
-    the run has one, else the run's own (its folds)."""
-    return Path(run_dir) / "refit" if (Path(run_dir) / "refit").is_dir() else Path(run_dir)
+    """The run's own models: refit/ when the run has one (trained on every person after the
+    folds: the model --refit is for), else the run itself (its folds). They label the eval images
+    for a pseudo-label stage, and predict for a run without one. An unfinished refit is refused."""
+    refit = Path(run_dir) / "refit"
+    if not refit.is_dir():
+        return Path(run_dir)
+    if not (refit / "summary.json").is_file():
+        raise SystemExit(f"error: the refit model {refit} is not finished; finish it with python train.py --resume "
+                         f"{run_dir}, or pass the folds to --run: {run_dir}/fold<k> folders")
+    return refit
 
 
 def run_members(run, checkpoint="best", first_stage_weight=0.0):
-    """The checkpoints one --run predicts with and their weights, which sum to 1: its models
-    (its folds) equally, or, for a run with a pseudo-label stage, the stage's model with weight
+    """The checkpoints one --run predicts with and their weights, which sum to 1: its refit/
+    model, else its models (its folds) equally, or, for a run with a pseudo-label stage, the stage's model with weight
     1 - first_stage_weight and the models of its first stage sharing first_stage_weight (the
     blend is measured out of fold in BENCHMARKS.md, session 10)."""
     stage = final_stage(run)
     checkpoints = find_checkpoints(stage, checkpoint)
     own = [(path, 1 / len(checkpoints)) for path in checkpoints]
-    if stage == Path(run):
+    if stage != Path(run) / "pseudo":
+        if stage != Path(run):
+            log.info("%s: predicting with its refit model %s (every person); pass %s/fold<k> folders for the folds",
+                     run, stage, run)
         return own
     if first_stage_weight == 0:
         log.info("%s: predicting with its pseudo-label stage %s", run, stage)

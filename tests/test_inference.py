@@ -192,12 +192,21 @@ def test_write_submission_refuses_a_bad_class(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints: k-fold, last, refit
-def test_kfold_run_averages_its_folds(data, kfold_dir, tmp_path):
-    assert inference.find_checkpoints(kfold_dir) == [kfold_dir / "fold0" / "best.pt", kfold_dir / "fold1" / "best.pt"]
-    inference.main(make_inference_cfg(data, kfold_dir, tmp_path / "all"))
+@pytest.fixture(scope="module")
+def folds_only_dir(kfold_dir, tmp_path_factory):
+    """The k-fold run without its refit model."""
+    run = tmp_path_factory.mktemp("folds_only") / "kfold"
+    shutil.copytree(kfold_dir, run, ignore=shutil.ignore_patterns("refit"))
+    return run
+
+
+def test_kfold_run_averages_its_folds(data, folds_only_dir, tmp_path):
+    run = folds_only_dir
+    assert inference.find_checkpoints(run) == [run / "fold0" / "best.pt", run / "fold1" / "best.pt"]
+    inference.main(make_inference_cfg(data, run, tmp_path / "all"))
     folds = []
     for k in (0, 1):
-        inference.main(make_inference_cfg(data, kfold_dir / f"fold{k}", tmp_path / f"fold{k}"))
+        inference.main(make_inference_cfg(data, run / f"fold{k}", tmp_path / f"fold{k}"))
         folds.append(pd.read_csv(tmp_path / f"fold{k}" / "eval_probs.csv")[PROB_COLUMNS].to_numpy())
     averaged = pd.read_csv(tmp_path / "all" / "eval_probs.csv")
     np.testing.assert_allclose(averaged[PROB_COLUMNS].to_numpy(), (folds[0] + folds[1]) / 2, atol=1e-6)
@@ -219,20 +228,29 @@ def test_two_runs_are_averaged_too(data, run_dir, kfold_dir, tmp_path):
     np.testing.assert_allclose(both, (one + folds) / 2, atol=1e-6)  # each run counts once, as in ensemble.py
 
 
-def test_checkpoint_last_and_the_refit_folder(data, run_dir, kfold_dir, tmp_path):
+def test_checkpoint_last_and_the_refit_folder(data, run_dir, kfold_dir, folds_only_dir, tmp_path):
     assert inference.find_checkpoints(run_dir, "last") == [run_dir / "last.pt"]
     assert inference.find_checkpoints(kfold_dir, "last") == [kfold_dir / "fold0" / "last.pt",
                                                             kfold_dir / "fold1" / "last.pt"]
-    # the refit model (trained on everybody) is a run folder of its own inside the k-fold run
-    assert inference.find_checkpoints(kfold_dir / "refit") == [kfold_dir / "refit" / "best.pt"]
+    # a run with a refit model (trained on everybody) predicts with it, not with its folds
+    assert inference.run_members(kfold_dir) == [(kfold_dir / "refit" / "best.pt", 1.0)]
+    inference.main(make_inference_cfg(data, kfold_dir, tmp_path / "run"))
     inference.main(make_inference_cfg(data, kfold_dir / "refit", tmp_path / "refit"))
-    inference.main(make_inference_cfg(data, kfold_dir, tmp_path / "folds"))
-    refit = pd.read_csv(tmp_path / "refit" / "eval_probs.csv")
-    folds = pd.read_csv(tmp_path / "folds" / "eval_probs.csv")
+    inference.main(make_inference_cfg(data, folds_only_dir, tmp_path / "folds"))
+    run, refit, folds = (pd.read_csv(tmp_path / name / "eval_probs.csv") for name in ("run", "refit", "folds"))
     assert refit["ImageID"].tolist() == info_ids(data)
+    pd.testing.assert_frame_equal(run, refit)
     assert np.abs(refit[PROB_COLUMNS].to_numpy() - folds[PROB_COLUMNS].to_numpy()).max() > 1e-4  # another model
     with pytest.raises(SystemExit, match="best.pt"):
         inference.find_checkpoints(tmp_path / "nothing")
+
+
+def test_an_unfinished_refit_is_refused(kfold_dir, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(kfold_dir, partial)
+    (partial / "refit" / "summary.json").unlink()
+    with pytest.raises(SystemExit, match=r"refit model .*refit is not finished; finish it with python train.py --resume"):
+        inference.run_members(partial)
 
 
 def test_an_unfinished_kfold_run_is_not_averaged(kfold_dir, tmp_path):

@@ -427,6 +427,7 @@ def test_a_pseudo_stage_shares_its_weight_with_every_first_stage_model(tmp_path)
     assert inference.run_members(run_dir / "fold1") == [(run_dir / "fold1" / "best.pt", 1.0)]
     (run_dir / "refit").mkdir()
     (run_dir / "refit" / "best.pt").touch()
+    (run_dir / "refit" / "summary.json").touch()
     assert inference.run_members(run_dir, "best", 0.4) == [(run_dir / "pseudo" / "best.pt", 0.6),
                                                            (run_dir / "refit" / "best.pt", 0.4)]
 
