@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from sklearn.model_selection import StratifiedGroupKFold
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
@@ -111,15 +111,31 @@ def read_people(data_dir):
             raise DataError(f"{csv_path}: line {row}: age '{rec.age}' is not a whole number")
         if rec.gender.lower() not in GENDERS:
             raise DataError(f"{csv_path}: line {row}: gender '{rec.gender}' is not male or female")
-    duplicated = people["id"][people["id"].duplicated()].tolist()
-    if duplicated:
-        raise DataError(f"{csv_path}: duplicate id(s) {duplicated[:10]}")
+    for column in ("id", "path"):  # two rows reading one folder would put its images on both sides of a split
+        duplicated = people[column][people[column].duplicated()].tolist()
+        if duplicated:
+            raise DataError(f"{csv_path}: duplicate {column}(s) {duplicated[:10]}")
+    warn_folder_names(people, csv_path)
     return pd.DataFrame({
         "id": people["id"],
         "gender": people["gender"].str.lower().map(GENDERS).astype(int),
         "age": people["age"].astype(int),
         "path": people["path"],
     })
+
+
+def warn_folder_names(people, csv_path):
+    """The starter code read labels from the folder names ({id}_{gender}_{race}_{age}); this kit
+    reads train.csv's columns. A folder name that disagrees with its row (a fix applied to one and
+    not the other) is logged, naming the rows; the columns are used."""
+    disagree = []
+    for row, rec in enumerate(people.itertuples(), start=2):
+        parts = rec.path.split("_")
+        if len(parts) >= 4 and (parts[0], parts[1].lower(), parts[-1]) != (rec.id, rec.gender.lower(), rec.age):
+            disagree.append(f"line {row}: {rec.id},{rec.gender},{rec.age} vs folder {rec.path}")
+    if disagree:
+        log.warning("%s: %d row(s) whose folder name disagrees with their id, gender or age (the columns are used): %s",
+                    csv_path, len(disagree), "; ".join(disagree[:5]))
 
 
 def person_images(folder):
@@ -260,6 +276,10 @@ def apply_corrections(people, files, corrections_csv):
     field gender: male / female / flip; field age: a whole number;
     field swap: two file stems separated by a space, e.g. 'incorrect_mask normal'."""
     table = read_csv(corrections_csv, ["id", "field", "value"])
+    if len(table) and not table["id"].isin(people["id"]).any():
+        raise DataError(f"{corrections_csv}: none of its {len(table)} ids is in the data (ids are compared as text, "
+                        f"so '{table['id'].iloc[0].lstrip('0') or '0'}' is not '{table['id'].iloc[0].zfill(6)}'); "
+                        "corrections for other data?")
     people = people.set_index("id", drop=False)
     files = {k: dict(v) for k, v in files.items()}
     for row, rec in enumerate(table.itertuples(), start=2):
@@ -317,7 +337,25 @@ def load_training_images(cfg):
     images = add_labels(read_train_images(cfg["data_dir"], cfg["corrections"]), cfg["age_threshold"])
     images["fold"] = assign_folds(images, num_folds(cfg["val_ratio"]), cfg["seed"]) if cfg["val_ratio"] > 0 else -1
     extra = [add_labels(t, cfg["age_threshold"]).assign(fold=-1) for t in read_extra(cfg["extra_data"])]
+    check_extra_images_are_new(images, extra, cfg["extra_data"])
     return pd.concat([images, *extra], ignore_index=True)
+
+
+def check_extra_images_are_new(images, extra, extra_paths):
+    """Extra data is for training only: an image already read from --data_dir (say, the training
+    folder given again) would be validated on too, so it is refused, as is one given twice."""
+    seen = {str(Path(p).resolve()) for p in images["image_path"]}
+    for source, table in zip(extra_paths, extra):
+        repeated = []
+        for path in table["image_path"]:
+            resolved = str(Path(path).resolve())
+            if resolved in seen:
+                repeated.append(resolved)
+            seen.add(resolved)
+        if repeated:
+            raise DataError(f"{source}: {len(repeated)} image(s) already read from --data_dir or an earlier "
+                            f"--extra_data, e.g. {repeated[:3]}; extra data is for training only, and these would "
+                            "be validated on or counted twice")
 
 
 def age_known(images):
@@ -436,10 +474,17 @@ def log_face_counts(counts):
 
 # ---------------------------------------------------------------------------------------------
 # Decoding and the decoded-image cache
+EXIF_ORIENTATION = 0x0112
+
+
 def read_rgb(path):
     """An image file as an RGB Pillow image, or a DataError naming the file."""
     try:
         with Image.open(path) as img:
+            if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # a photo stored sideways with a rotation tag
+                img = ImageOps.exif_transpose(img)
+            if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: convert("RGB") would clip it to white
+                img = Image.fromarray(np.clip(np.asarray(img, dtype=np.int64) >> 8, 0, 255).astype(np.uint8))
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: unreadable or truncated image ({e})")

@@ -4,7 +4,7 @@ ImageID,ans file): 18-class macro F1 (the competition metric), accuracy and per-
     python score.py --answers data/sample/eval/answers.csv --submission runs/exp/submission.csv
 """
 from config import parse_config
-from dataset import DataError, read_csv
+from dataset import NUM_CLASSES, DataError, read_csv
 from train import score
 
 
@@ -13,6 +13,11 @@ def score_files(answers_csv, submission_csv):
         answers, submission = (read_csv(path, ["ImageID", "ans"], numeric=["ans"]) for path in (answers_csv, submission_csv))
     except DataError as e:  # the message names the file and the problem
         raise SystemExit(f"error: {e}")
+    for path, table in ((answers_csv, answers), (submission_csv, submission)):
+        bad = table.loc[~table["ans"].isin(range(NUM_CLASSES)), ["ImageID", "ans"]]
+        if len(bad):
+            raise SystemExit(f"error: {path}: {len(bad)} ans value(s) are not classes 0..{NUM_CLASSES - 1}, "
+                             f"e.g. {bad.head(3).values.tolist()}")
     merged = answers.merge(submission, on="ImageID", how="left", suffixes=("_true", "_pred"))
     if merged["ans_pred"].isna().any() or len(submission) != len(answers):
         raise SystemExit(f"error: {submission_csv} does not hold exactly the ImageIDs of {answers_csv}")

@@ -246,12 +246,22 @@ def test_corrections_are_applied_and_logged(tmp_path, caplog):
 
 
 def test_correction_for_an_unknown_id_is_a_warning(fresh, tmp_path, caplog):
-    corrections = write_corrections(tmp_path / "fix.csv", [["999999", "gender", "flip"]])
+    pid = people_table(fresh)["id"][0]
+    corrections = write_corrections(tmp_path / "fix.csv", [["999999", "gender", "flip"], [pid, "age", "33"]])
     with caplog.at_level(logging.INFO, logger="mask"):
         images = D.read_train_images(fresh / "train", corrections)
-    pd.testing.assert_frame_equal(images, D.read_train_images(fresh / "train"))
+    expected = D.read_train_images(fresh / "train")
+    expected.loc[expected["id"] == pid, "age"] = 33
+    pd.testing.assert_frame_equal(images, expected)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "999999" in warnings[0] and "fix.csv" in warnings[0]
+
+
+def test_corrections_none_of_whose_ids_is_in_the_data_are_an_error(fresh, tmp_path):
+    pid = people_table(fresh)["id"][0]  # '000000' style ids; a spreadsheet saves them as '0'
+    corrections = write_corrections(tmp_path / "fix.csv", [[pid.lstrip("0") or "0", "gender", "flip"]])
+    message = error_of(D.read_train_images, fresh / "train", corrections)
+    assert "fix.csv: none of its 1 ids is in the data" in message
 
 
 @pytest.mark.parametrize("row, words", [
@@ -296,7 +306,8 @@ def test_shipped_competition_corrections(tmp_path, caplog):
     assert (after.loc[a, "age"] == int(pick[2]["value"])).all()
     records = [r for r in caplog.records if r.name == "mask"]
     assert sum(r.levelno == logging.INFO for r in records) == 3
-    assert sum(r.levelno == logging.WARNING for r in records) == len(table) - 3  # ids not in this data
+    assert sum(r.levelno == logging.WARNING and "correction not applied" in r.getMessage()
+               for r in records) == len(table) - 3  # ids not in this data
 
 
 # ---------------------------------------------------------------------------------------------
@@ -774,6 +785,50 @@ def test_duplicate_ids(fresh):
     rewrite_train_csv(fresh, id=[ids[0], ids[1], ids[0]])
     message = error_of(D.read_train_images, fresh / "train")
     assert "train.csv" in message and "duplicate" in message and ids[0] in message
+
+
+def test_two_rows_reading_one_folder_are_an_error(fresh):
+    paths = people_table(fresh)["path"].tolist()
+    rewrite_train_csv(fresh, path=[paths[0], paths[1], paths[0]])
+    message = error_of(D.read_train_images, fresh / "train")
+    assert "train.csv" in message and "duplicate path" in message and paths[0] in message
+
+
+def test_a_folder_name_that_disagrees_with_its_row_is_logged(fresh, caplog):
+    table = people_table(fresh)
+    table.loc[1, "age"] = str(int(table.loc[1, "age"]) + 40)  # a fix applied to train.csv but not to the folder
+    table.to_csv(fresh / "train" / "train.csv", index=False)
+    with caplog.at_level(logging.WARNING, logger="mask"):
+        images = D.read_train_images(fresh / "train")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "train.csv: 1 row(s)" in warnings[0] and "line 3: " in warnings[0]
+    assert table.loc[1, "path"] in warnings[0]
+    assert (images.loc[images["id"] == table.loc[1, "id"], "age"] == int(table.loc[1, "age"])).all()  # columns win
+
+
+def test_extra_data_that_repeats_training_images_is_refused(fresh, tmp_path):
+    cfg = make_cfg(fresh / "train", tmp_path, extra_data=[str(fresh / "train")], val_ratio=0)
+    message = error_of(D.load_training_images, cfg)
+    assert str(fresh / "train") in message and "21 image(s) already read from --data_dir" in message
+    label_csv = tmp_path / "labels.csv"
+    pd.DataFrame({"path": [str(person_folder(fresh) / "mask1.jpg")], "class": [0]}).to_csv(label_csv, index=False)
+    cfg["extra_data"] = [str(label_csv)]
+    assert "labels.csv: 1 image(s) already read" in error_of(D.load_training_images, cfg)
+
+
+def test_rotated_and_16_bit_images_are_decoded_as_they_look(tmp_path):
+    upright = np.zeros((40, 20, 3), np.uint8)
+    upright[:10] = 255  # a white band at the top of a portrait
+    exif = Image.Exif()
+    exif[D.EXIF_ORIENTATION] = 6  # stored turned 90 degrees, to be turned back when shown
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    decoded = np.asarray(D.read_rgb(tmp_path / "turned.jpg")).astype(int)
+    assert decoded.shape == (40, 20, 3)
+    assert decoded[:8].mean() > 200 and decoded[12:].mean() < 50
+    grey = (np.arange(20 * 10).reshape(20, 10) * 300).astype(np.uint16)  # 16-bit grey ramp, 0..59700
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    decoded = np.asarray(D.read_rgb(tmp_path / "deep.png"))
+    np.testing.assert_array_equal(decoded[..., 0], (grey >> 8).astype(np.uint8))
 
 
 def test_person_folder_missing(fresh):

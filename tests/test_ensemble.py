@@ -293,6 +293,14 @@ def test_score_refuses_other_ids(tmp_path, answers, change):
         score.score_files(tmp_path / "answers.csv", tmp_path / "submission.csv")
 
 
+@pytest.mark.parametrize("bad", [18, -1, 3.7])
+def test_score_refuses_classes_outside_0_to_17(tmp_path, answers, bad):
+    answers.assign(ans=answers["ans"].astype(object)).assign(
+        ans=lambda t: [bad, *t["ans"][1:]]).to_csv(tmp_path / "submission.csv", index=False)
+    with pytest.raises(SystemExit, match=r"submission.csv: 1 ans value\(s\) are not classes 0..17"):
+        score.score_files(tmp_path / "answers.csv", tmp_path / "submission.csv")
+
+
 def test_score_names_the_file_that_is_missing_or_malformed(tmp_path, answers):
     with pytest.raises(SystemExit, match="submission.csv: file not found"):
         score.score_files(tmp_path / "answers.csv", tmp_path / "submission.csv")
