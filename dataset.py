@@ -519,7 +519,9 @@ class _DecodeAll(Dataset):
 
 def cache_key(paths, size, boxes):
     """Changes whenever a file, its size or modification time, the order, the size or a crop box changes."""
-    h = hashlib.sha1(json.dumps(["chw", list(size)]).encode())
+    # the tag names the array layout and decoder version ("upright": EXIF rotation and 16-bit
+    # images decoded as they look), so caches of an older decoder are not reused
+    h = hashlib.sha1(json.dumps(["chw-upright", list(size)]).encode())
     for p, box in zip(paths, boxes):
         st = os.stat(p)
         h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}|{','.join(f'{v:.5f}' for v in box)}\n".encode())
