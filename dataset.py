@@ -277,9 +277,10 @@ def apply_corrections(people, files, corrections_csv):
     field swap: two file stems separated by a space, e.g. 'incorrect_mask normal'."""
     table = read_csv(corrections_csv, ["id", "field", "value"])
     if len(table) and not table["id"].isin(people["id"]).any():
-        raise DataError(f"{corrections_csv}: none of its {len(table)} ids is in the data (ids are compared as text, "
-                        f"so '{table['id'].iloc[0].lstrip('0') or '0'}' is not '{table['id'].iloc[0].zfill(6)}'); "
-                        "corrections for other data?")
+        unpadded = set(people["id"].str.lstrip("0"))
+        hint = ("; ids are compared as text and its ids match the data's only without their leading zeros (saved "
+                "by a spreadsheet?)" if table["id"].str.lstrip("0").isin(unpadded).any() else "; corrections for other data?")
+        raise DataError(f"{corrections_csv}: none of its {len(table)} ids is in the data{hint}")
     people = people.set_index("id", drop=False)
     files = {k: dict(v) for k, v in files.items()}
     for row, rec in enumerate(table.itertuples(), start=2):

@@ -1,7 +1,7 @@
 """Predict eval/info.csv with a trained run and write a submission.
 
     python inference.py --run runs/exp                    # submission.csv + eval_probs.csv in the run
-    python inference.py --run runs/kfold --tta flip_crops  # a k-fold run: its folds are averaged
+    python inference.py --run runs/kfold --tta flip_crops  # a k-fold run: its folds averaged, or its refit/ model
     python inference.py --run runs/exp --eval_dir data/eval --output_dir out
     python inference.py --run runs/exp --pseudo_threshold 0.95   # also pseudo_labels.csv
 

@@ -175,12 +175,9 @@ def check_model_settings(cfg):
         raise SystemExit(f"error: --freeze_blocks {n} keeps the first blocks' ImageNet weights; it needs a "
                          "pretrained EfficientNet or ResNet backbone (--pretrained, not basemodel)")
     try:
-        net = create_model({**cfg, "freeze_blocks": 0}).eval()
-    except (RuntimeError, OSError, ValueError) as e:  # offline, a missing or unreadable --weights file
+        net = create_model(cfg).eval()
+    except (RuntimeError, OSError, ValueError) as e:  # offline, a bad --weights file, --freeze_blocks out of range
         raise SystemExit(f"error: {e}")
-    blocks = len(early_layers(net.backbone)[1]) if n else 0
-    if n and not 0 < n < blocks:
-        raise SystemExit(f"error: --freeze_blocks must be 0 to {blocks - 1} for {cfg['model']} ({blocks} blocks), got {n}")
     try:
         with torch.no_grad():
             net(torch.zeros(1, 3, h, w))
@@ -193,6 +190,9 @@ def freeze_early_layers(backbone, n):
     stops before them, which is where the large early feature maps make it expensive (1.26x faster
     training at n=3 on Lite0, BENCHMARKS.md). Their batch-norm statistics still adapt."""
     stem, blocks = early_layers(backbone)
+    if not 0 < n < len(blocks):
+        raise ValueError(f"--freeze_blocks must be 0 to {len(blocks) - 1} for this backbone ({len(blocks)} blocks), "
+                         f"got {n}")
     for layer in stem + blocks[:n]:
         layer.requires_grad_(False)
 

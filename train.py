@@ -485,8 +485,13 @@ def pseudo_stage(cfg, run_dir, device):
                             f"highest top probability is {probs.max():.3f}). The models trained so far stay in {run_dir}; "
                             f"label with a lower threshold by hand: python inference.py --run {labeller} "
                             f"--pseudo_threshold P, then python train.py --extra_data {labeller}/pseudo_labels.csv")
+        labelled = {str(Path(p).resolve()) for p in load_training_images(cfg)["image_path"]}
+        new = ~images["image_path"].map(lambda p: str(Path(p).resolve())).isin(labelled).to_numpy()
+        if not new.all():  # the user's --extra_data labels them already; labelling them twice is refused
+            log.info("pseudo labels: %d eval image(s) already in --extra_data keep the labels given there", (~new).sum())
         labels_csv.parent.mkdir(exist_ok=True)
-        write_pseudo_labels(images, probs, cfg["pseudo_threshold"], labels_csv, cfg["pseudo_soft"])
+        write_pseudo_labels(images[new].reset_index(drop=True), probs[new], cfg["pseudo_threshold"], labels_csv,
+                            cfg["pseudo_soft"])
     stage_cfg = {**cfg, "extra_data": [*cfg["extra_data"], str(labels_csv)]}
     images = load_training_images(stage_cfg)
     everyone, _ = split_train_valid(images, None, cfg["drop_ages"])

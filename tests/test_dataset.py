@@ -261,7 +261,10 @@ def test_corrections_none_of_whose_ids_is_in_the_data_are_an_error(fresh, tmp_pa
     pid = people_table(fresh)["id"][0]  # '000000' style ids; a spreadsheet saves them as '0'
     corrections = write_corrections(tmp_path / "fix.csv", [[pid.lstrip("0") or "0", "gender", "flip"]])
     message = error_of(D.read_train_images, fresh / "train", corrections)
-    assert "fix.csv: none of its 1 ids is in the data" in message
+    assert "fix.csv: none of its 1 ids is in the data; ids are compared as text" in message
+    corrections = write_corrections(tmp_path / "other.csv", [["777777", "gender", "flip"]])
+    assert "other.csv: none of its 1 ids is in the data; corrections for other data?" in error_of(
+        D.read_train_images, fresh / "train", corrections)
 
 
 @pytest.mark.parametrize("row, words", [

@@ -257,8 +257,8 @@ def test_freeze_blocks_keeps_the_stem_and_first_blocks_as_loaded(name, n, frozen
 @pytest.mark.parametrize("overrides,message", [
     (dict(model="basemodel", pretrained=False), "needs a pretrained EfficientNet or ResNet"),
     (dict(model="efficientnet-lite0", pretrained=False), "needs a pretrained"),
-    (dict(model="efficientnet-lite0", pretrained=True), "0 to 15 for efficientnet-lite0"),  # n = 16 below
-    (dict(model="resnet18", pretrained=True), "0 to 3 for resnet18"),
+    (dict(model="efficientnet-lite0", pretrained=True), r"0 to 15 for this backbone \(16 blocks\), got 16"),
+    (dict(model="resnet18", pretrained=True), r"0 to 3 for this backbone \(4 blocks\)"),
 ])
 def test_freeze_blocks_is_refused_where_it_keeps_nothing_or_everything(overrides, message, tmp_path, no_internet):
     if overrides["model"] == "resnet18":  # its weights from a local file, as offline users pass them

@@ -371,6 +371,19 @@ def test_pseudo_stage_trains_on_everybody_plus_the_labelled_eval_images(pseudo_r
     assert not (stage / "valid_probs.csv").exists()
 
 
+def test_pseudo_stage_leaves_eval_images_given_in_extra_data_to_their_given_labels(pseudo_run, data, tmp_path):
+    """Labels from an earlier run (inference.py --pseudo_threshold) passed with --extra_data keep
+    their labels; the stage labels only the other eval images (each image once)."""
+    run_dir, cfg = pseudo_run
+    given = pd.read_csv(run_dir / "pseudo" / "labels.csv").iloc[:10]
+    given.to_csv(tmp_path / "given.csv", index=False)
+    second, _ = train.main({**cfg, "model_dir": str(tmp_path / "runs"), "extra_data": [str(tmp_path / "given.csv")]})
+    labels = pd.read_csv(second / "pseudo" / "labels.csv")
+    n_eval = len(pd.read_csv(data / "sample" / "eval" / "info.csv"))
+    assert len(labels) == n_eval - 10 and not set(labels["path"]) & set(given["path"])
+    assert "10 eval image(s) already in --extra_data" in (second / "train.log").read_text()
+
+
 def test_soft_pseudo_stage_trains_towards_the_first_stage_probabilities(data, tmp_path, monkeypatch):
     soft_rows = []
     original = train.Criterion.__call__
