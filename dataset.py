@@ -63,6 +63,17 @@ def class_name(label):
     return f"{MASK_NAMES[mask]}/{GENDER_NAMES[gender]}/{AGE_NAMES[band]}"
 
 
+def is_class(values):
+    """Which values are classes 0..17 (whole numbers in range), as a boolean Series."""
+    return pd.Series(values).isin(range(NUM_CLASSES))
+
+
+def image_key(path):
+    """The string every table compares images by: the absolute path, links resolved, so the
+    same file reached two ways (a relative path, a pseudo-label CSV) is recognised."""
+    return str(Path(path).resolve())
+
+
 class DataError(ValueError):
     """Bad input data; the message names the file and what is wrong."""
 
@@ -233,7 +244,7 @@ def read_label_csv(csv_path, source):
     wrong_band = table["path"][age_known & (age_band(ages) != band)].tolist()
     if wrong_band:
         raise DataError(f"{csv_path}: the age of {wrong_band[:3]} is not in the age band of its class")
-    paths = [str((csv_path.parent / p).resolve()) for p in table["path"]]
+    paths = [image_key(csv_path.parent / p) for p in table["path"]]
     missing = [p for p in paths if not Path(p).is_file()]
     if missing:
         raise DataError(f"{csv_path}: {len(missing)} listed image(s) not found, e.g. {missing[:3]}")
@@ -345,11 +356,11 @@ def load_training_images(cfg):
 def check_extra_images_are_new(images, extra, extra_paths):
     """Extra data is for training only: an image already read from --data_dir (say, the training
     folder given again) would be validated on too, so it is refused, as is one given twice."""
-    seen = {str(Path(p).resolve()) for p in images["image_path"]}
+    seen = set(map(image_key, images["image_path"]))
     for source, table in zip(extra_paths, extra):
         repeated = []
         for path in table["image_path"]:
-            resolved = str(Path(path).resolve())
+            resolved = image_key(path)
             if resolved in seen:
                 repeated.append(resolved)
             seen.add(resolved)
@@ -420,7 +431,7 @@ def read_faces(folder):
     missing = [c for c in FACE_COLUMNS if c not in table.columns]
     if missing:
         raise DataError(f"{csv_path}: missing column(s) {missing}; found {list(table.columns)}")
-    return {str(Path(folder, image).resolve()): row for image, row in zip(table["image"], table.itertuples(index=False))}
+    return {image_key(Path(folder, image)): row for image, row in zip(table["image"], table.itertuples(index=False))}
 
 
 def face_box(face, margin, aspect):
@@ -454,7 +465,7 @@ def crop_boxes(paths, cfg):
     faces = {folder: read_faces(folder) for folder in dict.fromkeys(folders)}
     boxes = []
     for path, folder in zip(paths, folders):
-        face = faces[folder].get(str(Path(path).resolve()))
+        face = faces[folder].get(image_key(path))
         if face is None:
             raise DataError(f"{folder / FACES_CSV}: no row for {path}; run python detect_faces.py --face_dirs {folder} again")
         boxes.append(face_box(face, cfg["face_margin"], aspect) if face.found else None)

@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from config import default_config, parse_config
-from dataset import (NUM_CLASSES, PROB_COLUMNS, DataError, build_transform, eval_folder, make_dataset, num_folds,
-                     read_eval_images)
+from dataset import (PROB_COLUMNS, DataError, build_transform, eval_folder, image_key, is_class,
+                     make_dataset, num_folds, read_eval_images)
 from model import create_model, task_probabilities
 from train import autocast_for, predict, probs_table, resolve_device, setup_logging, write_csv_atomic
 
@@ -60,9 +60,9 @@ def first_stage(run_dir):
 
 def run_members(run, checkpoint="best", first_stage_weight=0.0):
     """The checkpoints one --run predicts with and their weights, which sum to 1: its refit/
-    model, else its models (its folds) equally, or, for a run with a pseudo-label stage, the stage's model with weight
-    1 - first_stage_weight and the models of its first stage sharing first_stage_weight (the
-    blend is measured out of fold in BENCHMARKS.md, session 10)."""
+    model, else its models (its folds) equally, or, for a run with a pseudo-label stage, the
+    stage's model with weight 1 - first_stage_weight and the models of its first stage sharing
+    first_stage_weight (the blend is measured out of fold in BENCHMARKS.md, session 10)."""
     stage = final_stage(run)
     checkpoints = find_checkpoints(stage, checkpoint)
     own = [(path, 1 / len(checkpoints)) for path in checkpoints]
@@ -155,7 +155,7 @@ def check_submission(submission, info_ids):
     """Every ImageID of info.csv exactly once, in its order, and every class in 0..17."""
     if submission["ImageID"].tolist() != list(info_ids):
         raise ValueError("submission ImageIDs differ from info.csv (missing, extra, duplicated or reordered)")
-    bad = submission["ans"][~submission["ans"].between(0, NUM_CLASSES - 1)]
+    bad = submission["ans"][~is_class(submission["ans"])]
     if len(bad):
         raise ValueError(f"submission has classes outside 0..17: {bad.unique()[:5]}")
 
@@ -180,7 +180,7 @@ def write_pseudo_labels(images, probs, threshold, path, soft=False):
     """Eval images whose top probability is at least threshold, as a label CSV (path,class, and
     with soft their probabilities p0..p17) that train.py takes with --extra_data."""
     confident = probs.max(1) >= threshold
-    table = pd.DataFrame({"path": [str(Path(p).resolve()) for p in images["image_path"][confident]],
+    table = pd.DataFrame({"path": [image_key(p) for p in images["image_path"][confident]],
                           "class": probs.argmax(1)[confident]})
     if soft:
         table[PROB_COLUMNS] = probs[confident]

@@ -4,7 +4,7 @@ ImageID,ans file): 18-class macro F1 (the competition metric), accuracy and per-
     python score.py --answers data/sample/eval/answers.csv --submission runs/exp/submission.csv
 """
 from config import parse_config
-from dataset import NUM_CLASSES, DataError, read_csv
+from dataset import NUM_CLASSES, DataError, is_class, read_csv
 from train import score
 
 
@@ -14,7 +14,7 @@ def score_files(answers_csv, submission_csv):
     except DataError as e:  # the message names the file and the problem
         raise SystemExit(f"error: {e}")
     for path, table in ((answers_csv, answers), (submission_csv, submission)):
-        bad = table.loc[~table["ans"].isin(range(NUM_CLASSES)), ["ImageID", "ans"]]
+        bad = table.loc[~is_class(table["ans"]), ["ImageID", "ans"]]
         if len(bad):
             raise SystemExit(f"error: {path}: {len(bad)} ans value(s) are not classes 0..{NUM_CLASSES - 1}, "
                              f"e.g. {bad.head(3).values.tolist()}")

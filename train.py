@@ -29,8 +29,8 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from config import default_config, parse_config
 from dataset import (NUM_CLASSES, PROB_COLUMNS, DataError, build_transform, class_balanced_weights, crop_boxes,
-                     decode_class, eval_folder, load_training_images, make_dataset, mix_batch, num_folds, open_cache,
-                     read_eval_images, read_extra, split_train_valid)
+                     decode_class, eval_folder, image_key, load_training_images, make_dataset, mix_batch, num_folds,
+                     open_cache, read_eval_images, read_extra, split_train_valid)
 from loss import Criterion, check_criterion_settings
 from model import check_model_settings, class_probabilities, create_model
 
@@ -485,8 +485,8 @@ def pseudo_stage(cfg, run_dir, device):
                             f"highest top probability is {probs.max():.3f}). The models trained so far stay in {run_dir}; "
                             f"label with a lower threshold by hand: python inference.py --run {labeller} "
                             f"--pseudo_threshold P, then python train.py --extra_data {labeller}/pseudo_labels.csv")
-        given = {str(Path(p).resolve()) for table in read_extra(cfg["extra_data"]) for p in table["image_path"]}
-        new = ~images["image_path"].map(lambda p: str(Path(p).resolve())).isin(given).to_numpy()
+        given = {image_key(p) for table in read_extra(cfg["extra_data"]) for p in table["image_path"]}
+        new = ~images["image_path"].map(image_key).isin(given).to_numpy()
         if not new.all():  # the user's --extra_data labels them already; labelling them twice is refused
             log.info("pseudo labels: %d eval image(s) already in --extra_data keep the labels given there", (~new).sum())
         labels_csv.parent.mkdir(exist_ok=True)
