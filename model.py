@@ -57,18 +57,20 @@ class EfficientNetTrunk(nn.Module):
 class TorchvisionTrunk(nn.Module):
     """A torchvision classifier up to its last feature map (B x C x H x W): its stem, its blocks
     (ResNet: its 4 stages; ConvNeXt, Swin, EfficientNetV2: the entries of `features` after the
-    stem) and what it does before pooling (ConvNeXt's layer norm; Swin's norm, then NHWC -> NCHW)."""
+    stem) and what it does before pooling (Swin: its norm, then NHWC -> NCHW). pooled_norm is what
+    it does after pooling, before its classifier (ConvNeXt: a layer norm; MaskModel applies it)."""
 
     def __init__(self, net):
         super().__init__()
         from torchvision import models
+        self.pooled_norm = nn.Identity()
         if isinstance(net, models.ResNet):
             parts = list(net.children())
             stem, blocks, tail = parts[:4], parts[4:8], []
             self.num_features = net.fc.in_features
         elif isinstance(net, models.ConvNeXt):
-            stem, blocks, tail = [net.features[0]], list(net.features[1:]), [net.classifier[0]]
-            self.num_features = net.classifier[-1].in_features
+            stem, blocks, tail = [net.features[0]], list(net.features[1:]), []
+            self.pooled_norm, self.num_features = net.classifier[0], net.classifier[-1].in_features
         elif isinstance(net, models.SwinTransformer):
             stem, blocks, tail = [net.features[0]], list(net.features[1:]), [net.norm, net.permute]
             self.num_features = net.head.in_features
@@ -170,8 +172,15 @@ class MaskModel(nn.Module):
             sizes["age_value"] = 1
         self.heads = nn.ModuleDict({name: nn.Linear(backbone.num_features, n) for name, n in sizes.items()})
 
+    def features(self, x):
+        """The backbone's feature map, averaged over space: what the heads read (B x num_features)."""
+        pooled = F.adaptive_avg_pool2d(self.backbone(x), 1)
+        if isinstance(self.backbone, TorchvisionTrunk):
+            pooled = self.backbone.pooled_norm(pooled)
+        return pooled.flatten(1)
+
     def forward(self, x):
-        features = self.dropout(F.adaptive_avg_pool2d(self.backbone(x), 1).flatten(1))
+        features = self.dropout(self.features(x))
         out = {name: layer(features) for name, layer in self.heads.items()}
         if "age_value" in out:
             out["age_value"] = out["age_value"].squeeze(1)

@@ -204,25 +204,32 @@ def test_local_weights_file_is_loaded(name, tmp_path, no_internet):
     assert not no_internet  # the file was used, nothing was downloaded
 
 
-@pytest.mark.parametrize("name,tail,from_end,inside", [
-    ("convnext_tiny", "classifier.0.weight", 1, ""),  # the layer norm it applies before pooling
-    ("swin_t", "norm.weight", 2, ""),  # its norm, then the NHWC -> NCHW permute
-    ("efficientnet_v2_s", "features.7.1.weight", 1, "1"),  # the batch norm of its last 1x1 convolution
-])
-def test_torchvision_trunk_keeps_the_weights_file_up_to_its_pooling(name, tail, from_end, inside, tmp_path, no_internet):
-    """The trunk of a torchvision model runs from its stem to what it does before pooling, all
-    holding the given file's weights; its 1000-class classifier is gone."""
-    torch.manual_seed(123)
-    source = torchvision.models.get_model(name, weights=None).state_dict()
-    torch.save(source, tmp_path / "imagenet.pth")
-    torch.manual_seed(999)  # a different random start: only the file can make the weights equal
-    net = create_model(model_cfg(model=name, pretrained=True, weights=str(tmp_path / "imagenet.pth")))
-    layers = net.backbone.layers
-    torch.testing.assert_close(layers[0][0].weight, source["features.0.0.weight"], rtol=0, atol=0)
-    last = layers[len(layers) - from_end]
-    torch.testing.assert_close((last.get_submodule(inside) if inside else last).weight, source[tail], rtol=0, atol=0)
-    assert not any(isinstance(m, torch.nn.Linear) and m.out_features == 1000 for m in net.backbone.modules())
-    assert not no_internet
+@pytest.mark.parametrize("name", ["resnet18", "convnext_tiny", "swin_t", "efficientnet_v2_s"])
+def test_torchvision_backbone_gives_the_heads_what_its_own_classifier_reads(name):
+    """The pooled features of a torchvision trunk are the input of the network's own last linear
+    layer, computed as torchvision computes them (ConvNeXt: its layer norm after pooling; Swin:
+    its norm before), on a non-square input."""
+    torch.manual_seed(0)
+    net = torchvision.models.get_model(name, weights=None)
+    model = MaskModel(model_lib.TorchvisionTrunk(net)).eval()
+    for module in net.modules():  # a non-trivial affine in every norm, so its place matters
+        if isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
+            torch.nn.init.normal_(module.weight, 1.0, 0.5)
+            torch.nn.init.normal_(module.bias, 0.0, 0.5)
+    last = "fc" if name == "resnet18" else "head" if name == "swin_t" else "classifier"
+    if last == "classifier":
+        net.classifier[-1] = torch.nn.Identity()
+    else:
+        setattr(net, last, torch.nn.Identity())
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(model.features(x), net.eval()(x))
+
+
+def test_resnet_trunk_keeps_the_state_dict_keys_of_older_checkpoints():
+    net = torchvision.models.resnet18(weights=None)
+    old = torch.nn.Sequential(*list(net.children())[:-2])  # the trunk before the torchvision models joined
+    assert list(model_lib.TorchvisionTrunk(net).state_dict()) == [f"layers.{k}" for k in old.state_dict()]
 
 
 def test_local_weights_file_missing_is_an_error(tmp_path, no_internet):
@@ -260,6 +267,8 @@ def test_unknown_model_or_head_raises():
     ("efficientnet-lite0", 3, ["net._conv_stem.", "net._bn0.", "net._blocks.0.", "net._blocks.2."], "net._blocks.3."),
     ("resnet18", 1, ["layers.0.", "layers.1.", "layers.4."], "layers.5."),  # conv1, bn1, layer1 | layer2
     ("convnext_tiny", 2, ["layers.0.", "layers.1.", "layers.2."], "layers.3."),  # stem, stage 1, downsampling | stage 2
+    ("swin_t", 3, ["layers.0.", "layers.1.", "layers.3."], "layers.4."),  # patch embedding, stage 1, merging, stage 2
+    ("efficientnet_v2_s", 2, ["layers.0.", "layers.2."], "layers.3."),
 ])
 def test_freeze_blocks_keeps_the_stem_and_first_blocks_as_loaded(name, n, frozen_prefixes, trained_prefix):
     torch.manual_seed(0)
