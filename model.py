@@ -1,6 +1,6 @@
 """Models: a backbone (EfficientNet b0-b7, EfficientNet-Lite0-2, torchvision's ResNet 18/34/50,
-ConvNeXt, Swin and EfficientNetV2, or the starter code's small BaseModel) and a single (18 logits) or multi (mask 3, gender 2, age 3) head, with an
-optional age regression output.
+ConvNeXt, Swin and EfficientNetV2, or the starter code's small BaseModel) and a single (18 logits)
+or multi (mask 3, gender 2, age 3) head, with an optional age regression output.
 
 Every model returns a dict of outputs; `class_probabilities` turns any of them into the 18-class
 answer, so training, inference and ensembling never care which head a model has.

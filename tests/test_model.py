@@ -216,11 +216,12 @@ def test_torchvision_backbone_gives_the_heads_what_its_own_classifier_reads(name
         if isinstance(module, (torch.nn.LayerNorm, torch.nn.BatchNorm2d)):
             torch.nn.init.normal_(module.weight, 1.0, 0.5)
             torch.nn.init.normal_(module.bias, 0.0, 0.5)
-    last = "fc" if name == "resnet18" else "head" if name == "swin_t" else "classifier"
-    if last == "classifier":
-        net.classifier[-1] = torch.nn.Identity()
+    if name == "resnet18":  # the network's last linear layer out: it then returns that layer's input
+        net.fc = torch.nn.Identity()
+    elif name == "swin_t":
+        net.head = torch.nn.Identity()
     else:
-        setattr(net, last, torch.nn.Identity())
+        net.classifier[-1] = torch.nn.Identity()
     x = torch.randn(2, 3, 64, 48)
     with torch.no_grad():
         torch.testing.assert_close(model.features(x), net.eval()(x))
