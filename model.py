@@ -35,7 +35,7 @@ class BaseModel(nn.Module):
             nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
             nn.Conv2d(128, 128, 3, stride=1, padding=1), nn.BatchNorm2d(128), nn.ReLU(inplace=True),
         )
-        self.num_features = 128
+        self.num_features, self.pooled_norm = 128, nn.Identity()
 
     def forward(self, x):
         return self.layers(x)
@@ -47,7 +47,7 @@ class EfficientNetTrunk(nn.Module):
     def __init__(self, net):
         super().__init__()
         self.net = net
-        self.num_features = net._fc.in_features
+        self.num_features, self.pooled_norm = net._fc.in_features, nn.Identity()
         del net._fc  # replaced by our heads; keeping it would leave parameters without gradients
 
     def forward(self, x):
@@ -157,7 +157,8 @@ def create_backbone(model, pretrained, weights=""):
 
 
 class MaskModel(nn.Module):
-    """Backbone -> global average pool -> dropout -> heads.
+    """Backbone -> global average pool -> the backbone's pooled_norm -> dropout -> heads. A backbone
+    returns a feature map (B x num_features x H x W) and has a pooled_norm (identity but for ConvNeXt).
     head 'single': {'logits': B x 18}; head 'multi': {'mask': B x 3, 'gender': B x 2, 'age': B x 3};
     with age_regression: also {'age_value': B} (age / 100)."""
 
@@ -174,10 +175,7 @@ class MaskModel(nn.Module):
 
     def features(self, x):
         """The backbone's feature map, averaged over space: what the heads read (B x num_features)."""
-        pooled = F.adaptive_avg_pool2d(self.backbone(x), 1)
-        if isinstance(self.backbone, TorchvisionTrunk):
-            pooled = self.backbone.pooled_norm(pooled)
-        return pooled.flatten(1)
+        return self.backbone.pooled_norm(F.adaptive_avg_pool2d(self.backbone(x), 1)).flatten(1)
 
     def forward(self, x):
         features = self.dropout(self.features(x))

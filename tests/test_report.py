@@ -61,7 +61,7 @@ def test_grad_cam_is_a_heat_map_of_the_predicted_class(train_cfg):
 
 class FirstChannel(torch.nn.Module):
     """A backbone whose feature map is the image's first channel, pixel for pixel."""
-    num_features = 1
+    num_features, pooled_norm = 1, torch.nn.Identity()
 
     def forward(self, x):
         return x[:, :1]
