@@ -10,6 +10,7 @@ Layout read (exactly as the competition ships it):
 Everything here is a function of its arguments: no class attributes hold data, so a second
 dataset object never shares or duplicates the first one's state.
 """
+import csv
 import hashlib
 import json
 import logging
@@ -75,7 +76,13 @@ def image_key(path):
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the file and what is wrong."""
+    """Bad input data; the message names the file and what is wrong. A DataLoader worker
+    re-raises it with the worker's traceback as the message; only the message is kept."""
+
+    def __init__(self, message):
+        if message.startswith("Caught DataError in DataLoader worker"):
+            message = message.rstrip().rsplit("DataError: ", 1)[-1]
+        super().__init__(message)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,12 +100,24 @@ def read_csv(path, columns, numeric=()):
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {list(table.columns)}")
+    check_field_counts(path)
     for column in numeric:
         values = pd.to_numeric(table[column], errors="coerce")
         if values.isna().any():
             raise DataError(f"{path}: column {column}: {table[column][values.isna()].tolist()[:3]} not numbers")
         table[column] = values
     return table
+
+
+def check_field_counts(path):
+    """pandas reads a row with one field too many as a shifted row, which then fails far from its
+    cause (or not at all); every row must have the header's number of fields."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = csv.reader(f)
+        width = len(next(rows, []))
+        for line, row in enumerate(rows, start=2):
+            if row and len(row) != width:
+                raise DataError(f"{path}: line {line}: {len(row)} fields, but the header has {width}")
 
 
 def train_root(data_dir):
@@ -117,6 +136,8 @@ def read_people(data_dir):
     """train.csv as a table of people: id (string), gender (0/1), age (int), path (folder)."""
     csv_path = train_root(data_dir) / "train.csv"
     people = read_csv(csv_path, ["id", "gender", "race", "age", "path"])
+    if people.empty:
+        raise DataError(f"{csv_path}: no people (a header and no rows)")
     for row, rec in enumerate(people.itertuples(), start=2):  # line 1 is the header
         if not rec.age.isdigit():
             raise DataError(f"{csv_path}: line {row}: age '{rec.age}' is not a whole number")
@@ -147,6 +168,15 @@ def warn_folder_names(people, csv_path):
     if disagree:
         log.warning("%s: %d row(s) whose folder name disagrees with their id, gender or age (the columns are used): %s",
                     csv_path, len(disagree), "; ".join(disagree[:5]))
+
+
+def warn_unlisted(folder, listed, csv_path, what):
+    """Entries of folder that csv_path does not list are not read; say so, naming them, rather
+    than leave a person or an eval image out silently. Hidden files are ignored."""
+    unlisted = sorted(p.name for p in Path(folder).iterdir() if not p.name.startswith(".") and p.name not in listed)
+    if unlisted:
+        log.warning("%s: %d %s(s) not listed in %s are not read: %s", folder, len(unlisted), what, csv_path,
+                    ", ".join(unlisted[:5]) + (" ..." if len(unlisted) > 5 else ""))
 
 
 def person_images(folder):
@@ -180,6 +210,7 @@ def read_train_images(data_dir, corrections="", source="train"):
                         "(python make_sample_data.py writes a small sample to data/sample)")
     people = read_people(root)
     files = {rec.id: person_images(root / "images" / rec.path) for rec in people.itertuples()}
+    warn_unlisted(root / "images", set(people["path"]), root / "train.csv", "person folder")
     if corrections:
         people, files = apply_corrections(people, files, corrections)
     rows = [
@@ -194,6 +225,8 @@ def read_eval_images(eval_dir):
     """info.csv in its order, with the path of every image (missing images are an error)."""
     eval_dir = Path(eval_dir)
     info = read_csv(eval_dir / "info.csv", ["ImageID", "ans"])
+    if info.empty:
+        raise DataError(f"{eval_dir / 'info.csv'}: no images listed (a header and no rows)")
     paths = [eval_dir / "images" / image_id for image_id in info["ImageID"]]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
@@ -201,6 +234,7 @@ def read_eval_images(eval_dir):
     duplicated = info["ImageID"][info["ImageID"].duplicated()].tolist()
     if duplicated:
         raise DataError(f"{eval_dir / 'info.csv'}: duplicate ImageID(s) {duplicated[:5]}")
+    warn_unlisted(eval_dir / "images", set(info["ImageID"]), eval_dir / "info.csv", "image")
     return pd.DataFrame({"ImageID": info["ImageID"], "image_path": [str(p) for p in paths]})
 
 
@@ -386,6 +420,9 @@ def split_train_valid(images, fold, drop_ages=()):
     in_valid = images["fold"] == fold if fold is not None else np.zeros(len(images), bool)
     dropped = images["age"].isin(list(drop_ages)) & age_known(images)
     train = images[~in_valid & ~dropped].reset_index(drop=True)
+    if train.empty:
+        raise DataError(f"no training images left for fold {fold} (drop_ages {list(drop_ages)} removes "
+                        f"{int(dropped.sum())} of {len(images)} images)")
     if fold is None:
         return train, None
     valid = images[in_valid].reset_index(drop=True).assign(label=lambda t: t["true_label"])
@@ -498,8 +535,8 @@ def read_rgb(path):
             if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: convert("RGB") would clip it to white
                 img = Image.fromarray(np.clip(np.asarray(img, dtype=np.int64) >> 8, 0, 255).astype(np.uint8))
             return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: unreadable or truncated image ({e})")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: unreadable, truncated or oversized image ({e})")
 
 
 def decode_image(path, size, box=FULL_IMAGE):
@@ -583,7 +620,8 @@ def check_decode_errors(paths, errors, skip_bad_images):
     the skipped (path, error) list, which the caller writes to the run folder."""
     bad = [(p, e) for p, e in zip(paths, errors) if e]
     if bad and not skip_bad_images:
-        raise DataError(f"{bad[0][1]} ({len(bad)} bad image(s) in all; --skip_bad_images lists and skips them)")
+        raise DataError(f"{bad[0][1]} ({len(bad)} bad image(s) in all; train.py --skip_bad_images lists and skips "
+                        "bad training images, but not eval images: a submission needs every one)")
     keep = [i for i, e in enumerate(errors) if not e]
     return keep, bad
 
@@ -646,6 +684,17 @@ def open_cache(paths, cfg):
     return cache_file, {p: i for i, p in enumerate(paths)}, dict(zip(paths, errors))
 
 
+def decode_errors(paths, cfg):
+    """The decoding error of each image ('' if good), through the decode cache when there is one
+    (which then need not decode them again)."""
+    if cfg["cache_dir"]:
+        _, _, error_of = open_cache(paths, cfg)
+        return [error_of[p] for p in paths]
+    boxes, _ = crop_boxes(paths, cfg)
+    decoder = _DecodeAll(paths, tuple(cfg["resize"]), boxes)
+    return [decoder[i][2] for i in range(len(paths))]
+
+
 def make_dataset(table, cfg, transform, skip_log=None, cache=None):
     """A FaceDataset over a table with image_path (and label/age when known), read from the
     decode cache when cfg['cache_dir'] is set (`cache` from open_cache, or one built for this
@@ -663,11 +712,9 @@ def make_dataset(table, cfg, transform, skip_log=None, cache=None):
         boxes, counts = crop_boxes(paths, cfg)
         log_face_counts(counts)
         cache_file = None
-        if cfg["skip_bad_images"]:  # no cache: one decoding pass finds the images to skip
-            decoder = _DecodeAll(paths, size, boxes)
-            errors = [decoder[i][2] for i in range(len(paths))]
-        else:  # no cache, no skipping: a bad image raises, naming the file, when it is read
-            errors = [""] * len(paths)
+        # no cache: with skipping, one decoding pass finds the images to skip; without, a bad
+        # image raises, naming the file, when it is read
+        errors = decode_errors(paths, cfg) if cfg["skip_bad_images"] else [""] * len(paths)
     keep, bad = check_decode_errors(paths, errors, cfg["skip_bad_images"])
     if skip_log is not None:
         skip_log.extend(bad)

@@ -28,9 +28,10 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from config import default_config, parse_config
-from dataset import (NUM_CLASSES, PROB_COLUMNS, DataError, build_transform, class_balanced_weights, crop_boxes,
-                     decode_class, eval_folder, image_key, load_training_images, make_dataset, mix_batch, num_folds,
-                     open_cache, read_eval_images, read_extra, split_train_valid)
+from dataset import (NUM_CLASSES, PROB_COLUMNS, DataError, build_transform, check_decode_errors,
+                     class_balanced_weights, decode_class, decode_errors, eval_folder, image_key,
+                     load_training_images, make_dataset, mix_batch, num_folds, open_cache, read_eval_images,
+                     read_extra, split_train_valid)
 from loss import Criterion, check_criterion_settings
 from model import check_model_settings, class_probabilities, create_model
 
@@ -41,16 +42,22 @@ log = logging.getLogger("mask")
 # Run folder, logging, device
 def make_run_dir(cfg):
     """runs/<name>, or name2, name3... if taken; or exactly --output_dir: refused if not empty,
-    unless --overwrite and it is an old run folder, which is then deleted first (so nothing of
-    the old run, such as a last.pt to resume from, mixes with the new one)."""
+    unless --overwrite and it holds a run (config.json and train.log). The old run is then moved
+    aside (replaced_run), so nothing of it, such as a last.pt to resume from, mixes with the new
+    one; main deletes it when the new run finishes, or puts it back if the new one stops before
+    its first checkpoint (bad data, Ctrl-C)."""
     if cfg["output_dir"]:
         run_dir = Path(cfg["output_dir"])
         if run_dir.exists() and any(run_dir.iterdir()):
             if not cfg["overwrite"]:
                 raise SystemExit(f"error: {run_dir} is not empty; pass --overwrite to replace the run in it")
-            if not (run_dir / "config.json").is_file():
-                raise SystemExit(f"error: {run_dir} is not a run folder (no config.json); not overwriting it")
-            shutil.rmtree(run_dir)
+            if not all((run_dir / name).is_file() for name in ("config.json", "train.log")):
+                raise SystemExit(f"error: {run_dir} is not a run folder (no config.json and train.log); "
+                                 "not overwriting it")
+            if replaced_run(run_dir).exists():  # an unfinished replacement of the run kept there: it goes
+                shutil.rmtree(run_dir)
+            else:
+                run_dir.rename(replaced_run(run_dir))
     else:
         base = Path(cfg["model_dir"]) / cfg["name"]
         run_dir, n = base, 2
@@ -58,6 +65,25 @@ def make_run_dir(cfg):
             run_dir, n = base.with_name(f"{base.name}{n}"), n + 1
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def replaced_run(run_dir):
+    """Where --overwrite keeps the old run of run_dir until the new one finishes."""
+    run_dir = Path(run_dir).resolve()
+    return run_dir.with_name(f".{run_dir.name}.replaced")
+
+
+def discard_untrained_run(run_dir):
+    """A new run that stopped before its first checkpoint leaves nothing behind, and the run it
+    was replacing (--overwrite) is put back. Returns whether it did so."""
+    if any(run_dir.rglob("*.pt")):
+        return False
+    setup_logging()  # close the run's log file before deleting it
+    shutil.rmtree(run_dir)
+    if replaced_run(run_dir).exists():
+        replaced_run(run_dir).rename(run_dir)
+        log.info("%s holds the run it held before again", run_dir)
+    return True
 
 
 def setup_logging(log_file=None):
@@ -78,9 +104,16 @@ def setup_logging(log_file=None):
 
 
 def resolve_device(name):
+    """auto: CUDA when there is a GPU, else the CPU; a named device is checked before any work."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name!r} is not a device (auto, cpu, cuda, cuda:1, ...)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"error: --device {name}: no CUDA GPU is usable here; pass --device auto or cpu")
+    return device
 
 
 def autocast_for(device, enabled):
@@ -110,18 +143,40 @@ def rng_states():
 
 
 def save_atomic(obj, path):
-    """torch.save to a temporary file, then rename: an interrupted write never corrupts `path`."""
+    """torch.save to a temporary file, then rename: an interrupted write never corrupts `path`
+    and leaves no temporary file behind."""
+    _write_atomic(lambda tmp: torch.save(obj, tmp), path)
+
+
+def _write_atomic(write, path):
     tmp = Path(f"{path}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path, map_location="cpu", keys=("model", "config")):
+    """A checkpoint this kit saved, or a DataError naming the file and what is wrong with it
+    (empty, cut short by a full disk or a copy, not a checkpoint, or lacking `keys`)."""
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: checkpoint not found")
+    except Exception as e:  # torch raises EOFError, RuntimeError or UnpicklingError depending on the damage
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    missing = [key for key in keys if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        raise DataError(f"{path}: not a checkpoint written by train.py (it has no {', '.join(missing)})")
+    return ckpt
 
 
 def write_text_atomic(text, path):
     """Write to a temporary file, then rename: a file whose presence marks a finished step
     (summary.json) is never left half-written."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _write_atomic(lambda tmp: tmp.write_text(text), path)
 
 
 def write_csv_atomic(table, path):
@@ -326,7 +381,7 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
     autocast, scaler = autocast_for(device, cfg["amp"])
     state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     if (out_dir / "last.pt").exists():
-        ckpt = torch.load(out_dir / "last.pt", map_location=device, weights_only=True)
+        ckpt = load_checkpoint(out_dir / "last.pt", device, keys=("model", "optimizer", "scheduler", "state"))
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -451,15 +506,16 @@ def train(cfg, run_dir, device):
 
 
 def check_pseudo_settings(cfg):
-    """The pseudo-label stage runs after all the training: its threshold, eval folder and, with
-    face_crop, the folder's faces.csv are checked before any, so a typo does not surface an
-    hour later."""
+    """The pseudo-label stage runs after all the training: its threshold, eval folder, images
+    (decoded once; into the cache when there is one) and, with face_crop, the folder's faces.csv
+    are checked before any, so a typo or a bad image does not surface an hour later."""
     if not 0 <= cfg["pseudo_threshold"] <= 1:
         raise SystemExit(f"error: --pseudo_threshold is a probability, 0 (no pseudo-label stage) to 1; "
                          f"got {cfg['pseudo_threshold']}")
     if cfg["pseudo_threshold"] > 0:
         try:
-            crop_boxes(read_eval_images(eval_folder(cfg))["image_path"].tolist(), cfg)  # faces.csv with face_crop
+            paths = read_eval_images(eval_folder(cfg))["image_path"].tolist()
+            check_decode_errors(paths, decode_errors(paths, cfg), skip_bad_images=False)  # and faces.csv with face_crop
         except DataError as e:
             raise SystemExit(f"error: the pseudo-label stage (--pseudo_threshold {cfg['pseudo_threshold']}) labels the "
                              f"eval images, and they cannot be read: {e} (set --eval_dir)")
@@ -522,14 +578,31 @@ def resumed_config(cfg, given, saved):
     return {**run_cfg, **{key: cfg[key] for key in RESUME_SETTINGS if key in given}}
 
 
+def check_training_settings(cfg):
+    """Numbers that cannot work are refused before a run folder is made, naming the flag."""
+    at_least = {"epochs": 1, "batch_size": 1, "valid_batch_size": 1, "seed": 0, "weight_decay": 0,
+                "max_train_minutes": 0, "patience": 0, "num_workers": 0}
+    for key, low in at_least.items():
+        if cfg[key] < low:
+            raise SystemExit(f"error: --{key} must be at least {low}, got {cfg[key]}")
+    if not cfg["lr"] > 0:
+        raise SystemExit(f"error: --lr must be above 0, got {cfg['lr']}")
+
+
 def main(cfg, given=None):
     """Train a new run, or continue cfg['resume']; `given` as in resumed_config."""
+    device = resolve_device(cfg["device"])
     if cfg["resume"]:
         run_dir = Path(cfg["resume"])
         if not (run_dir / "config.json").is_file():
             raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
-        cfg = resumed_config(cfg, given, json.loads((run_dir / "config.json").read_text()))
+        try:
+            saved = json.loads((run_dir / "config.json").read_text())
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"error: {run_dir / 'config.json'}: not valid JSON ({e})")
+        cfg = resumed_config(cfg, given, saved)
     else:
+        check_training_settings(cfg)
         folds_to_train(cfg)  # a bad --fold stops here, before a run folder is made
         check_pseudo_settings(cfg)
         check_criterion_settings(cfg)
@@ -537,20 +610,26 @@ def main(cfg, given=None):
         run_dir = make_run_dir(cfg)
         write_text_atomic(json.dumps(cfg, indent=2), run_dir / "config.json")
     setup_logging(run_dir / "train.log")
-    device = resolve_device(cfg["device"])
     torch.backends.cudnn.benchmark = not cfg["deterministic"]
     torch.backends.cudnn.deterministic = cfg["deterministic"]
     log.info("run folder %s, device %s, command: %s", run_dir, device, " ".join(sys.argv))
     try:
         summaries = train(cfg, run_dir, device)
     except KeyboardInterrupt:
-        log.info("interrupted; continue with: python train.py --resume %s", run_dir)
+        if not (replaced_run(run_dir).exists() and discard_untrained_run(run_dir)):
+            log.info("interrupted; continue with: python train.py --resume %s", run_dir)
         raise SystemExit(130)
     except DataError as e:  # bad input: the message names the file and the problem
         log.error("%s", e)
-        if not cfg["resume"] and not any(run_dir.rglob("*.pt")):  # nothing trained: leave no half-made run behind
-            shutil.rmtree(run_dir)
+        if not cfg["resume"]:
+            discard_untrained_run(run_dir)
         raise SystemExit(f"error: {e}")
+    except Exception:
+        log.debug("training failed", exc_info=True)  # the traceback into train.log too (the console gets it anyway)
+        raise
+    if replaced_run(run_dir).exists():
+        shutil.rmtree(replaced_run(run_dir))
+        log.info("deleted the run this one replaced (--overwrite)")
     if cfg["report"] and cfg["val_ratio"] > 0:
         write_run_report(run_dir, device)
     log.info("done: %s", run_dir)

@@ -448,6 +448,55 @@ def test_label_csv_with_a_missing_image_names_the_file(tmp_path):
     assert "pseudo.csv" in str(exc.value) and "nothere.png" in str(exc.value)
 
 
+def test_empty_train_csv_and_info_csv_are_errors_naming_the_file(fresh):
+    (fresh / "train" / "train.csv").write_text("id,gender,race,age,path\n")
+    with pytest.raises(D.DataError, match="train.csv: no people"):
+        D.read_train_images(fresh / "train")
+    (fresh / "eval" / "info.csv").write_text("ImageID,ans\n")
+    with pytest.raises(D.DataError, match="info.csv: no images listed"):
+        D.read_eval_images(fresh / "eval")
+
+
+def test_a_row_with_a_field_too_many_is_an_error_naming_its_line(fresh):
+    """pandas would read it as a shifted row and blame the next line's age."""
+    lines = (fresh / "train" / "train.csv").read_text().splitlines()
+    lines[1] += ",extra"  # the first row: pandas takes a row one field wider as an index column
+    (fresh / "train" / "train.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(D.DataError, match="train.csv: line 2: 6 fields, but the header has 5"):
+        D.read_train_images(fresh / "train")
+
+
+def test_folders_and_eval_images_no_csv_lists_are_named_in_a_warning(fresh, caplog):
+    shutil.copytree(person_folder(fresh), fresh / "train" / "images" / "000099_male_Asian_40")
+    first = sorted((fresh / "eval" / "images").iterdir())[0]
+    shutil.copy(first, first.with_name("unlisted.jpg"))
+    with caplog.at_level(logging.WARNING, logger="mask"):
+        assert D.read_train_images(fresh / "train")["id"].nunique() == 3
+        assert "unlisted.jpg" not in D.read_eval_images(fresh / "eval")["ImageID"].tolist()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("1 person folder(s) not listed in" in w and "000099_male_Asian_40" in w for w in warnings)
+    assert any("1 image(s) not listed in" in w and "info.csv" in w and "unlisted.jpg" in w for w in warnings)
+
+
+def test_an_oversized_image_is_an_error_naming_the_file(fresh, monkeypatch):
+    path = person_folder(fresh) / "normal.jpg"
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 24x32 is over 2x this: Pillow's decompression-bomb error
+    with pytest.raises(D.DataError, match=f"{path}: unreadable, truncated or oversized image"):
+        D.read_rgb(path)
+
+
+def test_a_decode_error_raised_in_a_loader_worker_keeps_only_its_message(fresh, tmp_path):
+    bad = person_folder(fresh) / "mask1.jpg"
+    bad.write_bytes(b"not a jpeg")
+    table = D.read_train_images(fresh / "train")
+    dataset = D.make_dataset(table, make_cfg(fresh / "train", tmp_path, cache_dir=""), D.build_transform(
+        "plain", RESIZE, MEAN, STD)[0])
+    loader = torch.utils.data.DataLoader(dataset, batch_size=len(dataset), num_workers=1)
+    with pytest.raises(D.DataError) as exc:
+        next(iter(loader))
+    assert str(exc.value).startswith(f"{bad}: unreadable") and "Traceback" not in str(exc.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. Splits by person
 def test_five_fold_splits_are_by_person(thirty, tmp_path):

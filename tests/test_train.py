@@ -212,6 +212,98 @@ def test_overwrite_replaces_an_old_run_instead_of_resuming_it(data, tmp_path):
     assert not (run_dir / "stale.txt").exists()
 
 
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_trained(data, tmp_path, monkeypatch):
+    """Bad data, or Ctrl-C before the first checkpoint: the old run is put back as it was. A run
+    that has trained keeps the old one aside until it finishes, then deletes it."""
+    cfg = make_cfg(data, tmp_path / "runs", output_dir=str(tmp_path / "exact"))
+    run_dir, _ = train.main(cfg)
+    old_files = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(SystemExit, match="nowhere: no such folder"):
+        train.main({**cfg, "overwrite": True, "data_dir": str(tmp_path / "nowhere")})
+    assert sorted(p.name for p in run_dir.iterdir()) == old_files and not train.replaced_run(run_dir).exists()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    with pytest.raises(SystemExit):
+        train.main({**cfg, "overwrite": True})
+    assert sorted(p.name for p in run_dir.iterdir()) == old_files and not train.replaced_run(run_dir).exists()
+    monkeypatch.undo()
+
+    real, calls = train.train_one_epoch, []
+
+    def second_epoch_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", second_epoch_interrupted)
+    with pytest.raises(SystemExit):
+        train.main({**cfg, "overwrite": True, "epochs": 2})
+    monkeypatch.undo()
+    aside = train.replaced_run(run_dir)
+    assert sorted(p.name for p in aside.iterdir()) == old_files and (run_dir / "last.pt").is_file()
+    train.main({**default_config("train"), "resume": str(run_dir), "num_workers": 0, "device": "cpu"})
+    assert not aside.exists() and pd.read_csv(run_dir / "metrics.csv")["epoch"].tolist() == [1, 2]
+
+
+def test_overwrite_never_deletes_a_folder_that_only_holds_a_config_file(data, tmp_path):
+    """A user's own folder with their --config file named config.json is not a run."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text("{}")
+    (project / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="not a run folder"):
+        train.main(make_cfg(data, tmp_path / "runs", output_dir=str(project), overwrite=True))
+    assert sorted(p.name for p in project.iterdir()) == ["config.json", "notes.txt"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    (dict(epochs=0), "--epochs must be at least 1, got 0"),
+    (dict(batch_size=0), "--batch_size must be at least 1"),
+    (dict(valid_batch_size=0), "--valid_batch_size must be at least 1"),
+    (dict(seed=-1), "--seed must be at least 0"),
+    (dict(lr=-1.0), "--lr must be above 0"),
+    (dict(device="cuda:0" if not torch.cuda.is_available() else "tpu"), "--device"),
+])
+def test_settings_that_cannot_work_are_refused_before_a_run_folder_is_made(data, tmp_path, setting, message):
+    with pytest.raises(SystemExit, match=message):
+        train.main(make_cfg(data, tmp_path / "runs", **setting))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_drop_ages_that_leave_no_training_image_are_an_error_and_leave_no_run(data, tmp_path):
+    with pytest.raises(SystemExit, match="no training images left for fold 0"):
+        train.main(make_cfg(data, tmp_path / "runs", drop_ages=list(range(0, 101))))
+    assert not list((tmp_path / "runs").iterdir())
+
+
+def test_a_damaged_last_checkpoint_or_config_is_named_on_resume(base_run, tmp_path):
+    run_dir, _, _ = base_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("summary.json"))
+    (copy / "last.pt").write_bytes((copy / "last.pt").read_bytes()[:1000])
+    resume_cfg = {**default_config("train"), "resume": str(copy), "num_workers": 0, "device": "cpu"}
+    with pytest.raises(SystemExit, match=f"{copy / 'last.pt'}: not a readable checkpoint"):
+        train.main(resume_cfg)
+    (copy / "config.json").write_text("{")
+    with pytest.raises(SystemExit, match="config.json: not valid JSON"):
+        train.main(resume_cfg)
+
+
+def test_an_interrupted_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def cut_short(obj, path):
+        Path(path).write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_atomic({"a": 1}, tmp_path / "last.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_same_seed_repeats_the_run_exactly(data, tmp_path):
     """Two runs with one seed give the same metrics and weights, the first with a cold image
     cache and the second reusing it; another seed gives another run."""
@@ -487,12 +579,17 @@ def test_a_pseudo_threshold_no_eval_image_reaches_stops_with_the_first_stage_kep
     (-0.1, "", "is a probability"),
     (0.5, "no/such/eval", "eval images, and they cannot be read: .*no/such/eval.*info.csv"),
     (0.5, "FACE_CROP", "eval images, and they cannot be read: .*faces.csv"),
+    (0.5, "BAD_IMAGE", "eval images, and they cannot be read: .*unreadable.* but not eval images"),
 ])
 def test_bad_pseudo_settings_are_refused_before_training(data, tmp_path, threshold, eval_dir, message):
     cfg = make_cfg(data, tmp_path / "runs", pseudo_threshold=threshold, eval_dir=eval_dir)
     if eval_dir == "FACE_CROP":  # an eval folder without the faces.csv that face_crop needs
         shutil.copytree(data / "sample" / "eval", tmp_path / "eval", ignore=shutil.ignore_patterns("faces.csv"))
         cfg.update(eval_dir=str(tmp_path / "eval"), face_crop=True)
+    if eval_dir == "BAD_IMAGE":  # found before training, not after it
+        shutil.copytree(data / "sample" / "eval", tmp_path / "eval")
+        next((tmp_path / "eval" / "images").iterdir()).write_bytes(b"not an image")
+        cfg.update(eval_dir=str(tmp_path / "eval"), skip_bad_images=True)
     with pytest.raises(SystemExit, match=message):
         train.main(cfg)
     assert not (tmp_path / "runs").exists()
