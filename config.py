@@ -120,9 +120,15 @@ def read_config_file(path, known_keys):
     several scripts (a recipe with training keys and its `tta`), so keys of args.json that this
     script does not use are left out; keys not in args.json at all, and values of the wrong type
     or outside the choices, are errors naming the file and the key."""
+    def no_repeats(pairs):  # json keeps the last of two equal keys; one of them would be ignored unseen
+        repeated = sorted({key for i, (key, _) in enumerate(pairs) if key in dict(pairs[:i])})
+        if repeated:
+            raise SystemExit(f"error: config file {path}: key(s) {repeated} given twice")
+        return dict(pairs)
+
     try:
         with open(path) as f:
-            values = json.load(f)
+            values = json.load(f, object_pairs_hook=no_repeats)
     except (OSError, json.JSONDecodeError) as e:
         raise SystemExit(f"error: cannot read config file {path}: {e}")
     if not isinstance(values, dict):
@@ -131,6 +137,8 @@ def read_config_file(path, known_keys):
     for key, value in values.items():
         if key not in spec:
             raise SystemExit(f"error: unknown key '{key}' in config file {path}{_suggest(key, list(spec))}")
+        if isinstance(spec[key]["default"], str) and type(value) is int:  # "fold": 0, as --fold 0 reads
+            values[key] = value = str(value)
         check_value(key, value, spec[key], f"config file {path}")
     return {key: value for key, value in values.items() if key in known_keys}
 

@@ -131,6 +131,19 @@ def test_one_config_file_serves_several_scripts(tmp_path):
         read_config_file(write_json(tmp_path / "bad.json", {"tta": "sideways"}), script_keys("train", SPEC))
 
 
+def test_a_key_given_twice_in_a_config_file_is_an_error(tmp_path):
+    path = tmp_path / "twice.json"
+    path.write_text('{"epochs": 1, "lr": 0.1, "epochs": 3}')
+    with pytest.raises(SystemExit, match=r"twice.json: key\(s\) \['epochs'\] given twice"):
+        parse_config("train", ["--config", str(path)])
+
+
+def test_a_number_for_a_text_key_reads_as_on_the_command_line(tmp_path):
+    """--fold 0 on the command line is the text '0'; "fold": 0 in a file is the same."""
+    path = write_json(tmp_path / "fold.json", {"fold": 0})
+    assert parse_config("train", ["--config", path])["fold"] == parse_config("train", ["--fold", "0"])["fold"] == "0"
+
+
 @pytest.mark.parametrize("text", ["{not json", "[1, 2]"])
 def test_unreadable_config_file_names_the_file(tmp_path, text):
     path = tmp_path / "bad.json"
