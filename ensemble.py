@@ -38,6 +38,7 @@ class Member:
             raise SystemExit(f"error: {eval_file} not found (run inference.py --run {path} first)")
         try:
             self.eval = read_csv(eval_file, ["ImageID", *PROB_COLUMNS], numeric=PROB_COLUMNS)
+            check_member_table(self.eval, eval_file)
         except DataError as e:  # the message names the file and the problem
             raise SystemExit(f"error: {e}")
         run_dir = path if path.is_dir() else path.parent
@@ -54,6 +55,25 @@ class Member:
     @property
     def probs(self):
         return self.eval[PROB_COLUMNS].to_numpy()
+
+
+def check_member_table(table, path):
+    """Each ImageID once, and probabilities: p0..p17 in [0, 1], each row summing to 1 within 0.01
+    (inference.py writes float32; a file rounded to 3 decimals stays within it)."""
+    ids = table["ImageID"]
+    repeated = ids[ids.duplicated()].unique()
+    if len(repeated):
+        raise DataError(f"{path}: {len(repeated)} ImageID(s) appear more than once: {list(repeated[:5])}")
+    probs = table[PROB_COLUMNS].to_numpy()
+    outside = ((probs < 0) | (probs > 1)).any(1)
+    if outside.any():
+        raise DataError(f"{path}: {outside.sum()} row(s) with p0..p17 outside [0, 1], e.g. ImageID "
+                        f"{ids[outside].tolist()[:3]}")
+    sums = probs.sum(1)
+    off = np.abs(sums - 1) > 0.01
+    if off.any():
+        raise DataError(f"{path}: {off.sum()} row(s) whose p0..p17 do not sum to 1, e.g. ImageID "
+                        f"{ids[off].tolist()[:3]} (sums {np.round(sums[off][:3], 4).tolist()})")
 
 
 def check_same_ids(members):
@@ -130,6 +150,13 @@ def main(cfg):
     setup_logging()
     if not cfg["members"]:
         raise SystemExit("error: give the members with --members RUN_OR_CSV ...")
+    out = Path(cfg["submission"])
+    if out.is_dir():
+        raise SystemExit(f"error: --submission {out} is a folder; give a file, e.g. {out / 'submission.csv'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --submission {out}: cannot make its folder {out.parent} ({e.strerror})")
     members = [Member(p) for p in cfg["members"]]
     check_same_ids(members)
     probs = [m.probs for m in members]
@@ -142,8 +169,6 @@ def main(cfg):
         "agreement_with_ensemble": [float((p == preds).mean()) for p in member_preds],
         "validation": validation_report(members, cfg),
     }
-    out = Path(cfg["submission"])
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_submission(members[0].eval["ImageID"], preds, out.parent, out.name)
     Path(f"{out}.report.json").write_text(json.dumps(report, indent=2))
     for name, f1, agree in zip(report["members"], report["member_valid_f1"], report["agreement_with_ensemble"]):

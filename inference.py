@@ -26,7 +26,7 @@ from config import default_config, parse_config
 from dataset import (PROB_COLUMNS, DataError, build_transform, eval_folder, image_key, is_class,
                      make_dataset, num_folds, read_eval_images)
 from model import create_model, task_probabilities
-from train import autocast_for, predict, probs_table, resolve_device, setup_logging, write_csv_atomic
+from train import autocast_for, load_checkpoint, predict, probs_table, resolve_device, setup_logging, write_csv_atomic
 
 log = logging.getLogger("mask")
 
@@ -82,11 +82,15 @@ def run_members(run, checkpoint="best", first_stage_weight=0.0):
 
 
 def find_checkpoints(run_dir, checkpoint="best"):
-    """best.pt / last.pt of a run, or of each fold<k>/ of a k-fold run; a checkpoint file as it is."""
+    """best.pt / last.pt of a finished run, or of each fold<k>/ of a k-fold run; a checkpoint file as it is."""
     run_dir = Path(run_dir)
     if run_dir.is_file():
         return [run_dir]
     if (run_dir / f"{checkpoint}.pt").is_file():
+        if not (run_dir / "summary.json").is_file():  # a fold, refit/ or pseudo/ resumes with its run
+            run = run_dir if (run_dir / "config.json").is_file() else run_dir.parent
+            raise SystemExit(f"error: {run_dir} is an unfinished run (no summary.json); finish it with python train.py "
+                             f"--resume {run}, or pass {run_dir / f'{checkpoint}.pt'} to --run to use it as it is")
         return [run_dir / f"{checkpoint}.pt"]
     folds = sorted(run_dir.glob(f"fold*/{checkpoint}.pt"))
     if not folds:
@@ -112,10 +116,14 @@ def load_model(path, device):
     """Rebuild a model from a checkpoint alone (its saved config), no ImageNet download. Keys
     added to args.json after the checkpoint was saved take their defaults, which keep the
     behaviour of older runs (e.g. face_crop off)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(path)
     train_cfg = {**default_config("train"), **ckpt["config"]}
     model = create_model(train_cfg, pretrained=False)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError) as e:  # PyTorch lists every mismatched tensor; the last line is kept
+        raise DataError(f"{path}: the weights do not match its saved config (model {train_cfg['model']}): "
+                        f"{str(e).strip().splitlines()[-1].strip()[:200]}")
     return model.to(device).eval(), train_cfg
 
 

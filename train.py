@@ -166,7 +166,8 @@ def load_checkpoint(path, map_location="cpu", keys=("model", "config")):
     except FileNotFoundError:
         raise DataError(f"{path}: checkpoint not found")
     except Exception as e:  # torch raises EOFError, RuntimeError or UnpicklingError depending on the damage
-        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        first_line = (str(e).splitlines() or [""])[0][:200]  # an empty file gives EOFError('')
+        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line})")
     missing = [key for key in keys if not isinstance(ckpt, dict) or key not in ckpt]
     if missing:
         raise DataError(f"{path}: not a checkpoint written by train.py (it has no {', '.join(missing)})")

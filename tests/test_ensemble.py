@@ -1,6 +1,7 @@
 """ensemble.py (soft / hard / per-task voting, member checks, main) and score.py, on
 probability tables written by hand."""
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -192,6 +193,53 @@ def test_member_files_are_checked(tmp_path):
         ensemble.Member(tmp_path / "text.csv")
     with pytest.raises(SystemExit, match="--members"):
         ensemble.main(ens_cfg(tmp_path))
+
+
+def test_a_member_with_repeated_ids_is_refused(tmp_path):
+    ids = ["x1.jpg", "x2.jpg", "x2.jpg", "x3.jpg", "x3.jpg", "x3.jpg"]
+    a = write_probs(tmp_path / "a.csv", ids, random_probs(6, 0))
+    with pytest.raises(SystemExit, match=re.escape(f"{a}: 2 ImageID(s) appear more than once: ['x2.jpg', 'x3.jpg']")):
+        ensemble.Member(a)
+    run = write_run(tmp_path / "run", ids, random_probs(6, 1))
+    with pytest.raises(SystemExit, match=re.escape(f"{run / 'eval_probs.csv'}: 2 ImageID(s)")):
+        ensemble.main(ens_cfg(tmp_path, members=[str(run), str(run)]))
+    assert not (tmp_path / "submission.csv").exists()
+
+
+@pytest.mark.parametrize("bad", [5.0, -3.0, float("inf")])
+def test_probabilities_outside_0_1_are_refused(tmp_path, bad):
+    probs = random_probs(3, 0)
+    probs[1, 4] = bad
+    a = write_probs(tmp_path / "a.csv", ["x1.jpg", "x2.jpg", "x3.jpg"], probs)
+    with pytest.raises(SystemExit, match=re.escape(f"{a}: 1 row(s) with p0..p17 outside [0, 1], e.g. ImageID ['x2.jpg']")):
+        ensemble.Member(a)
+
+
+def test_probabilities_must_sum_to_1_within_rounding(tmp_path):
+    probs = random_probs(len(IDS), 0)
+    write_probs(tmp_path / "f32.csv", IDS, probs.astype(np.float32))  # as inference.py writes them
+    ensemble.Member(tmp_path / "f32.csv")
+    write_probs(tmp_path / "rounded.csv", IDS, probs.round(3))
+    ensemble.Member(tmp_path / "rounded.csv")
+    scores = probs.copy()
+    scores[2] *= 1.5  # in [0, 1], but not probabilities
+    a = write_probs(tmp_path / "a.csv", IDS, scores)
+    with pytest.raises(SystemExit, match=re.escape(f"{a}: 1 row(s) whose p0..p17 do not sum to 1, e.g. ImageID "
+                                                   f"['{IDS[2]}'] (sums [1.5])")):
+        ensemble.Member(a)
+
+
+def test_the_submission_path_is_checked_before_the_members(tmp_path):
+    a = write_probs(tmp_path / "a.csv", IDS, random_probs(len(IDS), 0))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(SystemExit, match=re.escape(f"--submission {tmp_path / 'out'} is a folder")):
+        ensemble.main(ens_cfg(members=[str(a)], submission=str(tmp_path / "out")))
+    assert not (tmp_path / "out.tmp").exists() and not (tmp_path / "out.report.json").exists()
+    (tmp_path / "file").write_text("a file\n")
+    with pytest.raises(SystemExit, match=re.escape(f"cannot make its folder {tmp_path / 'file' / 'sub'}")):
+        ensemble.main(ens_cfg(members=[str(a)], submission=str(tmp_path / "file" / "sub" / "ens.csv")))
+    with pytest.raises(SystemExit, match="is a folder"):  # before a bad member is read
+        ensemble.main(ens_cfg(members=[str(tmp_path / "missing.csv")], submission=str(tmp_path / "out")))
 
 
 # ---------------------------------------------------------------------------------------------

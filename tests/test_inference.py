@@ -265,6 +265,54 @@ def test_an_unfinished_kfold_run_is_not_averaged(kfold_dir, tmp_path):
     assert inference.find_checkpoints(partial / "fold0") == [partial / "fold0" / "best.pt"]
 
 
+def test_an_unfinished_single_run_is_refused_unless_its_checkpoint_is_given(data, run_dir, kfold_dir, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(run_dir, partial, ignore=shutil.ignore_patterns("summary.json"))  # stopped mid-training
+    for checkpoint in ("best", "last"):
+        with pytest.raises(SystemExit, match=re.escape(
+                f"{partial} is an unfinished run (no summary.json); finish it with python train.py --resume "
+                f"{partial}, or pass {partial / f'{checkpoint}.pt'} to --run")):
+            inference.find_checkpoints(partial, checkpoint)
+    with pytest.raises(SystemExit, match="unfinished run"):
+        inference.main(make_inference_cfg(data, partial, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    assert inference.find_checkpoints(partial / "best.pt") == [partial / "best.pt"]
+    inference.main(make_inference_cfg(data, partial / "best.pt", tmp_path / "as_it_is"))
+    assert pd.read_csv(tmp_path / "as_it_is" / "submission.csv")["ImageID"].tolist() == info_ids(data)
+    folds = tmp_path / "kfold"
+    shutil.copytree(kfold_dir, folds)
+    (folds / "fold0" / "summary.json").unlink()
+    with pytest.raises(SystemExit, match=re.escape(f"--resume {folds}, or pass {folds / 'fold0' / 'best.pt'}")):
+        inference.find_checkpoints(folds / "fold0")  # a fold resumes with its run
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "text", "state_dict"])
+def test_a_damaged_or_foreign_checkpoint_is_named(data, run_dir, tmp_path, damage):
+    path = tmp_path / "best.pt"
+    good = (run_dir / "best.pt").read_bytes()
+    if damage == "state_dict":
+        torch.save(torch.load(run_dir / "best.pt", weights_only=True)["model"], path)
+    else:
+        path.write_bytes({"empty": b"", "truncated": good[:1000], "text": b"not a checkpoint\n"}[damage])
+    with pytest.raises(D.DataError, match=re.escape(f"{path}: not a")):
+        inference.load_model(path, "cpu")
+    with pytest.raises(SystemExit, match=re.escape(f"error: {path}: not a")):
+        inference.main(make_inference_cfg(data, path, tmp_path / "out"))
+
+
+def test_weights_that_do_not_fit_the_saved_config_are_named(data, run_dir, tmp_path):
+    ckpt = torch.load(run_dir / "best.pt", weights_only=True)
+    first, *_, last = ckpt["model"]
+    message = f"{tmp_path / 'best.pt'}: the weights do not match its saved config (model basemodel)"
+    for change in ({first: torch.zeros(3)}, {last: None}):
+        weights = {k: v for k, v in {**ckpt["model"], **change}.items() if v is not None}
+        torch.save({**ckpt, "model": weights}, tmp_path / "best.pt")
+        with pytest.raises(D.DataError, match=re.escape(message)):
+            inference.load_model(tmp_path / "best.pt", "cpu")
+        with pytest.raises(SystemExit, match=re.escape(f"error: {message}")):
+            inference.main(make_inference_cfg(data, tmp_path / "best.pt", tmp_path / "out"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Pseudo labels
 def test_write_pseudo_labels_keeps_confident_images(tmp_path):
