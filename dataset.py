@@ -468,7 +468,30 @@ def read_faces(folder):
     missing = [c for c in FACE_COLUMNS if c not in table.columns]
     if missing:
         raise DataError(f"{csv_path}: missing column(s) {missing}; found {list(table.columns)}")
+    check_faces_table(table, csv_path)
     return {image_key(Path(folder, image)): row for image, row in zip(table["image"], table.itertuples(index=False))}
+
+
+def check_faces_table(table, csv_path):
+    """A faces.csv edited by hand or left from other images would crop the wrong place (or
+    crash far from its cause): every row names an existing image once, has found 0 or 1, a
+    positive image size and, when found, a box x1 < x2, y1 < y2. Makes those columns numbers."""
+    rerun = f"rerun python detect_faces.py --face_dirs {csv_path.parent}"
+    repeated = table["image"][table["image"].duplicated()].unique().tolist()
+    if repeated:
+        raise DataError(f"{csv_path}: image(s) listed more than once: {repeated[:5]}; {rerun}")
+    gone = [image for image in table["image"] if not (csv_path.parent / image).is_file()]
+    if gone:
+        raise DataError(f"{csv_path}: {len(gone)} row(s) for images not in {csv_path.parent}, e.g. {gone[:3]}; {rerun}")
+    columns = ["found", "width", "height", "x1", "y1", "x2", "y2"]
+    values = table[columns].apply(pd.to_numeric, errors="coerce")
+    found = values["found"] == 1
+    bad = ~values["found"].isin([0, 1]) | ~(values["width"] > 0) | ~(values["height"] > 0)
+    bad |= found & ~((values["x1"] < values["x2"]) & (values["y1"] < values["y2"]))  # NaN compares False
+    if bad.any():
+        raise DataError(f"{csv_path}: line(s) {(np.flatnonzero(bad) + 2).tolist()[:5]}: found must be 0 or 1, width "
+                        f"and height above 0, and a found face's box numbers with x1 < x2 and y1 < y2; {rerun}")
+    table[columns] = values
 
 
 def face_box(face, margin, aspect):

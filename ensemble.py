@@ -157,6 +157,10 @@ def main(cfg):
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"error: --submission {out}: cannot make its folder {out.parent} ({e.strerror})")
+    files = [(Path(p) / "eval_probs.csv" if Path(p).is_dir() else Path(p)).resolve() for p in cfg["members"]]
+    repeated = sorted({str(f) for f in files if files.count(f) > 1})
+    if repeated:
+        raise SystemExit(f"error: member(s) given more than once: {repeated}; to count one more, use --member_weights")
     members = [Member(p) for p in cfg["members"]]
     check_same_ids(members)
     probs = [m.probs for m in members]

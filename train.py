@@ -627,6 +627,8 @@ def main(cfg, given=None):
         raise SystemExit(f"error: {e}")
     except Exception:
         log.debug("training failed", exc_info=True)  # the traceback into train.log too (the console gets it anyway)
+        if not cfg["resume"]:
+            discard_untrained_run(run_dir)
         raise
     if replaced_run(run_dir).exists():
         shutil.rmtree(replaced_run(run_dir))

@@ -202,7 +202,7 @@ def test_a_member_with_repeated_ids_is_refused(tmp_path):
         ensemble.Member(a)
     run = write_run(tmp_path / "run", ids, random_probs(6, 1))
     with pytest.raises(SystemExit, match=re.escape(f"{run / 'eval_probs.csv'}: 2 ImageID(s)")):
-        ensemble.main(ens_cfg(tmp_path, members=[str(run), str(run)]))
+        ensemble.main(ens_cfg(tmp_path, members=[str(run)]))
     assert not (tmp_path / "submission.csv").exists()
 
 
@@ -240,6 +240,14 @@ def test_the_submission_path_is_checked_before_the_members(tmp_path):
         ensemble.main(ens_cfg(members=[str(a)], submission=str(tmp_path / "file" / "sub" / "ens.csv")))
     with pytest.raises(SystemExit, match="is a folder"):  # before a bad member is read
         ensemble.main(ens_cfg(members=[str(tmp_path / "missing.csv")], submission=str(tmp_path / "out")))
+
+
+def test_a_member_given_twice_is_refused(tmp_path):
+    """RUNS="runs/a runs/a" would count run a twice without saying so."""
+    a = write_probs(tmp_path / "a" / "eval_probs.csv", IDS, random_probs(len(IDS), 0))
+    with pytest.raises(SystemExit, match="given more than once.*--member_weights"):
+        ensemble.main(ens_cfg(members=[str(a.parent), str(a)], submission=str(tmp_path / "ens.csv")))
+    assert not (tmp_path / "ens.csv").exists()
 
 
 # ---------------------------------------------------------------------------------------------

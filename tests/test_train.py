@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 import inference
 import train
 from config import default_config, parse_config
-from dataset import MASK_FILES, NUM_CLASSES, PROB_COLUMNS, age_band, build_transform, encode_class, make_dataset
+from dataset import FACE_COLUMNS, MASK_FILES, NUM_CLASSES, PROB_COLUMNS, age_band, build_transform, encode_class, make_dataset
 from make_sample_data import make_sample_dataset
 from model import class_probabilities, create_model
 
@@ -302,6 +302,30 @@ def test_an_interrupted_checkpoint_write_leaves_no_temporary_file(tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         train.save_atomic({"a": 1}, tmp_path / "last.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda t: t.assign(x1=t["x1"].astype(object).where(t.index != 3, "abc")), r"line\(s\) \[5\]: found must be 0 or 1"),
+    (lambda t: t.assign(found=t["found"].where(t.index != 0, 2)), r"line\(s\) \[2\]"),
+    (lambda t: t.assign(x2=t["x2"].where(t.index != 1, 1.0)), r"line\(s\) \[3\]: .*x1 < x2"),
+    (lambda t: t.assign(width=t["width"].where(t.index != 0, 0)), r"line\(s\) \[2\]: .*width and height above 0"),
+    (lambda t: pd.concat([t, t.iloc[[4]]]), "listed more than once"),
+    (lambda t: pd.concat([t, t.iloc[[4]].assign(image="images/gone/normal.jpg")]), "1 row\\(s\\) for images not in"),
+])
+def test_a_damaged_faces_csv_is_an_error_naming_its_line_and_the_old_run_stays(data, tmp_path, damage, message):
+    train_dir = tmp_path / "train"
+    shutil.copytree(data / "sample" / "train", train_dir)
+    rows = [{"image": p.relative_to(train_dir).as_posix(), "width": 48, "height": 64, "found": 1, "score": 0.99,
+             "x1": 6.0, "y1": 8.0, "x2": 40.0, "y2": 50.0} for p in sorted(train_dir.glob("images/*/*.jpg"))]
+    faces = pd.DataFrame(rows).reindex(columns=FACE_COLUMNS)
+    faces.to_csv(train_dir / "faces.csv", index=False)
+    cfg = make_cfg(data, tmp_path / "runs", data_dir=str(train_dir), face_crop=True, cache_dir="",
+                   output_dir=str(tmp_path / "run"))
+    run_dir, _ = train.main(cfg)
+    damage(faces).to_csv(train_dir / "faces.csv", index=False)
+    with pytest.raises(SystemExit, match=message):
+        train.main({**cfg, "overwrite": True})
+    assert (run_dir / "summary.json").is_file() and not train.replaced_run(run_dir).exists()
 
 
 def test_same_seed_repeats_the_run_exactly(data, tmp_path):
