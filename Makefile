@@ -1,4 +1,4 @@
-# make install | demo | test | ensemble RUNS="runs/a runs/b" | bench | sample | clean
+# make install | demo | test | ensemble RUNS="runs/a runs/b" | bench | sample | clean (runs/demo, data/sample, cache)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -50,5 +50,6 @@ ensemble: install
 bench: install
 	$(RUN) bench.py --maskbench $(MASKBENCH)
 
+# What make itself made: the demo's runs, the sample data and the caches. Your own runs/ stay.
 clean:
-	rm -rf runs cache data/sample .pytest_cache
+	rm -rf runs/demo cache data/sample .pytest_cache
