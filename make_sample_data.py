@@ -152,13 +152,21 @@ def make_sample_dataset(out_dir, n_train_people=60, n_eval_people=20, size=(96, 
     """Write the dataset; size is (width, height); returns Path(out_dir).
 
     An earlier sample's out_dir/train and out_dir/eval are removed first; a folder holding other
-    data there (real data, say) is refused, never deleted. image_ext applies to train images only.
+    data there (real data, say) is refused, never deleted. build_info.json (its arguments) is
+    written before any image, so the output of an interrupted or failed run is recognised as a
+    sample and replaced too; its counts are added at the end. image_ext applies to train images only.
     """
     out = Path(out_dir)
     size = (int(size[0]), int(size[1]))
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: {out} is a file, not a folder; choose another --out")
     if any((out / sub).exists() for sub in ("train", "eval")) and not _is_sample(out):
         raise SystemExit(f"error: {out} already holds train/ or eval/ that make_sample_data.py did not write "
                          "(no build_info.json of a sample); choose another --out")
+    info = {"args": {"out_dir": str(out), "n_train_people": n_train_people, "n_eval_people": n_eval_people,
+                     "size": list(size), "seed": seed, "image_ext": image_ext}}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_info(out, info)
     for sub in ("train", "eval"):
         shutil.rmtree(out / sub, ignore_errors=True)
     (out / "train" / "images").mkdir(parents=True)
@@ -189,12 +197,17 @@ def make_sample_dataset(out_dir, n_train_people=60, n_eval_people=20, size=(96, 
         with open(out / "eval" / fname, "w", newline="") as f:
             csv.writer(f).writerows([["ImageID", "ans"]] + [[n, a if with_answer else 0] for n, a in answers])
 
-    info = {"args": {"out_dir": str(out), "n_train_people": n_train_people, "n_eval_people": n_eval_people,
-                     "size": list(size), "seed": seed, "image_ext": image_ext},
-            "train": {"people": n_train_people, "images": sum(train_counts), "class_counts": train_counts},
-            "eval": {"people": n_eval_people, "images": sum(eval_counts), "class_counts": eval_counts}}
-    (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    info.update(train={"people": n_train_people, "images": sum(train_counts), "class_counts": train_counts},
+                eval={"people": n_eval_people, "images": sum(eval_counts), "class_counts": eval_counts})
+    _write_info(out, info)
     return out
+
+
+def _write_info(out, info):
+    """build_info.json written whole or not at all: a cut-off one would leave the sample unrecognised."""
+    tmp = out / "build_info.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(out / "build_info.json")
 
 
 def _is_sample(out):
@@ -218,6 +231,11 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=_parse_size, default=(96, 128), help="WxH, e.g. 96x128")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if a.train_people < 1 or a.eval_people < 0:  # no eval people is a training-only sample
+        p.error(f"--train_people must be at least 1 and --eval_people at least 0, got {a.train_people} and "
+                f"{a.eval_people}")
+    if min(a.size) < 1:
+        p.error(f"--size must be at least 1x1, got {a.size[0]}x{a.size[1]}")
     out = make_sample_dataset(a.out, a.train_people, a.eval_people, a.size, a.seed)
     print(f"wrote {out}: train {a.train_people} people / {a.train_people * 7} images, "
           f"eval {a.eval_people} people / {a.eval_people * 7} images")

@@ -26,7 +26,7 @@ from sklearn.metrics import confusion_matrix
 
 from dataset import (AGE_NAMES, GENDER_NAMES, MASK_NAMES, NUM_CLASSES, PROB_COLUMNS, DataError, build_transform,
                      class_name, crop_boxes, decode_class, decode_image)
-from inference import load_model
+from inference import check_folds_finished, load_model
 from model import class_probabilities
 
 TILE = 128  # image height in worst.png and gradcam.png
@@ -233,14 +233,25 @@ def worst_sheet(table, cfg):
 # ---------------------------------------------------------------------------------------------
 def write_report(run_dir, device="cpu", images_per_class=2):
     """Write the report PNGs of a run into run_dir/report/ (a k-fold run: into each fold<k>/report/);
-    returns their paths."""
+    returns their paths. Like inference.py, it refuses an unfinished run, and a k-fold run with a
+    fold not finished or without its valid_probs.csv, before writing anything."""
     run_dir = Path(run_dir)
     if not (run_dir / "valid_probs.csv").is_file():
-        folds = sorted(p.parent for p in run_dir.glob("fold*/valid_probs.csv"))
-        if not folds:
+        probs = sorted(run_dir.glob("fold*/valid_probs.csv"))
+        if not probs:
             raise FileNotFoundError(f"{run_dir}: no valid_probs.csv there or in fold<k>/ folders (not a run folder, "
                                     f"or a run without validation: --val_ratio 0)")
-        return [path for fold in folds for path in write_report(fold, device, images_per_class)]
+        check_folds_finished(run_dir, probs)  # every fold config.json names has a summary.json
+        lost = sorted(p.parent.name for p in run_dir.glob("fold*/summary.json")
+                      if not (p.parent / "valid_probs.csv").is_file())
+        if lost:
+            raise FileNotFoundError(f"{run_dir}: no valid_probs.csv in the finished fold(s) {', '.join(lost)}; "
+                                    f"pass the other fold<k> folders to --run one at a time")
+        return [path for p in probs for path in write_report(p.parent, device, images_per_class)]
+    if not (run_dir / "summary.json").is_file():
+        run = run_dir if (run_dir / "config.json").is_file() else run_dir.parent
+        raise FileNotFoundError(f"{run_dir} is an unfinished run (no summary.json); finish it with python train.py "
+                                f"--resume {run}")
     model, cfg = load_model(run_dir / "best.pt", device)
     table = pd.read_csv(run_dir / "valid_probs.csv")
     n = len(table)

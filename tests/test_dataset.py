@@ -961,3 +961,28 @@ def test_truncated_image_skipped_and_listed(fresh, tmp_path):
         assert label == row["label"] and age == row["age"]
         expected = transform(torch.from_numpy(D.decode_image(row["image_path"], RESIZE)).permute(2, 0, 1))
         assert torch.equal(x, expected)
+
+
+def test_sample_data_replaces_its_own_output_of_a_failed_run(tmp_path):
+    with pytest.raises(ValueError):  # PIL: cannot write empty image, after train/ was made
+        make_sample_dataset(tmp_path, n_train_people=1, n_eval_people=0, size=(0, 0))
+    make_sample_dataset(tmp_path, n_train_people=1, n_eval_people=0, size=SIZE)
+    assert len(people_table(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("args, words", [(["--train_people", "-3"], "--train_people must be at least 1"),
+                                         (["--eval_people", "-1"], "--eval_people at least 0"),
+                                         (["--size", "0x0"], "--size must be at least 1x1, got 0x0")])
+def test_sample_data_refuses_bad_arguments_before_writing(tmp_path, capsys, args, words):
+    import make_sample_data
+    with pytest.raises(SystemExit):
+        make_sample_data.main(["--out", str(tmp_path / "out"), *args])
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_sample_data_out_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=f"error: {tmp_path / 'file'} is a file, not a folder"):
+        make_sample_dataset(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"

@@ -102,3 +102,24 @@ def test_folder_without_validation_is_refused_by_name(tmp_path):
     with pytest.raises(SystemExit, match="error: " + re.escape(str(tmp_path))):
         report.main(["--run", str(tmp_path)])
     assert not (tmp_path / "report").exists()
+
+
+def test_unfinished_run_and_missing_folds_are_refused_by_name(run_dir, tmp_path):
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(run_dir, unfinished, ignore=shutil.ignore_patterns("report"))
+    (unfinished / "summary.json").unlink()
+    with pytest.raises(SystemExit, match=re.escape(f"error: {unfinished} is an unfinished run (no summary.json)")):
+        report.main(["--run", str(unfinished)])
+
+    kfold = tmp_path / "kfold"  # val_ratio 0.2: 5 folds, fold4 never started
+    (kfold / "fold0").mkdir(parents=True)
+    (kfold / "config.json").write_text('{"fold": "all", "val_ratio": 0.2}')
+    for k in range(4):
+        shutil.copytree(run_dir, kfold / f"fold{k}", ignore=shutil.ignore_patterns("report"), dirs_exist_ok=True)
+    with pytest.raises(SystemExit, match=r"\(fold4 not finished\)"):
+        write_report(kfold)
+    shutil.copytree(run_dir, kfold / "fold4", ignore=shutil.ignore_patterns("report"))
+    (kfold / "fold2" / "valid_probs.csv").unlink()
+    with pytest.raises(SystemExit, match=re.escape(f"error: {kfold}: no valid_probs.csv in the finished fold(s) fold2")):
+        report.main(["--run", str(kfold)])
+    assert not [*unfinished.rglob("report"), *kfold.rglob("report")]  # refused before any picture
