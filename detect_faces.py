@@ -44,6 +44,8 @@ class FaceDetector:
 
     def __call__(self, images):
         found = [None] * len(images)
+        if min(images[0].shape[:2]) < self.passes[0].min_face_size:  # MTCNN has no scale to search it at and fails
+            return found
         for mtcnn in self.passes:
             todo = [i for i, f in enumerate(found) if f is None]
             if not todo:
@@ -71,11 +73,14 @@ class _Images(Dataset):
 
 def image_files(folder):
     """Every image under folder/images (or folder itself when it has no images/), sorted;
-    hidden files such as macOS '._*' copies are left out."""
+    hidden files such as macOS '._*' copies are left out. An error when there is none."""
     root = Path(folder) / "images" if (Path(folder) / "images").is_dir() else Path(folder)
     if not root.is_dir():
         raise DataError(f"{folder}: folder not found")
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+    if not paths:
+        raise DataError(f"{folder}: no .jpg/.jpeg/.png images found")
+    return paths
 
 
 def face_row(image, width, height, face):
@@ -95,8 +100,6 @@ def detect_folder(folder, detector, batch_size=32, num_workers=0):
     (or skips it with --skip_bad_images)."""
     folder = Path(folder)
     paths = image_files(folder)
-    if not paths:
-        raise DataError(f"{folder}: no .jpg/.jpeg/.png images found")
     loader = DataLoader(_Images(paths), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
     rows, errors = [None] * len(paths), []
     for batch in loader:
@@ -116,6 +119,9 @@ def detect_folder(folder, detector, batch_size=32, num_workers=0):
 def default_folders(data_dir):
     """The train folder of data_dir and, when there is one, the eval folder beside it."""
     train = train_root(data_dir)
+    if not (train / "train.csv").is_file():  # e.g. the dataset root: its faces.csv would be read by nothing
+        raise DataError(f"{train}: no train.csv: --data_dir is the training folder (the one holding train.csv "
+                        "and images/); --face_dirs takes any folders")
     if (train.parent / "eval").is_dir():
         return [train, train.parent / "eval"]
     log.info("no eval folder beside %s: detecting the training images only", train)
@@ -125,12 +131,20 @@ def default_folders(data_dir):
 def main(argv=None):
     cfg = parse_config("detect", argv, description=__doc__)
     setup_logging()
-    folders = cfg["face_dirs"] or default_folders(cfg["data_dir"])
-    detector = FaceDetector(resolve_device(cfg["device"]))
+    if cfg["detect_batch_size"] < 1:
+        raise SystemExit(f"error: --detect_batch_size must be at least 1, got {cfg['detect_batch_size']}")
+    written = []
     try:
+        folders = cfg["face_dirs"] or default_folders(cfg["data_dir"])
+        for folder in folders:  # a bad folder stops the run before any detection
+            image_files(folder)
+            if (Path(folder) / FACES_CSV).exists():
+                log.info("%s will be replaced", Path(folder) / FACES_CSV)
+        detector = FaceDetector(resolve_device(cfg["device"]))
         for folder in folders:
             table, errors = detect_folder(folder, detector, cfg["detect_batch_size"])
-            write_csv_atomic(table, Path(folder) / FACES_CSV)
+            write_csv_atomic(table, Path(folder) / FACES_CSV)  # atomic: Ctrl-C leaves the old file whole
+            written.append(str(Path(folder) / FACES_CSV))
             if errors:
                 log.warning("%s: %d unreadable image(s) written without a face: %s", Path(folder) / FACES_CSV,
                             len(errors), "; ".join(errors[:5]) + (" ..." if len(errors) > 5 else ""))
@@ -140,6 +154,10 @@ def main(argv=None):
                      f"; none in {', '.join(missed[:5])}{' ...' if len(missed) > 5 else ''}" if len(missed) else "")
     except DataError as e:
         raise SystemExit(f"error: {e}")
+    except KeyboardInterrupt:
+        log.error("interrupted: %s", f"{', '.join(written)} written, every other faces.csv unchanged" if written
+                  else "every faces.csv unchanged")
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

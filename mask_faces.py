@@ -16,7 +16,9 @@ photo is framed into a portrait like the competition's (masked_frame), and each 
 drawing depends only on --seed and the file name, so the output is reproducible.
 """
 import hashlib
+import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from config import parse_config
 from dataset import GENDERS, IMAGE_EXTENSIONS, MASK_FILES, DataError, read_csv, read_rgb
 from detect_faces import FaceDetector
-from train import resolve_device, setup_logging, write_csv_atomic
+from train import resolve_device, setup_logging, write_csv_atomic, write_text_atomic
 
 log = logging.getLogger("mask")
 UTKFACE_RACES = ("White", "Black", "Asian", "Indian", "Others")
@@ -51,10 +53,15 @@ def read_labels(faces_dir, faces_csv=""):
             if not rec["age"].isdigit() or gender is None:
                 raise DataError(f"{faces_csv}: line {line}: age '{rec['age']}' / gender '{rec['gender']}' "
                                 "should be a whole number / male, female, 0 or 1")
+            if not 1 <= int(rec["age"]) <= 120:
+                raise DataError(f"{faces_csv}: line {line}: age {rec['age']} is not between 1 and 120")
             if not (faces_dir / rec["file"]).is_file():
                 raise DataError(f"{faces_csv}: line {line}: {faces_dir / rec['file']} not found")
-            race = (rec.get("race") or "Unknown").replace("_", "-").replace(" ", "-")  # '_' separates the name's fields
+            race = re.sub(r"[\W_]+", "-", rec.get("race") or "Unknown")  # '_' separates the folder name's fields
             rows.append((rec["file"], int(rec["age"]), gender, race))
+        lines = table.index[table["file"].duplicated(keep=False)] + 2
+        if len(lines):
+            raise DataError(f"{faces_csv}: lines {', '.join(map(str, lines))}: the same file more than once")
     else:
         for path in sorted(faces_dir.iterdir()):
             if path.name.startswith(".") or not path.name.lower().endswith(tuple(IMAGE_EXTENSIONS)):
@@ -186,6 +193,26 @@ def person_images(photo, landmarks, rng):
 
 
 # ---------------------------------------------------------------------------------------------
+ARGUMENTS_JSON = "arguments.json"
+
+
+def check_same_arguments(path, arguments):
+    """Record the arguments the people depend on at a run's start; a continuation with other
+    ones would mix people made both ways in one dataset."""
+    if not path.exists():
+        write_text_atomic(json.dumps(arguments, indent=2), path)
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e})")
+    differ = [f"--{key} {saved.get(key)} (now {value})" if key != "labels" else "the photos, their labels or order"
+              for key, value in arguments.items() if saved.get(key) != value]
+    if differ:
+        raise DataError(f"{path}: this output was started with other arguments ({'; '.join(differ)}); "
+                        "rerun with the earlier ones or choose another --masked_out")
+
+
 def write_people(table, faces_dir, out_dir, detector, frame, face_width, seed):
     """Detect, frame and draw every photo of table; write out_dir/train/images/<person>/*.jpg
     and out_dir/train/train.csv. Returns the (file, reason) list of photos skipped (unreadable,
@@ -193,6 +220,10 @@ def write_people(table, faces_dir, out_dir, detector, frame, face_width, seed):
     the same arguments) is kept, not redrawn: the drawing depends only on the seed and file."""
     train_dir = Path(out_dir) / "train"
     (train_dir / "images").mkdir(parents=True, exist_ok=True)
+    check_same_arguments(Path(out_dir) / ARGUMENTS_JSON, {
+        "faces_dir": str(Path(faces_dir).resolve()), "masked_frame": [int(v) for v in frame],
+        "masked_face_width": face_width, "seed": seed,
+        "labels": hashlib.sha1(table.to_csv(index=False).encode()).hexdigest()})
     people, skipped, kept = [], [], 0
     for k, rec in enumerate(table.itertuples(index=False), start=1):
         gender = "female" if rec.gender else "male"
@@ -236,6 +267,12 @@ def main(argv=None):
     setup_logging()
     if not cfg["faces_dir"] or not cfg["masked_out"]:
         raise SystemExit("error: --faces_dir and --masked_out are required")
+    frame = cfg["masked_frame"]
+    if frame != [0, 0] and min(frame) < 1:
+        raise SystemExit(f"error: --masked_frame must be a height and width of at least 1, or 0 0 to keep the "
+                         f"photo as it is, got {' '.join(map(str, frame))}")
+    if not cfg["masked_face_width"] > 0:
+        raise SystemExit(f"error: --masked_face_width must be above 0, got {cfg['masked_face_width']}")
     if (Path(cfg["masked_out"]) / "train" / "train.csv").exists():
         raise SystemExit(f"error: {cfg['masked_out']} already holds a dataset; choose another --masked_out")
     try:

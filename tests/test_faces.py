@@ -200,6 +200,57 @@ def test_mtcnn_runs_on_a_batch():
     assert detector(images) == [None, None]  # flat images hold no face
 
 
+def test_mtcnn_finds_no_face_in_an_image_too_small_to_search():
+    detector = detect_faces.FaceDetector("cpu")
+    for size in ((5, 5), (11, 11), (8, 400)):
+        assert detector([np.zeros((*size, 3), np.uint8)]) == [None]
+
+
+def face_folders(root, names):
+    for name in names:
+        (root / name / "images").mkdir(parents=True)
+        Image.new("RGB", (40, 50)).save(root / name / "images" / "a.png")
+    return [str(root / name) for name in names]
+
+
+def test_detect_faces_checks_every_folder_and_setting_before_detecting(tmp_path, monkeypatch):
+    monkeypatch.setattr(detect_faces, "FaceDetector", lambda device: FakeDetector())
+    good, = face_folders(tmp_path, ["good"])
+    with pytest.raises(SystemExit, match=r"missing: folder not found"):
+        detect_faces.main(["--face_dirs", good, str(tmp_path / "missing")])
+    assert not (tmp_path / "good" / D.FACES_CSV).exists()
+    with pytest.raises(SystemExit, match=r"--detect_batch_size must be at least 1, got 0"):
+        detect_faces.main(["--face_dirs", good, "--detect_batch_size", "0"])
+    make_sample_dataset(tmp_path / "d", n_train_people=1, n_eval_people=1, size=(24, 32), seed=2)
+    with pytest.raises(SystemExit, match=r"d: no train.csv: --data_dir is the training folder"):
+        detect_faces.main(["--data_dir", str(tmp_path / "d")])  # the dataset root, not its train/
+
+
+class InterruptedFolderDetector(FakeDetector):
+    """Ctrl-C in its second folder."""
+
+    def __call__(self, images):
+        if self.batches:
+            raise KeyboardInterrupt
+        return super().__call__(images)
+
+
+def test_detect_faces_names_the_files_it_replaces_and_an_interrupt_keeps_the_rest(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(detect_faces, "FaceDetector", lambda device: InterruptedFolderDetector())
+    folders = face_folders(tmp_path, ["a", "b"])
+    for folder in folders:
+        (Path(folder) / D.FACES_CSV).write_text("old")
+    with pytest.raises(SystemExit) as stop:
+        detect_faces.main(["--face_dirs", *folders])
+    assert stop.value.code == 130
+    out = capsys.readouterr().out
+    assert all(f"{Path(folder) / D.FACES_CSV} will be replaced" in out for folder in folders)
+    assert f"interrupted: {Path(folders[0]) / D.FACES_CSV} written, every other faces.csv unchanged" in out
+    assert pd.read_csv(Path(folders[0]) / D.FACES_CSV)["found"].tolist() == [1]
+    assert (Path(folders[1]) / D.FACES_CSV).read_text() == "old"
+    assert sorted(p.name for p in Path(folders[1]).iterdir()) == [D.FACES_CSV, "images"]  # no temporary file left
+
+
 # ---------------------------------------------------------------------------------------------
 # mask_faces.py
 def test_read_labels_from_utkface_names_lists_bad_names(tmp_path):
@@ -221,6 +272,32 @@ def test_read_labels_from_a_csv_checks_each_line(tmp_path):
     (tmp_path / "labels.csv").write_text("file,age,gender\nb.jpg,50,1\n")
     with pytest.raises(D.DataError, match=r"line 2: .*b.jpg not found"):
         mask_faces.read_labels(tmp_path, tmp_path / "labels.csv")
+
+
+def test_read_labels_refuses_a_bad_age_and_a_repeated_file_and_cleans_the_race(tmp_path):
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "labels.csv").write_text("file,age,gender,race\na.jpg,70,female,White/Asian_x\n")
+    table, _ = mask_faces.read_labels(tmp_path, tmp_path / "labels.csv")
+    assert table["race"].tolist() == ["White-Asian-x"]  # no '/' or '_' in the folder name's race field
+    for age in ("0", "200"):
+        (tmp_path / "labels.csv").write_text(f"file,age,gender\nb.jpg,50,1\na.jpg,{age},female\n")
+        with pytest.raises(D.DataError, match=rf"labels.csv: line 3: age {age} is not between 1 and 120"):
+            mask_faces.read_labels(tmp_path, tmp_path / "labels.csv")
+    (tmp_path / "labels.csv").write_text("file,age,gender\na.jpg,50,1\nb.jpg,50,1\na.jpg,50,1\n")
+    with pytest.raises(D.DataError, match=r"labels.csv: lines 2, 4: the same file more than once"):
+        mask_faces.read_labels(tmp_path, tmp_path / "labels.csv")
+
+
+def test_mask_faces_checks_the_frame_and_face_width_before_any_work(tmp_path):
+    args = ["--faces_dir", str(tmp_path), "--masked_out", str(tmp_path / "out")]
+    for flags, message in ((["--masked_frame", "-10", "-10"], "--masked_frame must be"),
+                           (["--masked_frame", "512", "0"], r"--masked_frame must be .*0 0 to keep .*got 512 0"),
+                           (["--masked_face_width", "0"], "--masked_face_width must be above 0, got 0"),
+                           (["--masked_face_width", "-1"], "--masked_face_width must be above 0")):
+        with pytest.raises(SystemExit, match=message):
+            mask_faces.main(args + flags)
+    assert not (tmp_path / "out").exists()
 
 
 class LandmarkDetector:
@@ -324,3 +401,20 @@ def test_an_interrupted_mask_faces_run_continues_where_it_stopped(tmp_path):
     cut, whole = (sorted(p.relative_to(tmp_path / run) for p in (tmp_path / run).rglob("*.jpg")) for run in ("cut", "whole"))
     assert cut == whole and len(cut) == 14
     assert all((tmp_path / "cut" / p).read_bytes() == (tmp_path / "whole" / p).read_bytes() for p in cut)
+
+
+def test_a_continued_mask_faces_run_refuses_other_arguments(tmp_path):
+    faces = tmp_path / "utk"
+    faces.mkdir()
+    for k, name in enumerate(("40_1_2_x.jpg", "50_0_2_y.jpg")):
+        Image.new("RGB", (60, 60), (120 + 20 * k, 100, 90)).save(faces / name)
+    table, _ = mask_faces.read_labels(faces)
+    args = dict(frame=(80, 60), face_width=0.86, seed=0)
+    mask_faces.write_people(table.iloc[:1], faces, tmp_path / "out", LandmarkDetector(), **args)  # as if cut short
+    for changed, message in (({"frame": (0, 0)}, r"--masked_frame \[80, 60\] \(now \[0, 0\]\)"),
+                             ({"seed": 1, "face_width": 0.9}, r"--masked_face_width 0.86 \(now 0.9\); --seed 0 \(now 1\)"),
+                             ({"table": table}, "the photos, their labels or order")):
+        call = {"table": table.iloc[:1], **args, **changed}
+        with pytest.raises(D.DataError, match=rf"arguments.json: this output was started with other arguments .*{message}"):
+            mask_faces.write_people(call.pop("table"), faces, tmp_path / "out", LandmarkDetector(), **call)
+    mask_faces.write_people(table.iloc[:1], faces, tmp_path / "out", LandmarkDetector(), **args)  # the same: goes on
