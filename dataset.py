@@ -80,8 +80,8 @@ class DataError(ValueError):
     re-raises it with the worker's traceback as the message; only the message is kept."""
 
     def __init__(self, message):
-        if message.startswith("Caught DataError in DataLoader worker"):
-            message = message.rstrip().rsplit("DataError: ", 1)[-1]
+        if message.startswith("Caught DataError in DataLoader worker"):  # the error line ends the traceback
+            message = message.rsplit("Traceback (most recent call last):", 1)[-1].split("DataError: ", 1)[-1].strip()
         super().__init__(message)
 
 
@@ -114,10 +114,13 @@ def check_field_counts(path):
     cause (or not at all); every row must have the header's number of fields."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = csv.reader(f)
-        width = len(next(rows, []))
-        for line, row in enumerate(rows, start=2):
-            if row and len(row) != width:
-                raise DataError(f"{path}: line {line}: {len(row)} fields, but the header has {width}")
+        try:
+            width = len(next(rows, []))
+            for row in rows:
+                if any(field.strip() for field in row) and len(row) != width:  # blank lines are skipped, as pandas does
+                    raise DataError(f"{path}: line {rows.line_num}: {len(row)} fields, but the header has {width}")
+        except csv.Error as e:
+            raise DataError(f"{path}: line {rows.line_num}: cannot parse CSV ({e})")
 
 
 def train_root(data_dir):
@@ -474,8 +477,9 @@ def read_faces(folder):
 
 def check_faces_table(table, csv_path):
     """A faces.csv edited by hand or left from other images would crop the wrong place (or
-    crash far from its cause): every row names an existing image once, has found 0 or 1, a
-    positive image size and, when found, a box x1 < x2, y1 < y2. Makes those columns numbers."""
+    crash far from its cause): every row names an existing image once, has found 0 or 1 and,
+    when found, a positive image size and a box x1 < x2, y1 < y2 (an unreadable image's row has
+    found 0 and no size). Makes those columns numbers."""
     rerun = f"rerun python detect_faces.py --face_dirs {csv_path.parent}"
     repeated = table["image"][table["image"].duplicated()].unique().tolist()
     if repeated:
@@ -486,11 +490,12 @@ def check_faces_table(table, csv_path):
     columns = ["found", "width", "height", "x1", "y1", "x2", "y2"]
     values = table[columns].apply(pd.to_numeric, errors="coerce")
     found = values["found"] == 1
-    bad = ~values["found"].isin([0, 1]) | ~(values["width"] > 0) | ~(values["height"] > 0)
-    bad |= found & ~((values["x1"] < values["x2"]) & (values["y1"] < values["y2"]))  # NaN compares False
+    good_face = ((values["width"] > 0) & (values["height"] > 0) & (values["x1"] < values["x2"])
+                 & (values["y1"] < values["y2"]))  # NaN compares False
+    bad = ~values["found"].isin([0, 1]) | (found & ~good_face)
     if bad.any():
-        raise DataError(f"{csv_path}: line(s) {(np.flatnonzero(bad) + 2).tolist()[:5]}: found must be 0 or 1, width "
-                        f"and height above 0, and a found face's box numbers with x1 < x2 and y1 < y2; {rerun}")
+        raise DataError(f"{csv_path}: line(s) {(np.flatnonzero(bad) + 2).tolist()[:5]}: found must be 0 or 1, and a "
+                        f"found face needs width and height above 0 and a box with x1 < x2 and y1 < y2; {rerun}")
     table[columns] = values
 
 

@@ -26,6 +26,11 @@ from inference import write_submission
 log = logging.getLogger("mask")
 
 
+def member_file(path):
+    """The eval probabilities of a member: a run folder's eval_probs.csv, or the file given."""
+    return Path(path) / "eval_probs.csv" if Path(path).is_dir() else Path(path)
+
+
 class Member:
     """One ensemble member: eval probabilities (ImageID order kept) and, when the run has them,
     validation probabilities keyed by image path with true labels."""
@@ -33,7 +38,7 @@ class Member:
     def __init__(self, path):
         path = Path(path)
         self.name = str(path)
-        eval_file = path / "eval_probs.csv" if path.is_dir() else path
+        eval_file = member_file(path)
         if not eval_file.is_file():
             raise SystemExit(f"error: {eval_file} not found (run inference.py --run {path} first)")
         try:
@@ -157,7 +162,7 @@ def main(cfg):
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"error: --submission {out}: cannot make its folder {out.parent} ({e.strerror})")
-    files = [(Path(p) / "eval_probs.csv" if Path(p).is_dir() else Path(p)).resolve() for p in cfg["members"]]
+    files = [member_file(p).resolve() for p in cfg["members"]]
     repeated = sorted({str(f) for f in files if files.count(f) > 1})
     if repeated:
         raise SystemExit(f"error: member(s) given more than once: {repeated}; to count one more, use --member_weights")

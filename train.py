@@ -44,20 +44,24 @@ def make_run_dir(cfg):
     """runs/<name>, or name2, name3... if taken; or exactly --output_dir: refused if not empty,
     unless --overwrite and it holds a run (config.json and train.log). The old run is then moved
     aside (replaced_run), so nothing of it, such as a last.pt to resume from, mixes with the new
-    one; main deletes it when the new run finishes, or puts it back if the new one stops before
-    its first checkpoint (bad data, Ctrl-C)."""
+    one; settle_replaced_run deletes it once the new run has a checkpoint, or puts it back if the
+    new one stops before its first (bad data, Ctrl-C, a crash)."""
     if cfg["output_dir"]:
         run_dir = Path(cfg["output_dir"])
         if run_dir.exists() and any(run_dir.iterdir()):
             if not cfg["overwrite"]:
                 raise SystemExit(f"error: {run_dir} is not empty; pass --overwrite to replace the run in it")
+            if run_dir.is_symlink():
+                raise SystemExit(f"error: {run_dir} is a symbolic link; give the folder it points to as --output_dir")
             if not all((run_dir / name).is_file() for name in ("config.json", "train.log")):
                 raise SystemExit(f"error: {run_dir} is not a run folder (no config.json and train.log); "
                                  "not overwriting it")
-            if replaced_run(run_dir).exists():  # an unfinished replacement of the run kept there: it goes
+            old = replaced_run(run_dir)
+            if old.exists() and not any(run_dir.rglob("*.pt")):  # a replacement killed before its first checkpoint
                 shutil.rmtree(run_dir)
             else:
-                run_dir.rename(replaced_run(run_dir))
+                shutil.rmtree(old, ignore_errors=True)
+                run_dir.rename(old)
     else:
         base = Path(cfg["model_dir"]) / cfg["name"]
         run_dir, n = base, 2
@@ -68,8 +72,8 @@ def make_run_dir(cfg):
 
 
 def replaced_run(run_dir):
-    """Where --overwrite keeps the old run of run_dir until the new one finishes."""
-    run_dir = Path(run_dir).resolve()
+    """Where --overwrite keeps the old run of run_dir until the new one has a checkpoint."""
+    run_dir = Path(os.path.abspath(run_dir))
     return run_dir.with_name(f".{run_dir.name}.replaced")
 
 
@@ -84,6 +88,19 @@ def discard_untrained_run(run_dir):
         replaced_run(run_dir).rename(run_dir)
         log.info("%s holds the run it held before again", run_dir)
     return True
+
+
+def settle_replaced_run(run_dir):
+    """When a run stops or finishes, the run it replaced (--overwrite) is deleted if this one has
+    a checkpoint, else put back in its place. Returns whether it was put back."""
+    old = replaced_run(run_dir)
+    if not old.exists():
+        return False
+    if any(run_dir.rglob("*.pt")):
+        shutil.rmtree(old)
+        log.info("deleted the run this one replaced (--overwrite)")
+        return False
+    return discard_untrained_run(run_dir)
 
 
 def setup_logging(log_file=None):
@@ -582,7 +599,7 @@ def resumed_config(cfg, given, saved):
 def check_training_settings(cfg):
     """Numbers that cannot work are refused before a run folder is made, naming the flag."""
     at_least = {"epochs": 1, "batch_size": 1, "valid_batch_size": 1, "seed": 0, "weight_decay": 0,
-                "max_train_minutes": 0, "patience": 0, "num_workers": 0}
+                "max_train_minutes": 0, "patience": 0, "num_workers": 0, "cache_workers": 0}
     for key, low in at_least.items():
         if cfg[key] < low:
             raise SystemExit(f"error: --{key} must be at least {low}, got {cfg[key]}")
@@ -592,7 +609,6 @@ def check_training_settings(cfg):
 
 def main(cfg, given=None):
     """Train a new run, or continue cfg['resume']; `given` as in resumed_config."""
-    device = resolve_device(cfg["device"])
     if cfg["resume"]:
         run_dir = Path(cfg["resume"])
         if not (run_dir / "config.json").is_file():
@@ -602,7 +618,9 @@ def main(cfg, given=None):
         except json.JSONDecodeError as e:
             raise SystemExit(f"error: {run_dir / 'config.json'}: not valid JSON ({e})")
         cfg = resumed_config(cfg, given, saved)
+        device = resolve_device(cfg["device"])  # the run's own, unless --device was given
     else:
+        device = resolve_device(cfg["device"])
         check_training_settings(cfg)
         folds_to_train(cfg)  # a bad --fold stops here, before a run folder is made
         check_pseudo_settings(cfg)
@@ -614,25 +632,25 @@ def main(cfg, given=None):
     torch.backends.cudnn.benchmark = not cfg["deterministic"]
     torch.backends.cudnn.deterministic = cfg["deterministic"]
     log.info("run folder %s, device %s, command: %s", run_dir, device, " ".join(sys.argv))
+    if replaced_run(run_dir).exists():
+        log.info("the run it replaces is kept in %s until this one has its first checkpoint", replaced_run(run_dir))
     try:
         summaries = train(cfg, run_dir, device)
     except KeyboardInterrupt:
-        if not (replaced_run(run_dir).exists() and discard_untrained_run(run_dir)):
+        if not settle_replaced_run(run_dir):
             log.info("interrupted; continue with: python train.py --resume %s", run_dir)
         raise SystemExit(130)
-    except DataError as e:  # bad input: the message names the file and the problem
-        log.error("%s", e)
-        if not cfg["resume"]:
+    except (Exception, SystemExit) as e:
+        if isinstance(e, DataError):  # bad input: the message names the file and the problem
+            log.error("%s", e)
+        else:
+            log.debug("training stopped", exc_info=True)  # the traceback in train.log, if the run is kept
+        if not settle_replaced_run(run_dir) and not cfg["resume"]:
             discard_untrained_run(run_dir)
-        raise SystemExit(f"error: {e}")
-    except Exception:
-        log.debug("training failed", exc_info=True)  # the traceback into train.log too (the console gets it anyway)
-        if not cfg["resume"]:
-            discard_untrained_run(run_dir)
+        if isinstance(e, DataError):
+            raise SystemExit(f"error: {e}")
         raise
-    if replaced_run(run_dir).exists():
-        shutil.rmtree(replaced_run(run_dir))
-        log.info("deleted the run this one replaced (--overwrite)")
+    settle_replaced_run(run_dir)
     if cfg["report"] and cfg["val_ratio"] > 0:
         write_run_report(run_dir, device)
     log.info("done: %s", run_dir)

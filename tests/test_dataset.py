@@ -466,6 +466,19 @@ def test_a_row_with_a_field_too_many_is_an_error_naming_its_line(fresh):
         D.read_train_images(fresh / "train")
 
 
+def test_a_line_of_spaces_is_skipped_like_a_blank_line(fresh):
+    path = fresh / "train" / "train.csv"
+    path.write_text(path.read_text() + "   \n")
+    assert D.read_train_images(fresh / "train")["id"].nunique() == 3
+
+
+def test_a_worker_message_keeps_its_own_text_whole():
+    inner = "a.jpg: unreadable (DataError: nested)\nsecond line"
+    wrapped = (f"Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+               f'  File "dataset.py", line 1, in decode\n    raise DataError(...)\ndataset.DataError: {inner}\n')
+    assert str(D.DataError(wrapped)) == inner
+
+
 def test_folders_and_eval_images_no_csv_lists_are_named_in_a_warning(fresh, caplog):
     shutil.copytree(person_folder(fresh), fresh / "train" / "images" / "000099_male_Asian_40")
     first = sorted((fresh / "eval" / "images").iterdir())[0]

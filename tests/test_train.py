@@ -212,9 +212,9 @@ def test_overwrite_replaces_an_old_run_instead_of_resuming_it(data, tmp_path):
     assert not (run_dir / "stale.txt").exists()
 
 
-def test_overwrite_keeps_the_old_run_until_the_new_one_has_trained(data, tmp_path, monkeypatch):
-    """Bad data, or Ctrl-C before the first checkpoint: the old run is put back as it was. A run
-    that has trained keeps the old one aside until it finishes, then deletes it."""
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(data, tmp_path, monkeypatch):
+    """Bad data, or Ctrl-C before the first checkpoint: the old run is put back as it was. Once
+    the new run has a checkpoint, the old one is deleted even if the new one then stops."""
     cfg = make_cfg(data, tmp_path / "runs", output_dir=str(tmp_path / "exact"))
     run_dir, _ = train.main(cfg)
     old_files = sorted(p.name for p in run_dir.iterdir())
@@ -243,10 +243,33 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_trained(data, tmp_pat
     with pytest.raises(SystemExit):
         train.main({**cfg, "overwrite": True, "epochs": 2})
     monkeypatch.undo()
-    aside = train.replaced_run(run_dir)
-    assert sorted(p.name for p in aside.iterdir()) == old_files and (run_dir / "last.pt").is_file()
+    assert not train.replaced_run(run_dir).exists() and (run_dir / "last.pt").is_file()
+    assert "replaces is kept in" in (run_dir / "train.log").read_text()
     train.main({**default_config("train"), "resume": str(run_dir), "num_workers": 0, "device": "cpu"})
-    assert not aside.exists() and pd.read_csv(run_dir / "metrics.csv")["epoch"].tolist() == [1, 2]
+    assert pd.read_csv(run_dir / "metrics.csv")["epoch"].tolist() == [1, 2]
+
+
+def test_overwrite_through_a_symlinked_run_folder_is_refused(data, tmp_path):
+    """Moving the link aside would leave the old run behind it and make the link a real folder."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    cfg = make_cfg(data, tmp_path / "runs", output_dir=str(tmp_path / "link"))
+    train.main(cfg)
+    with pytest.raises(SystemExit, match="link is a symbolic link; give the folder it points to"):
+        train.main({**cfg, "overwrite": True})
+    run_dir, _ = train.main({**cfg, "output_dir": str(tmp_path / "real"), "overwrite": True, "epochs": 2})
+    assert pd.read_csv(run_dir / "metrics.csv")["epoch"].tolist() == [1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]  # no .replaced left
+
+
+def test_a_resumed_run_keeps_its_saved_device(base_run, tmp_path, monkeypatch):
+    run_dir, _, _ = base_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    asked = []
+    monkeypatch.setattr(train, "resolve_device", lambda name: asked.append(name) or torch.device("cpu"))
+    train.main({**default_config("train"), "resume": str(copy), "num_workers": 0})
+    assert asked == ["cpu"]  # the run's, not args.json's "auto"
 
 
 def test_overwrite_never_deletes_a_folder_that_only_holds_a_config_file(data, tmp_path):
@@ -317,6 +340,7 @@ def test_a_damaged_faces_csv_is_an_error_naming_its_line_and_the_old_run_stays(d
     shutil.copytree(data / "sample" / "train", train_dir)
     rows = [{"image": p.relative_to(train_dir).as_posix(), "width": 48, "height": 64, "found": 1, "score": 0.99,
              "x1": 6.0, "y1": 8.0, "x2": 40.0, "y2": 50.0} for p in sorted(train_dir.glob("images/*/*.jpg"))]
+    rows[6] = {"image": rows[6]["image"], "found": 0}  # as detect_faces.py writes an unreadable image's row
     faces = pd.DataFrame(rows).reindex(columns=FACE_COLUMNS)
     faces.to_csv(train_dir / "faces.csv", index=False)
     cfg = make_cfg(data, tmp_path / "runs", data_dir=str(train_dir), face_crop=True, cache_dir="",
