@@ -191,6 +191,8 @@ def test_an_unreadable_image_gets_a_row_without_a_face_and_is_named(tmp_path):
     table, errors = detect_faces.detect_folder(tmp_path, FakeDetector(), batch_size=1)
     assert table["image"].tolist() == ["images/bad.jpg", "images/good.png"] and table["found"].tolist() == [0, 1]
     assert len(errors) == 1 and re.search(r"bad.jpg: unreadable", errors[0])
+    table.to_csv(tmp_path / D.FACES_CSV, index=False)  # and training reads that faces.csv back
+    assert [face.found for face in D.read_faces(tmp_path).values()] == [0, 1]
 
 
 def test_mtcnn_runs_on_a_batch():
