@@ -263,31 +263,26 @@ def test_read_labels_from_utkface_names_lists_bad_names(tmp_path):
     assert skipped == [(name, "name is not {age}_{gender}_{race}_*") for name in ("25_1__x.jpg", "61_0_2016.jpg")]
 
 
-def test_read_labels_from_a_csv_checks_each_line(tmp_path):
+def test_read_labels_from_a_csv_cleans_the_race_for_folder_names(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"")
-    (tmp_path / "labels.csv").write_text("file,age,gender,race\na.jpg,70,female,East Asian\n")
+    (tmp_path / "b.jpg").write_bytes(b"")
+    (tmp_path / "labels.csv").write_text("file,age,gender,race\na.jpg,70,female,East Asian\nb.jpg,30,1,White/Asian_x\n")
     table, _ = mask_faces.read_labels(tmp_path, tmp_path / "labels.csv")
-    assert table.values.tolist() == [["a.jpg", 70, 1, "East-Asian"]]
-    (tmp_path / "labels.csv").write_text("file,age,gender\na.jpg,old,female\n")
-    with pytest.raises(D.DataError, match=r"labels.csv: line 2: age 'old'"):
-        mask_faces.read_labels(tmp_path, tmp_path / "labels.csv")
-    (tmp_path / "labels.csv").write_text("file,age,gender\nb.jpg,50,1\n")
-    with pytest.raises(D.DataError, match=r"line 2: .*b.jpg not found"):
-        mask_faces.read_labels(tmp_path, tmp_path / "labels.csv")
+    assert table.values.tolist() == [["a.jpg", 70, 1, "East-Asian"], ["b.jpg", 30, 1, "White-Asian-x"]]  # no '/' or '_'
 
 
-def test_read_labels_refuses_a_bad_age_and_a_repeated_file_and_cleans_the_race(tmp_path):
+@pytest.mark.parametrize("rows, message", [
+    ("a.jpg,old,female", r"line 2: age 'old'"),
+    ("c.jpg,50,1", r"line 2: .*c.jpg not found"),
+    ("b.jpg,50,1\na.jpg,0,female", r"line 3: age 0 is not between 1 and 120"),
+    ("a.jpg,200,female", r"line 2: age 200 is not between 1 and 120"),
+    ("a.jpg,50,1\nb.jpg,50,1\na.jpg,50,1", r"lines 2, 4: the same file more than once"),
+])
+def test_read_labels_from_a_csv_names_the_bad_line(tmp_path, rows, message):
     for name in ("a.jpg", "b.jpg"):
         (tmp_path / name).write_bytes(b"")
-    (tmp_path / "labels.csv").write_text("file,age,gender,race\na.jpg,70,female,White/Asian_x\n")
-    table, _ = mask_faces.read_labels(tmp_path, tmp_path / "labels.csv")
-    assert table["race"].tolist() == ["White-Asian-x"]  # no '/' or '_' in the folder name's race field
-    for age in ("0", "200"):
-        (tmp_path / "labels.csv").write_text(f"file,age,gender\nb.jpg,50,1\na.jpg,{age},female\n")
-        with pytest.raises(D.DataError, match=rf"labels.csv: line 3: age {age} is not between 1 and 120"):
-            mask_faces.read_labels(tmp_path, tmp_path / "labels.csv")
-    (tmp_path / "labels.csv").write_text("file,age,gender\na.jpg,50,1\nb.jpg,50,1\na.jpg,50,1\n")
-    with pytest.raises(D.DataError, match=r"labels.csv: lines 2, 4: the same file more than once"):
+    (tmp_path / "labels.csv").write_text(f"file,age,gender\n{rows}\n")
+    with pytest.raises(D.DataError, match=rf"labels.csv: {message}"):
         mask_faces.read_labels(tmp_path, tmp_path / "labels.csv")
 
 
@@ -383,13 +378,18 @@ class InterruptedDetector(LandmarkDetector):
         return super().__call__(images)
 
 
-def test_an_interrupted_mask_faces_run_continues_where_it_stopped(tmp_path):
+def two_utkface_photos(tmp_path):
+    """Two photos named as UTKFace names them, their labels, and write_people's other arguments."""
     faces = tmp_path / "utk"
     faces.mkdir()
     for k, name in enumerate(("40_1_2_x.jpg", "50_0_2_y.jpg")):
         Image.new("RGB", (60, 60), (120 + 20 * k, 100, 90)).save(faces / name)
     table, _ = mask_faces.read_labels(faces)
-    args = dict(frame=(80, 60), face_width=0.86, seed=0)
+    return faces, table, dict(frame=(80, 60), face_width=0.86, seed=0)
+
+
+def test_an_interrupted_mask_faces_run_continues_where_it_stopped(tmp_path):
+    faces, table, args = two_utkface_photos(tmp_path)
     with pytest.raises(KeyboardInterrupt):
         mask_faces.write_people(table, faces, tmp_path / "cut", InterruptedDetector(), **args)
     assert not (tmp_path / "cut" / "train" / "train.csv").exists()
@@ -406,12 +406,7 @@ def test_an_interrupted_mask_faces_run_continues_where_it_stopped(tmp_path):
 
 
 def test_a_continued_mask_faces_run_refuses_other_arguments(tmp_path):
-    faces = tmp_path / "utk"
-    faces.mkdir()
-    for k, name in enumerate(("40_1_2_x.jpg", "50_0_2_y.jpg")):
-        Image.new("RGB", (60, 60), (120 + 20 * k, 100, 90)).save(faces / name)
-    table, _ = mask_faces.read_labels(faces)
-    args = dict(frame=(80, 60), face_width=0.86, seed=0)
+    faces, table, args = two_utkface_photos(tmp_path)
     mask_faces.write_people(table.iloc[:1], faces, tmp_path / "out", LandmarkDetector(), **args)  # as if cut short
     for changed, message in (({"frame": (0, 0)}, r"--masked_frame \[80, 60\] \(now \[0, 0\]\)"),
                              ({"seed": 1, "face_width": 0.9}, r"--masked_face_width 0.86 \(now 0.9\); --seed 0 \(now 1\)"),
