@@ -26,7 +26,7 @@ from sklearn.metrics import confusion_matrix
 
 from dataset import (AGE_NAMES, GENDER_NAMES, MASK_NAMES, NUM_CLASSES, PROB_COLUMNS, DataError, build_transform,
                      class_name, crop_boxes, decode_class, decode_image)
-from inference import check_folds_finished, load_model
+from inference import check_folds_finished, find_checkpoints, load_model
 from model import class_probabilities
 
 TILE = 128  # image height in worst.png and gradcam.png
@@ -248,11 +248,7 @@ def write_report(run_dir, device="cpu", images_per_class=2):
             raise FileNotFoundError(f"{run_dir}: no valid_probs.csv in the finished fold(s) {', '.join(lost)}; "
                                     f"pass the other fold<k> folders to --run one at a time")
         return [path for p in probs for path in write_report(p.parent, device, images_per_class)]
-    if not (run_dir / "summary.json").is_file():
-        run = run_dir if (run_dir / "config.json").is_file() else run_dir.parent
-        raise FileNotFoundError(f"{run_dir} is an unfinished run (no summary.json); finish it with python train.py "
-                                f"--resume {run}")
-    model, cfg = load_model(run_dir / "best.pt", device)
+    model, cfg = load_model(find_checkpoints(run_dir)[0], device)  # refuses an unfinished run
     table = pd.read_csv(run_dir / "valid_probs.csv")
     n = len(table)
     images = {"confusion_18": heatmap(confusion_matrix(table["label"], table["pred"], labels=range(NUM_CLASSES)),
