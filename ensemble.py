@@ -178,6 +178,7 @@ def main(cfg):
         "agreement_with_ensemble": [float((p == preds).mean()) for p in member_preds],
         "validation": validation_report(members, cfg),
     }
+    replaced = out.exists()
     write_submission(members[0].eval["ImageID"], preds, out.parent, out.name)
     Path(f"{out}.report.json").write_text(json.dumps(report, indent=2))
     for name, f1, agree in zip(report["members"], report["member_valid_f1"], report["agreement_with_ensemble"]):
@@ -186,7 +187,7 @@ def main(cfg):
     if report["validation"]:
         log.info("ensemble validation macro F1 %.4f on %d shared images", report["validation"]["ensemble"]["f1"],
                  report["validation"]["images"])
-    log.info("wrote %s and %s.report.json", out, out)
+    log.info("wrote %s and %s.report.json%s", out, out, " (replacing the earlier ones)" if replaced else "")
     return out, report
 
 

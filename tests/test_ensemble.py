@@ -242,6 +242,15 @@ def test_the_submission_path_is_checked_before_the_members(tmp_path):
         ensemble.main(ens_cfg(members=[str(tmp_path / "missing.csv")], submission=str(tmp_path / "out")))
 
 
+def test_replacing_an_earlier_submission_is_logged(tmp_path, capsys):
+    a = write_probs(tmp_path / "a.csv", IDS, random_probs(len(IDS), 0))
+    ensemble.main(ens_cfg(members=[str(a)], submission=str(tmp_path / "ens.csv")))
+    assert "(replacing the earlier ones)" not in capsys.readouterr().out
+    ensemble.main(ens_cfg(members=[str(a)], submission=str(tmp_path / "ens.csv")))
+    assert f"wrote {tmp_path / 'ens.csv'} and {tmp_path / 'ens.csv'}.report.json (replacing the earlier ones)" in \
+        capsys.readouterr().out
+
+
 def test_a_member_given_twice_is_refused(tmp_path):
     """RUNS="runs/a runs/a" would count run a twice without saying so."""
     a = write_probs(tmp_path / "a" / "eval_probs.csv", IDS, random_probs(len(IDS), 0))
