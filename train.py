@@ -44,8 +44,8 @@ def make_run_dir(cfg):
     """runs/<name>, or name2, name3... if taken; or exactly --output_dir: refused if not empty,
     unless --overwrite and it holds a run (config.json and train.log). The old run is then moved
     aside (replaced_run), so nothing of it, such as a last.pt to resume from, mixes with the new
-    one; settle_replaced_run deletes it once the new run has a checkpoint, or puts it back if the
-    new one stops before its first (bad data, Ctrl-C, a crash)."""
+    one; settle_run deletes it once the new run has a checkpoint, or puts it back if the new one
+    stops before its first (bad data, Ctrl-C, a crash)."""
     if cfg["output_dir"]:
         run_dir = Path(cfg["output_dir"])
         if run_dir.exists() and any(run_dir.iterdir()):
@@ -57,7 +57,7 @@ def make_run_dir(cfg):
                 raise SystemExit(f"error: {run_dir} is not a run folder (no config.json and train.log); "
                                  "not overwriting it")
             old = replaced_run(run_dir)
-            if old.exists() and not any(run_dir.rglob("*.pt")):  # a replacement killed before its first checkpoint
+            if old.exists() and not has_checkpoint(run_dir):  # a replacement killed before its first checkpoint
                 shutil.rmtree(run_dir)
             else:
                 shutil.rmtree(old, ignore_errors=True)
@@ -77,30 +77,28 @@ def replaced_run(run_dir):
     return run_dir.with_name(f".{run_dir.name}.replaced")
 
 
-def discard_untrained_run(run_dir):
-    """A new run that stopped before its first checkpoint leaves nothing behind, and the run it
-    was replacing (--overwrite) is put back. Returns whether it did so."""
-    if any(run_dir.rglob("*.pt")):
+def has_checkpoint(run_dir):
+    return any(Path(run_dir).rglob("*.pt"))
+
+
+def settle_run(run_dir, discard_untrained):
+    """When a run stops or finishes: with a checkpoint, the run it replaced (--overwrite) is
+    deleted; without one, the run is deleted (discard_untrained, or when it replaced one) and
+    the run it replaced is put back. Returns whether the run was deleted."""
+    old = replaced_run(run_dir)
+    if has_checkpoint(run_dir):
+        if old.exists():
+            shutil.rmtree(old)
+            log.info("deleted the run this one replaced (--overwrite)")
+        return False
+    if not (discard_untrained or old.exists()):
         return False
     setup_logging()  # close the run's log file before deleting it
     shutil.rmtree(run_dir)
-    if replaced_run(run_dir).exists():
-        replaced_run(run_dir).rename(run_dir)
+    if old.exists():
+        old.rename(run_dir)
         log.info("%s holds the run it held before again", run_dir)
     return True
-
-
-def settle_replaced_run(run_dir):
-    """When a run stops or finishes, the run it replaced (--overwrite) is deleted if this one has
-    a checkpoint, else put back in its place. Returns whether it was put back."""
-    old = replaced_run(run_dir)
-    if not old.exists():
-        return False
-    if any(run_dir.rglob("*.pt")):
-        shutil.rmtree(old)
-        log.info("deleted the run this one replaced (--overwrite)")
-        return False
-    return discard_untrained_run(run_dir)
 
 
 def setup_logging(log_file=None):
@@ -637,7 +635,7 @@ def main(cfg, given=None):
     try:
         summaries = train(cfg, run_dir, device)
     except KeyboardInterrupt:
-        if not settle_replaced_run(run_dir):
+        if not settle_run(run_dir, discard_untrained=False):
             log.info("interrupted; continue with: python train.py --resume %s", run_dir)
         raise SystemExit(130)
     except (Exception, SystemExit) as e:
@@ -645,12 +643,11 @@ def main(cfg, given=None):
             log.error("%s", e)
         else:
             log.debug("training stopped", exc_info=True)  # the traceback in train.log, if the run is kept
-        if not settle_replaced_run(run_dir) and not cfg["resume"]:
-            discard_untrained_run(run_dir)
+        settle_run(run_dir, discard_untrained=not cfg["resume"])  # a new run that trained nothing leaves nothing
         if isinstance(e, DataError):
             raise SystemExit(f"error: {e}")
         raise
-    settle_replaced_run(run_dir)
+    settle_run(run_dir, discard_untrained=False)
     if cfg["report"] and cfg["val_ratio"] > 0:
         write_run_report(run_dir, device)
     log.info("done: %s", run_dir)
