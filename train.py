@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from config import default_config, parse_config
@@ -296,7 +297,8 @@ def make_loader(dataset, cfg, epoch, device):
                       drop_last=len(dataset) > cfg["batch_size"])
 
 
-def train_one_epoch(model, loader, batch_transform, criterion, optimizer, scheduler, scaler, device, cfg, autocast, epoch):
+def train_one_epoch(model, loader, batch_transform, criterion, optimizer, scheduler, scaler, device, cfg, autocast, epoch,
+                    ema=None):
     from tqdm import tqdm
 
     model.train()
@@ -332,6 +334,8 @@ def train_one_epoch(model, loader, batch_transform, criterion, optimizer, schedu
         else:
             optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         n = images.size(0)
         seen += n
         for key, value in {"loss": loss.detach(), **parts}.items():
@@ -362,6 +366,16 @@ def time_limit_reached(cfg, history):
         return False
     spent = sum(row["train_seconds"] for row in history)
     return spent + spent / len(history) > cfg["max_train_minutes"] * 60
+
+
+def weight_average(cfg, model):
+    """The exponential moving average of the weights (and batch-norm statistics) that
+    validation, best.pt and inference use when ema_decay > 0, or None."""
+    if not cfg["ema_decay"]:
+        return None
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema_decay"]), use_buffers=True)
+    average.update_parameters(model)  # counts the starting weights, so the first step is averaged, not copied
+    return average
 
 
 def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
@@ -395,10 +409,16 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
     steps = len(make_loader(train_set, cfg, 0, device))
     scheduler = build_scheduler(cfg, optimizer, steps, cfg["epochs"])
     autocast, scaler = autocast_for(device, cfg["amp"])
+    ema = weight_average(cfg, model)
+    scored_model = ema.module if ema is not None else model  # validated, saved as best.pt, used by inference
     state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     if (out_dir / "last.pt").exists():
         ckpt = load_checkpoint(out_dir / "last.pt", device, keys=("model", "optimizer", "scheduler", "state"))
-        model.load_state_dict(ckpt["model"])
+        if ema is not None:  # last.pt's "model" is the average; the optimizer continues the trained weights
+            model.load_state_dict(ckpt["trained_model"])
+            ema.load_state_dict(ckpt["ema"])
+        else:
+            model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         if scaler is not None and ckpt.get("scaler"):
@@ -419,11 +439,11 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
         seed_everything(cfg["seed"] * 1000 + epoch)  # dropout, mixing: a function of (seed, epoch)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         row.update(train_one_epoch(model, make_loader(train_set, cfg, epoch, device), train_batch_transform,
-                                   criterion, optimizer, scheduler, scaler, device, cfg, autocast, epoch))
+                                   criterion, optimizer, scheduler, scaler, device, cfg, autocast, epoch, ema))
         improved = valid_loader is None
         if valid_loader is not None:
             start = time.time()
-            probs = predict(model, valid_loader, device, autocast, channels_last, preprocess=valid_batch_transform)
+            probs = predict(scored_model, valid_loader, device, autocast, channels_last, preprocess=valid_batch_transform)
             row["valid_images_per_s"] = len(valid_set) / max(time.time() - start, 1e-9)
             preds = probs.argmax(1)
             row.update({f"valid_{k}": v for k, v in score(valid_set.labels, preds).items()})
@@ -438,16 +458,18 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
         state["epoch"] = epoch + 1
         if improved:
             state.update(best_f1=row.get("valid_f1"), best_epoch=epoch + 1, bad_epochs=0)
-            save_atomic({"model": model.state_dict(), "config": cfg, "epoch": epoch + 1,
+            save_atomic({"model": scored_model.state_dict(), "config": cfg, "epoch": epoch + 1,
                          "metric": state["best_f1"]}, out_dir / "best.pt")
             if valid_loader is not None:
                 write_csv_atomic(probs_table(valid_set.paths, probs, "image_path").assign(label=valid_set.labels),
                                  out_dir / "valid_probs.csv")
         else:
             state["bad_epochs"] += 1
-        save_atomic({"model": model.state_dict(), "config": cfg, "epoch": epoch + 1, "metric": state["best_f1"],
+        save_atomic({"model": scored_model.state_dict(), "config": cfg, "epoch": epoch + 1, "metric": state["best_f1"],
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else None, "state": state,
+                     "ema": ema.state_dict() if ema is not None else None,
+                     "trained_model": model.state_dict() if ema is not None else None,
                      "rng": rng_states()}, out_dir / "last.pt")
         write_csv_atomic(pd.DataFrame(state["history"]), out_dir / "metrics.csv")
         if writer is not None:
@@ -603,6 +625,8 @@ def check_training_settings(cfg):
             raise SystemExit(f"error: --{key} must be at least {low}, got {cfg[key]}")
     if not cfg["lr"] > 0:
         raise SystemExit(f"error: --lr must be above 0, got {cfg['lr']}")
+    if not 0 <= cfg["ema_decay"] < 1:
+        raise SystemExit(f"error: --ema_decay must be at least 0 and below 1, got {cfg['ema_decay']}")
 
 
 def main(cfg, given=None):

@@ -289,6 +289,7 @@ def test_overwrite_never_deletes_a_folder_that_only_holds_a_config_file(data, tm
     (dict(valid_batch_size=0), "--valid_batch_size must be at least 1"),
     (dict(seed=-1), "--seed must be at least 0"),
     (dict(lr=-1.0), "--lr must be above 0"),
+    (dict(ema_decay=1.0), "--ema_decay must be at least 0 and below 1, got 1.0"),
     (dict(device="cuda:0" if not torch.cuda.is_available() else "tpu"), "--device"),
 ])
 def test_settings_that_cannot_work_are_refused_before_a_run_folder_is_made(data, tmp_path, setting, message):
@@ -380,11 +381,13 @@ class _StopAfter:
             yield item
 
 
-@pytest.mark.parametrize("cache_workers", [0, 2])
-def test_resume_after_interruption_matches_an_uninterrupted_run(data, tmp_path, monkeypatch, cache_workers):
+@pytest.mark.parametrize("cache_workers, ema_decay", [(0, 0.0), (2, 0.0), (0, 0.9)])
+def test_resume_after_interruption_matches_an_uninterrupted_run(data, tmp_path, monkeypatch, cache_workers, ema_decay):
     """Also with cached batches read by worker processes: the plain resume command keeps the
-    run's worker counts (another count would change the augmentation stream)."""
-    full, _ = train.main(make_cfg(data, tmp_path / "runs", epochs=2, name="full", cache_workers=cache_workers))
+    run's worker counts (another count would change the augmentation stream); and with a weight
+    average, which continues from last.pt's average while the optimizer continues the trained weights."""
+    full, _ = train.main(make_cfg(data, tmp_path / "runs", epochs=2, name="full", cache_workers=cache_workers,
+                                  ema_decay=ema_decay))
 
     real, calls = train.train_one_epoch, []
 
@@ -394,7 +397,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(data, tmp_path, 
         return real(model, _StopAfter(loader, 1) if len(calls) == 2 else loader, *args, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", interrupted)
-    cut_cfg = make_cfg(data, tmp_path / "runs", epochs=2, name="cut", cache_workers=cache_workers)
+    cut_cfg = make_cfg(data, tmp_path / "runs", epochs=2, name="cut", cache_workers=cache_workers, ema_decay=ema_decay)
     with pytest.raises(SystemExit) as stop:
         train.main(cut_cfg)
     assert stop.value.code == 130
@@ -420,6 +423,35 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(data, tmp_path, 
     summaries = [{k: v for k, v in json.loads((d / "summary.json").read_text()).items() if k not in TIMING}
                  for d in (cut, full)]
     assert summaries[0] == summaries[1] and summaries[0]["epochs_run"] == 2
+
+
+def initial_weights(cfg):
+    """The weights fit() starts from: it seeds torch, then creates the model."""
+    train.seed_everything(cfg["seed"])
+    return create_model(cfg).state_dict()
+
+
+@pytest.mark.parametrize("ema_decay, average_of", [(1e-9, "trained"), (1 - 1e-9, "initial")])
+def test_the_weight_average_is_what_is_validated_saved_and_predicted(data, tmp_path, ema_decay, average_of):
+    """A decay near 0 averages nothing (the trained weights), near 1 keeps the starting weights;
+    best.pt and last.pt's model hold the average, which inference reproduces the validation with."""
+    cfg = make_cfg(data, tmp_path / "runs", epochs=2, ema_decay=ema_decay)
+    run_dir, summaries = train.main(cfg)
+    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    trained, initial = last["trained_model"], initial_weights(cfg)
+    expected = trained if average_of == "trained" else initial
+    other = initial if average_of == "trained" else trained
+    changed = [k for k in trained if trained[k].is_floating_point() and (trained[k] - initial[k]).abs().max() > 1e-3]
+    assert changed  # training moved the weights, so the two cases differ
+    for key in changed:
+        torch.testing.assert_close(last["model"][key], expected[key], rtol=0, atol=1e-5)
+        assert (last["model"][key] - other[key]).abs().max() > 1e-4, key
+    table = pd.read_csv(run_dir / "valid_probs.csv")  # written with best.pt's weights, the average's
+    sample, normalize = build_transform("plain", cfg["resize"], cfg["mean"], cfg["std"])
+    dataset = make_dataset(table.assign(label=table["label"]), {**cfg, "cache_dir": ""}, sample)
+    model = inference.load_model(run_dir / "best.pt", torch.device("cpu"))[0]
+    probs = train.predict(model, DataLoader(dataset, batch_size=64), torch.device("cpu"), preprocess=normalize)
+    np.testing.assert_allclose(probs, table[PROB_COLUMNS].to_numpy(), atol=1e-5)
 
 
 def test_resume_refuses_a_setting_given_on_the_command_line_even_at_its_default(base_run):
