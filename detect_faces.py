@@ -92,14 +92,15 @@ def face_row(image, width, height, face):
     return row
 
 
-def detect_folder(folder, detector, batch_size=32, num_workers=0):
-    """Detect the faces of every image under folder; returns the faces.csv table (one row per
+def detect_folder(folder, detector, batch_size=32, num_workers=0, paths=None):
+    """Detect the faces of every image under folder (paths: its image_files, when already
+    listed); returns the faces.csv table (one row per
     image, paths relative to folder) and the read errors. Images of different sizes are detected
     in separate groups. An unreadable image gets a row without a face (found 0) and its error,
     so one bad file does not throw away the folder's detections; training still stops on it
     (or skips it with --skip_bad_images)."""
     folder = Path(folder)
-    paths = image_files(folder)
+    paths = image_files(folder) if paths is None else paths
     loader = DataLoader(_Images(paths), batch_size=batch_size, num_workers=num_workers, collate_fn=list)
     rows, errors = [None] * len(paths), []
     for batch in loader:
@@ -136,13 +137,13 @@ def main(argv=None):
     written = []
     try:
         folders = cfg["face_dirs"] or default_folders(cfg["data_dir"])
-        for folder in folders:  # a bad folder stops the run before any detection
-            image_files(folder)
+        images = {folder: image_files(folder) for folder in folders}  # a bad folder stops the run before any detection
+        for folder in folders:
             if (Path(folder) / FACES_CSV).exists():
                 log.info("%s will be replaced", Path(folder) / FACES_CSV)
         detector = FaceDetector(resolve_device(cfg["device"]))
         for folder in folders:
-            table, errors = detect_folder(folder, detector, cfg["detect_batch_size"])
+            table, errors = detect_folder(folder, detector, cfg["detect_batch_size"], paths=images[folder])
             write_csv_atomic(table, Path(folder) / FACES_CSV)  # atomic: Ctrl-C leaves the old file whole
             written.append(str(Path(folder) / FACES_CSV))
             if errors:
