@@ -416,7 +416,7 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
         ckpt = load_checkpoint(out_dir / "last.pt", device, keys=("model", "optimizer", "scheduler", "state"))
         if ema is not None:  # last.pt's "model" is the average; the optimizer continues the trained weights
             model.load_state_dict(ckpt["trained_model"])
-            ema.load_state_dict(ckpt["ema"])
+            ema.module.load_state_dict(ckpt["model"])
         else:
             model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -468,7 +468,6 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
         save_atomic({"model": scored_model.state_dict(), "config": cfg, "epoch": epoch + 1, "metric": state["best_f1"],
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "scaler": scaler.state_dict() if scaler is not None else None, "state": state,
-                     "ema": ema.state_dict() if ema is not None else None,
                      "trained_model": model.state_dict() if ema is not None else None,
                      "rng": rng_states()}, out_dir / "last.pt")
         write_csv_atomic(pd.DataFrame(state["history"]), out_dir / "metrics.csv")
