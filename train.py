@@ -368,11 +368,18 @@ def time_limit_reached(cfg, history):
     return spent + spent / len(history) > cfg["max_train_minutes"] * 60
 
 
-def weight_average(cfg, model):
+def weight_average(cfg, model, total_steps):
     """The exponential moving average of the weights (and batch-norm statistics) that
-    validation, best.pt and inference use when ema_decay > 0, or None."""
+    validation, best.pt and inference use when ema_decay > 0, or None. The decay is per step, so
+    a run of few steps (small data) would end with much of its untrained starting weights still
+    in the average: that is warned about with the decay that fits the run."""
     if not cfg["ema_decay"]:
         return None
+    start_share = cfg["ema_decay"] ** total_steps
+    if start_share > 0.05:
+        log.warning("--ema_decay %s over this run's %d optimizer steps leaves %.0f%% of the starting weights in the "
+                    "average it validates and saves; --ema_decay %.3f or lower leaves at most 5%%",
+                    cfg["ema_decay"], total_steps, 100 * start_share, 0.05 ** (1 / total_steps))
     average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema_decay"]), use_buffers=True)
     average.update_parameters(model)  # counts the starting weights, so the first step is averaged, not copied
     return average
@@ -409,7 +416,7 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
     steps = len(make_loader(train_set, cfg, 0, device))
     scheduler = build_scheduler(cfg, optimizer, steps, cfg["epochs"])
     autocast, scaler = autocast_for(device, cfg["amp"])
-    ema = weight_average(cfg, model)
+    ema = weight_average(cfg, model, steps * cfg["epochs"])
     scored_model = ema.module if ema is not None else model  # validated, saved as best.pt, used by inference
     state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     if (out_dir / "last.pt").exists():

@@ -437,6 +437,9 @@ def test_the_weight_average_is_what_is_validated_saved_and_predicted(data, tmp_p
     best.pt and last.pt's model hold the average, which inference reproduces the validation with."""
     cfg = make_cfg(data, tmp_path / "runs", epochs=2, ema_decay=ema_decay)
     run_dir, summaries = train.main(cfg)
+    # 2 epochs of 5 steps: a decay near 1 keeps the starting weights, which the log warns about
+    warned = "of the starting weights in the average" in (run_dir / "train.log").read_text()
+    assert warned == (average_of == "initial")
     last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
     trained, initial = last["trained_model"], initial_weights(cfg)
     expected = trained if average_of == "trained" else initial
