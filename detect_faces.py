@@ -94,11 +94,10 @@ def face_row(image, width, height, face):
 
 def detect_folder(folder, detector, batch_size=32, num_workers=0, paths=None):
     """Detect the faces of every image under folder (paths: its image_files, when already
-    listed); returns the faces.csv table (one row per
-    image, paths relative to folder) and the read errors. Images of different sizes are detected
-    in separate groups. An unreadable image gets a row without a face (found 0) and its error,
-    so one bad file does not throw away the folder's detections; training still stops on it
-    (or skips it with --skip_bad_images)."""
+    listed); returns the faces.csv table (one row per image, paths relative to folder) and the
+    read errors. Images of different sizes are detected in separate groups. An unreadable image
+    gets a row without a face (found 0) and its error, so one bad file does not throw away the
+    folder's detections; training still stops on it (or skips it with --skip_bad_images)."""
     folder = Path(folder)
     paths = image_files(folder) if paths is None else paths
     loader = DataLoader(_Images(paths), batch_size=batch_size, num_workers=num_workers, collate_fn=list)

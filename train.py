@@ -14,6 +14,7 @@ pseudo/, the model trained on every person plus the eval images in its labels.cs
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -378,8 +379,8 @@ def weight_average(cfg, model, total_steps):
     start_share = cfg["ema_decay"] ** total_steps
     if start_share > 0.05:
         log.warning("--ema_decay %s over this run's %d optimizer steps leaves %.0f%% of the starting weights in the "
-                    "average it validates and saves; --ema_decay %.3f or lower leaves at most 5%%",
-                    cfg["ema_decay"], total_steps, 100 * start_share, 0.05 ** (1 / total_steps))
+                    "average it validates and saves; --ema_decay %.4f or lower leaves at most 5%%",
+                    cfg["ema_decay"], total_steps, 100 * start_share, math.floor(0.05 ** (1 / total_steps) * 1e4) / 1e4)
     average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema_decay"]), use_buffers=True)
     average.update_parameters(model)  # counts the starting weights, so the first step is averaged, not copied
     return average
@@ -420,7 +421,8 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
     scored_model = ema.module if ema is not None else model  # validated, saved as best.pt, used by inference
     state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     if (out_dir / "last.pt").exists():
-        ckpt = load_checkpoint(out_dir / "last.pt", device, keys=("model", "optimizer", "scheduler", "state"))
+        keys = ("model", "optimizer", "scheduler", "state") + (("trained_model",) if ema is not None else ())
+        ckpt = load_checkpoint(out_dir / "last.pt", device, keys=keys)
         if ema is not None:  # last.pt's "model" is the average; the optimizer continues the trained weights
             model.load_state_dict(ckpt["trained_model"])
             ema.module.load_state_dict(ckpt["model"])

@@ -2,6 +2,7 @@
 refit, no-validation runs and the training options."""
 import contextlib
 import json
+import logging
 import math
 import re
 import shutil
@@ -455,6 +456,20 @@ def test_the_weight_average_is_what_is_validated_saved_and_predicted(data, tmp_p
     model = inference.load_model(run_dir / "best.pt", torch.device("cpu"))[0]
     probs = train.predict(model, DataLoader(dataset, batch_size=64), torch.device("cpu"), preprocess=normalize)
     np.testing.assert_allclose(probs, table[PROB_COLUMNS].to_numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("total_steps", [40, 6000])
+def test_a_run_too_short_for_its_decay_is_told_a_decay_that_fits(caplog, total_steps):
+    """The suggested decay, as printed, leaves at most 5% of the starting weights and is below 1
+    (accepted by --ema_decay), however many steps the run has."""
+    with caplog.at_level(logging.WARNING, logger=train.log.name):
+        train.weight_average({"ema_decay": 0.9999}, torch.nn.Linear(2, 2), total_steps)
+    suggested = float(re.search(r"--ema_decay ([0-9.]+) or lower", caplog.text).group(1))
+    assert suggested < 1 and suggested ** total_steps <= 0.05
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=train.log.name):
+        train.weight_average({"ema_decay": suggested}, torch.nn.Linear(2, 2), total_steps)
+    assert "starting weights" not in caplog.text
 
 
 def test_resume_refuses_a_setting_given_on_the_command_line_even_at_its_default(base_run):
