@@ -369,6 +369,21 @@ def time_limit_reached(cfg, history):
     return spent + spent / len(history) > cfg["max_train_minutes"] * 60
 
 
+def ema_of_floats(decay):
+    """AveragedModel's update: an exponential moving average of the float tensors (weights,
+    batch-norm statistics); integer buffers (batch-norm's batch counts) are copied, which
+    torch's EMA would instead average and truncate."""
+    average_floats = get_ema_multi_avg_fn(decay)
+
+    def update(averaged, current, num_averaged):  # one group of tensors of one dtype
+        if averaged[0].is_floating_point():
+            average_floats(averaged, current, num_averaged)
+        else:
+            for tensor, value in zip(averaged, current):
+                tensor.copy_(value)
+    return update
+
+
 def weight_average(cfg, model, total_steps):
     """The exponential moving average of the weights (and batch-norm statistics) that
     validation, best.pt and inference use when ema_decay > 0, or None. The decay is per step, so
@@ -381,7 +396,7 @@ def weight_average(cfg, model, total_steps):
         log.warning("--ema_decay %s over this run's %d optimizer steps leaves %.0f%% of the starting weights in the "
                     "average it validates and saves; --ema_decay %.4f or lower leaves at most 5%%",
                     cfg["ema_decay"], total_steps, 100 * start_share, math.floor(0.05 ** (1 / total_steps) * 1e4) / 1e4)
-    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg["ema_decay"]), use_buffers=True)
+    average = AveragedModel(model, multi_avg_fn=ema_of_floats(cfg["ema_decay"]), use_buffers=True)
     average.update_parameters(model)  # counts the starting weights, so the first step is averaged, not copied
     return average
 

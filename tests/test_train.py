@@ -450,6 +450,8 @@ def test_the_weight_average_is_what_is_validated_saved_and_predicted(data, tmp_p
     for key in changed:
         torch.testing.assert_close(last["model"][key], expected[key], rtol=0, atol=1e-5)
         assert (last["model"][key] - other[key]).abs().max() > 1e-4, key
+    counts = [k for k in trained if k.endswith("num_batches_tracked")]
+    assert counts and all(last["model"][k] == trained[k] == 10 for k in counts)  # copied, not averaged
     table = pd.read_csv(run_dir / "valid_probs.csv")  # written with best.pt's weights, the average's
     sample, normalize = build_transform("plain", cfg["resize"], cfg["mean"], cfg["std"])
     dataset = make_dataset(table.assign(label=table["label"]), {**cfg, "cache_dir": ""}, sample)
