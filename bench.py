@@ -89,13 +89,13 @@ def check_counts(table, data):
     return True
 
 
-def loader_throughput(cfg, table, max_images=2000):
-    """Images/s of the training loader (batch 32; cfg's workers decoding, the main process reading
-    the cache, as train.py loads) decoding every epoch vs reading
-    the decode cache (built first; its build time is reported apart), for the plain and the
-    light augmentation preset, counted from the first batch on; the wait for the first batch
-    (worker start-up) is reported apart, as it is paid once per epoch, not per image.
-    Returns {preset: {uncached, cached, speedup, cache_build_s, uncached_startup_s, cached_startup_s}}."""
+def loader_throughput(cfg, table, device, max_images=2000):
+    """Images/s of the training loader (batch 32; cfg's workers decoding, the cache read as
+    train.py reads it on this device) decoding every epoch vs reading the decode cache (built
+    first; its build time is reported apart), for the plain and the light augmentation preset,
+    counted from the first batch on; the wait for the first batch (worker start-up) is reported
+    apart, as it is paid once per epoch, not per image. Returns {preset: {uncached, cached,
+    speedup, cache_build_s, uncached_startup_s, cached_startup_s, uncached_workers, cached_workers}}."""
     table = table.iloc[:max_images]
     start = time.time()
     make_dataset(table, cfg, None)  # builds the cache
@@ -106,7 +106,8 @@ def loader_throughput(cfg, table, max_images=2000):
         row = {"cache_build_s": build_s}
         for name, cache_dir in (("uncached", ""), ("cached", cfg["cache_dir"])):
             dataset = make_dataset(table, {**cfg, "cache_dir": cache_dir}, transform)
-            loader = DataLoader(dataset, batch_size=32, shuffle=True, num_workers=dataset.loader_workers(cfg))
+            row[f"{name}_workers"] = dataset.loader_workers(cfg, device)
+            loader = DataLoader(dataset, batch_size=32, shuffle=True, num_workers=row[f"{name}_workers"])
             start, seen = time.time(), 0
             for images, *_ in loader:  # timed from the first batch: worker start-up is reported apart
                 if seen == 0:
@@ -281,7 +282,9 @@ def write_report(args, loader, results, counts_match, faces):
         lines += [f"- faces found by detect_faces.py (MTCNN, two passes): {faces}"]
     lines[-1] += "\n"
     if loader:
-        lines += [f"| loader, batch 32 ({args.num_workers} workers decoding, the main process reading the cache) "
+        cache_readers = next(iter(loader.values()))["cached_workers"]
+        cache_readers = f"{cache_readers} workers" if cache_readers else "the main process"
+        lines += [f"| loader, batch 32 ({args.num_workers} workers decoding, {cache_readers} reading the cache) "
                   "| decoding every epoch (images/s) | decode cache (images/s) "
                   "| speed-up | first batch after (s), decoding / cache |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {preset} augmentation | {r['uncached']:.0f} | {r['cached']:.0f} | {r['speedup']:.1f}x | "
@@ -343,13 +346,13 @@ def main(argv=None):
            "cache_dir": str(args.cache_dir), "num_workers": args.num_workers, "val_ratio": 0.2}
     table = load_training_images(cfg)
     counts_match = check_counts(table, data)
-    loader = None if args.skip_loader else loader_throughput(cfg, table)
+    device = resolve_device("auto")
+    loader = None if args.skip_loader else loader_throughput(cfg, table, device)
     results = []
     if not args.skip_training:
         detect_faces_once(data, args.recipes)
     try:  # an interrupted or failed bench still reports the recipes it finished
         if not args.skip_training:
-            device = resolve_device("auto")
             for recipe in args.recipes:
                 results.append(run_recipe(recipe, args, data, args.out / "runs", device))
                 args.budget_minutes = args.budget_minutes or results[0]["train_minutes"]

@@ -552,6 +552,7 @@ def log_face_counts(counts):
 # ---------------------------------------------------------------------------------------------
 # Decoding and the decoded-image cache
 EXIF_ORIENTATION = 0x0112
+CUDA_CACHE_WORKERS = 4  # cache-reading workers on a CUDA device (--cache_workers -1), at most half the cores
 
 
 def read_rgb(path):
@@ -669,14 +670,22 @@ class FaceDataset(Dataset):
     def __len__(self):
         return len(self.paths)
 
-    def loader_workers(self, cfg):
+    def loader_workers(self, cfg, device):
         """Worker processes for this dataset's loader: cfg's num_workers when it decodes images,
-        its cache_workers (default none) when it reads the cache. On the 2-core CPU a cached batch,
-        one array read plus cheap flips, was faster in the main process (about 6,000 images/s at
-        384x512 in make bench) than through 2 workers (about 1,950), which pay for start-up, shared
-        memory and pickling and take cores from the model. On a GPU the main process also launches
-        the model's kernels, and the loading waits for them (BENCHMARKS.md, session 11)."""
-        return cfg["cache_workers"] if self.cache_file is not None else cfg["num_workers"]
+        its cache_workers when it reads the cache, where the default (-1) picks by device. On the
+        2-core CPU a cached batch, one array read plus cheap flips, was faster in the main process
+        (about 6,000 images/s at 384x512 in make bench) than through 2 workers (about 1,950), which
+        pay for start-up, shared memory and pickling and take cores from the model. On a GPU the
+        main process also launches the model's kernels, and loading in it holds them back: on one
+        H100, 4 workers trained the recommended recipe 1.28x faster at batch 32 (BENCHMARKS.md,
+        session 17)."""
+        if self.cache_file is None:
+            return cfg["num_workers"]
+        if cfg["cache_workers"] >= 0:
+            return cfg["cache_workers"]
+        if cfg["cache_workers"] != -1:
+            raise ValueError(f"--cache_workers must be -1 (by device), 0 or more, got {cfg['cache_workers']}")
+        return min(CUDA_CACHE_WORKERS, (os.cpu_count() or 2) // 2) if device.type == "cuda" else 0
 
     def cache_array(self):
         if self._array is None:

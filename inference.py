@@ -146,7 +146,7 @@ def predict_eval(checkpoints, cfg, device, weights=None):
             transform, batch_transform = build_transform("plain", train_cfg["resize"], train_cfg["mean"], train_cfg["std"])
             dataset = make_dataset(images, data_cfg, transform)
             loader = DataLoader(dataset, batch_size=cfg["valid_batch_size"],
-                                num_workers=dataset.loader_workers(cfg))
+                                num_workers=dataset.loader_workers(cfg, device))
             inputs[key] = images, loader, batch_transform
         images, loader, batch_transform = inputs[key]
         if len({k[0] for k in inputs}) > 1:

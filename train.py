@@ -283,7 +283,8 @@ def build_scheduler(cfg, optimizer, steps_per_epoch, epochs):
         return sched.CosineAnnealingWarmRestarts(optimizer, T_0=steps_per_epoch * cfg["lr_decay_step"])
     if name == "one_cycle":
         peaks = [group["lr"] for group in optimizer.param_groups]
-        return sched.OneCycleLR(optimizer, max_lr=peaks, total_steps=total, pct_start=0.25)
+        # a warm-up of exactly one step (4 steps in all) makes OneCycleLR divide by zero
+        return sched.OneCycleLR(optimizer, max_lr=peaks, total_steps=total, pct_start=0.25 if total != 4 else 0.5)
     raise ValueError(f"scheduler '{name}' is not none, step, cosine, cosine_restarts or one_cycle")
 
 
@@ -294,7 +295,7 @@ def make_loader(dataset, cfg, epoch, device):
     sampler = (WeightedRandomSampler(class_balanced_weights(dataset.labels), len(dataset), generator=generator)
                if cfg["balanced_sampler"] else None)
     return DataLoader(dataset, batch_size=cfg["batch_size"], shuffle=sampler is None, sampler=sampler,
-                      generator=generator, num_workers=dataset.loader_workers(cfg), pin_memory=device.type == "cuda",
+                      generator=generator, num_workers=dataset.loader_workers(cfg, device), pin_memory=device.type == "cuda",
                       drop_last=len(dataset) > cfg["batch_size"])
 
 
@@ -452,7 +453,7 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
                  state["best_f1"], state["best_epoch"])
     writer = tensorboard_writer(out_dir)
     valid_loader = (DataLoader(valid_set, batch_size=cfg["valid_batch_size"],
-                               num_workers=valid_set.loader_workers(cfg),
+                               num_workers=valid_set.loader_workers(cfg, device),
                                pin_memory=device.type == "cuda") if valid_set is not None else None)
 
     for epoch in range(state["epoch"], cfg["epochs"]):
@@ -642,10 +643,11 @@ def resumed_config(cfg, given, saved):
 def check_training_settings(cfg):
     """Numbers that cannot work are refused before a run folder is made, naming the flag."""
     at_least = {"epochs": 1, "batch_size": 1, "valid_batch_size": 1, "seed": 0, "weight_decay": 0,
-                "max_train_minutes": 0, "patience": 0, "num_workers": 0, "cache_workers": 0}
+                "max_train_minutes": 0, "patience": 0, "num_workers": 0, "cache_workers": -1}
     for key, low in at_least.items():
         if cfg[key] < low:
-            raise SystemExit(f"error: --{key} must be at least {low}, got {cfg[key]}")
+            picks = " (-1 picks by device)" if key == "cache_workers" else ""
+            raise SystemExit(f"error: --{key} must be at least {low}{picks}, got {cfg[key]}")
     if not cfg["lr"] > 0:
         raise SystemExit(f"error: --lr must be above 0, got {cfg['lr']}")
     if not 0 <= cfg["ema_decay"] < 1:

@@ -1,6 +1,7 @@
 """On a CUDA GPU (skipped on a machine without one, such as CI): train.py trains with mixed
-precision, channels-last and cudnn.benchmark, and what it saves predicts the same on the GPU
-(autocast) as on the CPU (float32)."""
+precision, channels-last and cudnn.benchmark (also with the recipe's age losses, a weight average
+and cache workers), and what it saves predicts the same on the GPU (autocast) as on the CPU
+(float32)."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,9 +13,11 @@ import train
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_mixed_precision_training_on_cuda_predicts_like_the_cpu(train_cfg, inference_cfg):
+@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "cache_workers": 2, "age_regression": 0.1, "age_sigma": 5.0}],
+                         ids=["plain", "recipe_losses_ema_cache_workers"])
+def test_mixed_precision_training_on_cuda_predicts_like_the_cpu(train_cfg, inference_cfg, extra):
     cfg = {**train_cfg, "model": "efficientnet-lite0", "pretrained": False, "resize": [64, 48], "epochs": 3,
-           "batch_size": 16, "amp": True, "channels_last": True, "device": "cuda"}
+           "batch_size": 16, "amp": True, "channels_last": True, "device": "cuda", **extra}
     autocast, _ = train.autocast_for(torch.device("cuda"), cfg["amp"])
     with autocast():  # the GPU really computes in reduced precision
         assert torch.ones(2, 2, device="cuda").matmul(torch.ones(2, 2, device="cuda")).dtype in (torch.bfloat16, torch.float16)

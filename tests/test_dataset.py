@@ -3,6 +3,7 @@ splits by person, augmentation, batch mixing, the decoded-image cache and bad in
 import csv
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -775,9 +776,15 @@ def test_face_dataset_same_with_and_without_cache(tiny, tmp_path):
         cached = D.make_dataset(table, make_cfg(tiny / "train", tmp_path, center_crop=crop), transform)
         direct = D.make_dataset(table, make_cfg(tiny / "train", tmp_path, center_crop=crop, cache_dir=""), transform)
         assert cached.cache_file is not None and direct.cache_file is None
+        cpu, cuda = torch.device("cpu"), torch.device("cuda")
         workers = {"num_workers": 2, "cache_workers": 0}
-        assert (cached.loader_workers(workers), direct.loader_workers(workers)) == (0, 2)  # workers only to decode
-        assert cached.loader_workers({**workers, "cache_workers": 3}) == 3
+        assert (cached.loader_workers(workers, cpu), direct.loader_workers(workers, cpu)) == (0, 2)  # workers only to decode
+        assert cached.loader_workers({**workers, "cache_workers": 3}, cpu) == 3
+        by_device = {**workers, "cache_workers": -1}  # the default: the main process on a CPU, workers on a GPU
+        assert (cached.loader_workers(by_device, cpu), direct.loader_workers(by_device, cuda)) == (0, 2)
+        assert cached.loader_workers(by_device, cuda) == min(D.CUDA_CACHE_WORKERS, os.cpu_count() // 2) > 0
+        with pytest.raises(ValueError, match="--cache_workers must be -1"):
+            cached.loader_workers({**workers, "cache_workers": -2}, cpu)
         assert len(cached) == len(direct) == len(table)
         for i in range(len(table)):
             (xc, yc, ac, sc), (xd, yd, ad, sd) = cached[i], direct[i]

@@ -291,6 +291,7 @@ def test_overwrite_never_deletes_a_folder_that_only_holds_a_config_file(data, tm
     (dict(seed=-1), "--seed must be at least 0"),
     (dict(lr=-1.0), "--lr must be above 0"),
     (dict(ema_decay=1.0), "--ema_decay must be at least 0 and below 1, got 1.0"),
+    (dict(cache_workers=-2), r"--cache_workers must be at least -1 \(-1 picks by device\), got -2"),
     (dict(device="cuda:0" if not torch.cuda.is_available() else "tpu"), "--device"),
 ])
 def test_settings_that_cannot_work_are_refused_before_a_run_folder_is_made(data, tmp_path, setting, message):
@@ -802,6 +803,20 @@ def test_scheduler_lr_after_two_epochs(data, tmp_path):
     run_dir, _ = train.main(make_cfg(data, tmp_path / "runs", epochs=2, scheduler="step", lr_decay_step=1,
                                      lr_gamma=0.5))
     np.testing.assert_allclose(pd.read_csv(run_dir / "metrics.csv")["lr"], [1e-3, 5e-4])
+
+
+@pytest.mark.parametrize("total_steps", range(1, 9))
+def test_one_cycle_runs_however_few_steps_a_run_has(total_steps):
+    """A tiny run (a few batches, a few epochs) rises to the peak and falls, instead of stopping
+    with OneCycleLR's division by zero at 4 steps."""
+    optimizer = train.build_optimizer(default_config("train"), torch.nn.Linear(2, 2))
+    scheduler = train.build_scheduler(default_config("train"), optimizer, 1, total_steps)
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert max(lrs) <= 1e-3 and (total_steps < 4 or lrs[-1] < max(lrs))
 
 
 def test_time_limit_stops_before_an_epoch_that_would_pass_it():
