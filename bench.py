@@ -3,6 +3,7 @@
     python bench.py --maskbench ../shared/maskbench                       # best, then baseline in the same time
     python bench.py --recipes best best+head=single best+pretrained=false --budget_minutes 5   # an ablation
     python bench.py --skip_training --size 384x512                        # loader throughput only
+    python bench.py --speed_only --skip_loader --recipes best best+cache_workers=0 best+batch_size=64   # speed only
 
 On a CUDA GPU it builds maskbench at full size (384x512), on the CPU at 192x256; either way the
 recipes read their faces at their own input size (128x96) unless --cuda_input names another on
@@ -32,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from config import check_value, default_config, load_spec, read_config_file
-from dataset import build_transform, load_training_images, make_dataset, num_folds, open_cache
+from dataset import build_transform, cache_readers, load_training_images, make_dataset, num_folds, open_cache
 from loss import Criterion
 from model import create_model
 from train import autocast_for, build_optimizer, fit, resolve_device, score
@@ -43,6 +44,7 @@ ROOT = Path(__file__).resolve().parent
 # for schedules that span the whole run: cut short, they would never anneal
 EPOCH_HEADROOM = 1.5
 WHOLE_RUN_SCHEDULES = ("one_cycle", "cosine")
+SPEED_IMAGES = 4480  # --speed_only: the pipeline is timed over about this many images, one fold's epoch of maskbench
 
 
 def check_maskbench(folder):
@@ -95,7 +97,7 @@ def loader_throughput(cfg, table, device, max_images=2000):
     first; its build time is reported apart), for the plain and the light augmentation preset,
     counted from the first batch on; the wait for the first batch (worker start-up) is reported
     apart, as it is paid once per epoch, not per image. Returns {preset: {uncached, cached,
-    speedup, cache_build_s, uncached_startup_s, cached_startup_s, uncached_workers, cached_workers}}."""
+    speedup, cache_build_s, uncached_startup_s, cached_startup_s, cache_readers}}."""
     table = table.iloc[:max_images]
     start = time.time()
     make_dataset(table, cfg, None)  # builds the cache
@@ -106,8 +108,7 @@ def loader_throughput(cfg, table, device, max_images=2000):
         row = {"cache_build_s": build_s}
         for name, cache_dir in (("uncached", ""), ("cached", cfg["cache_dir"])):
             dataset = make_dataset(table, {**cfg, "cache_dir": cache_dir}, transform)
-            row[f"{name}_workers"] = dataset.loader_workers(cfg, device)
-            loader = DataLoader(dataset, batch_size=32, shuffle=True, num_workers=row[f"{name}_workers"])
+            loader = DataLoader(dataset, batch_size=32, shuffle=True, num_workers=dataset.loader_workers(cfg, device))
             start, seen = time.time(), 0
             for images, *_ in loader:  # timed from the first batch: worker start-up is reported apart
                 if seen == 0:
@@ -115,6 +116,7 @@ def loader_throughput(cfg, table, device, max_images=2000):
                 seen += images.size(0)
             row[name] = (seen - first_size) / (time.time() - first)
         row["speedup"] = row["cached"] / row["uncached"]
+        row["cache_readers"] = cache_readers(cfg, device)
         result[preset] = row
     return result
 
@@ -186,6 +188,29 @@ def recipe_config(recipe):
     return cfg
 
 
+def recipe_training(recipe, args, data, device):
+    """A recipe's training overrides (with --cuda_input on a GPU), its TTA, and the full training
+    config bench runs it with."""
+    train_overrides = recipe_config(recipe)
+    tta = train_overrides.pop("tta", args.tta)  # an inference key: the recipe's TTA
+    if device.type == "cuda" and args.cuda_input and "+resize=" not in recipe:
+        width, height = (int(v) for v in args.cuda_input.split("x"))
+        train_overrides["resize"] = [height, width]
+    cfg = {**default_config("train"), **train_overrides, "data_dir": str(data / "train"),
+           "cache_dir": str(args.cache_dir), "num_workers": args.num_workers}
+    return train_overrides, tta, cfg
+
+
+def recipe_speed(recipe, cfg, table, device, out_dir, images=SPEED_IMAGES):
+    """Training images/s of a recipe's model alone and of its whole pipeline over `images`
+    training images (an epoch's worth by default), with the cache readers its loader uses here."""
+    batches = max(1, images // cfg["batch_size"])
+    return {"recipe": recipe, "input": "x".join(str(v) for v in cfg["resize"][::-1]), "batch_size": cfg["batch_size"],
+            "images": batches * cfg["batch_size"], "cache_readers": cache_readers(cfg, device),
+            "model_images_per_s": model_throughput(cfg, device),
+            "pipeline_images_per_s": pipeline_throughput(cfg, table, device, out_dir, batches=batches)}
+
+
 def run_name(recipe):
     return recipe.replace("=", "-").replace("+", "__")
 
@@ -194,13 +219,7 @@ def run_recipe(recipe, args, data, out, device):
     """Train (unless a finished run with the same recipe settings is there), predict and score
     one recipe. A recipe with fold 'all' trains every fold (the budget is shared among them),
     predicts with the mean of the folds and reports the out-of-fold validation F1."""
-    train_overrides = recipe_config(recipe)
-    tta = train_overrides.pop("tta", args.tta)  # an inference key: the recipe's TTA
-    if device.type == "cuda" and args.cuda_input and "+resize=" not in recipe:
-        width, height = (int(v) for v in args.cuda_input.split("x"))
-        train_overrides["resize"] = [height, width]
-    cfg = {**default_config("train"), **train_overrides, "data_dir": str(data / "train"),
-           "cache_dir": str(args.cache_dir), "num_workers": args.num_workers}
+    train_overrides, tta, cfg = recipe_training(recipe, args, data, device)
     model_ips = model_throughput(cfg, device)
     folds = num_folds(cfg["val_ratio"]) if cfg["fold"] == "all" else 1
     epochs = train_overrides.get("epochs") or args.epochs
@@ -272,7 +291,7 @@ def machine():
     return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, {preload}"
 
 
-def write_report(args, loader, results, counts_match, faces):
+def write_report(args, loader, results, counts_match, faces, speeds=()):
     lines = [f"\n## bench {time.strftime('%Y-%m-%d %H:%M')}\n", f"- machine: {machine()}",
              f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
              f"- data: maskbench built at {args.size}{f' from {args.limit} people' if args.limit else ''}; "
@@ -282,9 +301,9 @@ def write_report(args, loader, results, counts_match, faces):
         lines += [f"- faces found by detect_faces.py (MTCNN, two passes): {faces}"]
     lines[-1] += "\n"
     if loader:
-        cache_readers = next(iter(loader.values()))["cached_workers"]
-        cache_readers = f"{cache_readers} workers" if cache_readers else "the main process"
-        lines += [f"| loader, batch 32 ({args.num_workers} workers decoding, {cache_readers} reading the cache) "
+        readers = next(iter(loader.values()))["cache_readers"]
+        readers = f"{readers} workers" if readers else "the main process"
+        lines += [f"| loader, batch 32 ({args.num_workers} workers decoding, {readers} reading the cache) "
                   "| decoding every epoch (images/s) | decode cache (images/s) "
                   "| speed-up | first batch after (s), decoding / cache |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {preset} augmentation | {r['uncached']:.0f} | {r['cached']:.0f} | {r['speedup']:.1f}x | "
@@ -292,6 +311,16 @@ def write_report(args, loader, results, counts_match, faces):
         build_s = next(iter(loader.values()))["cache_build_s"]
         lines += [f"\nThe cache was built once in {build_s:.0f} s.\n" if build_s >= 1 else
                   "\nThe cache was already there (built by an earlier bench).\n"]
+    if speeds:
+        lines += ["| recipe | input WxH | batch | cache read by | model-only img/s | training pipeline img/s | "
+                  "pipeline / model |", "| --- " * 7 + "|"]
+        for r in speeds:
+            readers = f"{r['cache_readers']} workers" if r["cache_readers"] else "the main process"
+            lines.append(f"| {r['recipe']} | {r['input']} | {r['batch_size']} | {readers} | "
+                         f"{r['model_images_per_s']:.1f} | {r['pipeline_images_per_s']:.1f} | "
+                         f"{r['pipeline_images_per_s'] / r['model_images_per_s']:.0%} |")
+        lines += [f"\nmodel-only: random inputs, forward + backward + step; training pipeline: train.py's loop on the "
+                  f"first {speeds[0]['images']} training images (second of two epochs, loader start-up included).\n"]
     if results:
         lines += ["| recipe | input WxH | epochs | train min | macro F1 | accuracy | mask F1 | gender F1 | age F1 | "
                   "valid F1 | train img/s | model-only img/s | inference img/s |", "| --- " * 13 + "|"]
@@ -332,6 +361,9 @@ def main(argv=None):
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--skip_loader", action="store_true", help="do not measure the loader")
     parser.add_argument("--skip_training", action="store_true", help="only build and measure the loader")
+    parser.add_argument("--speed_only", action="store_true",
+                        help="per recipe, only its training speed instead of a training run: the model alone and "
+                             "the whole pipeline (loader, cache readers, model) over about an epoch of images")
     args = parser.parse_args(argv)
     check_maskbench(args.maskbench)
     for recipe in args.recipes:  # a misspelt recipe stops here, not after the build
@@ -348,16 +380,21 @@ def main(argv=None):
     counts_match = check_counts(table, data)
     device = resolve_device("auto")
     loader = None if args.skip_loader else loader_throughput(cfg, table, device)
-    results = []
+    results, speeds = [], []
     if not args.skip_training:
         detect_faces_once(data, args.recipes)
     try:  # an interrupted or failed bench still reports the recipes it finished
-        if not args.skip_training:
+        if args.speed_only and not args.skip_training:
+            for recipe in args.recipes:
+                _, _, recipe_cfg = recipe_training(recipe, args, data, device)
+                speeds.append(recipe_speed(recipe, recipe_cfg, load_training_images(recipe_cfg), device,
+                                           args.out / "probes" / f"speed_{run_name(recipe)}"))
+        elif not args.skip_training:
             for recipe in args.recipes:
                 results.append(run_recipe(recipe, args, data, args.out / "runs", device))
                 args.budget_minutes = args.budget_minutes or results[0]["train_minutes"]
     finally:
-        write_report(args, loader, results, counts_match, detection_rates(data))
+        write_report(args, loader, results, counts_match, detection_rates(data), speeds)
 
 
 if __name__ == "__main__":

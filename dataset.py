@@ -655,6 +655,26 @@ def check_decode_errors(paths, errors, skip_bad_images):
     return keep, bad
 
 
+def cache_readers(cfg, device):
+    """Worker processes that read a cached dataset: cfg's cache_workers, where the default (-1)
+    picks by device. On the 2-core CPU a cached batch, one array read plus cheap flips, was
+    faster in the main process (about 6,000 images/s at 384x512 in make bench) than through 2
+    workers (about 1,950), which pay for start-up, shared memory and pickling and take cores from
+    the model. On a GPU the main process also launches the model's kernels, and loading in it
+    holds them back: on one H100, 4 workers trained the recommended recipe 1.28x faster at batch
+    32 (BENCHMARKS.md, session 17)."""
+    if cfg["cache_workers"] >= 0:
+        return cfg["cache_workers"]
+    if cfg["cache_workers"] != -1:
+        raise SystemExit(f"error: --cache_workers must be -1 (by device), 0 or more, got {cfg['cache_workers']}")
+    return min(CUDA_CACHE_WORKERS, usable_cores() // 2) if device.type == "cuda" else 0
+
+
+def usable_cores():
+    """The cores this process may run on (a container or CPU affinity can allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class FaceDataset(Dataset):
     """Images (from a cache array file, or decoded on each access) with their labels.
     Items: (uint8 image tensor C x H x W transformed by `transform`, label, age, soft): soft is
@@ -672,20 +692,8 @@ class FaceDataset(Dataset):
 
     def loader_workers(self, cfg, device):
         """Worker processes for this dataset's loader: cfg's num_workers when it decodes images,
-        its cache_workers when it reads the cache, where the default (-1) picks by device. On the
-        2-core CPU a cached batch, one array read plus cheap flips, was faster in the main process
-        (about 6,000 images/s at 384x512 in make bench) than through 2 workers (about 1,950), which
-        pay for start-up, shared memory and pickling and take cores from the model. On a GPU the
-        main process also launches the model's kernels, and loading in it holds them back: on one
-        H100, 4 workers trained the recommended recipe 1.28x faster at batch 32 (BENCHMARKS.md,
-        session 17)."""
-        if self.cache_file is None:
-            return cfg["num_workers"]
-        if cfg["cache_workers"] >= 0:
-            return cfg["cache_workers"]
-        if cfg["cache_workers"] != -1:
-            raise ValueError(f"--cache_workers must be -1 (by device), 0 or more, got {cfg['cache_workers']}")
-        return min(CUDA_CACHE_WORKERS, (os.cpu_count() or 2) // 2) if device.type == "cuda" else 0
+        cache_readers when it reads the cache."""
+        return cfg["num_workers"] if self.cache_file is None else cache_readers(cfg, device)
 
     def cache_array(self):
         if self._array is None:

@@ -420,6 +420,8 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
     log.info("%s: %d training images (%d people), %s", out_dir, len(train_set), train_table["id"].nunique(),
              f"{len(valid_set)} validation images ({valid_table['id'].nunique()} people)" if valid_set is not None
              else "no validation")
+    log.info("loader: %d worker process(es) %s (0: the main process)", train_set.loader_workers(cfg, device),
+             "decoding the images" if train_set.cache_file is None else "reading the decode cache")
 
     # seeded here, after the datasets: building the image cache draws from torch's global RNG
     # (DataLoader seeds), so seeding earlier gave a different initial model on a cold cache

@@ -1,10 +1,14 @@
 """bench.py's recipe names and its checks before any work (the benchmark itself is `make bench`,
 not a test)."""
+import argparse
 import json
 
+import pandas as pd
 import pytest
+import torch
 
 import bench
+from dataset import load_training_images
 
 
 def test_a_recipe_is_a_config_file_with_typed_overrides():
@@ -40,3 +44,19 @@ def test_a_bad_recipe_or_maskbench_folder_stops_bench_before_it_builds_anything(
     with pytest.raises(SystemExit, match="there is no configs/bset.json"):
         bench.main(["--maskbench", str(maskbench), "--out", str(out), "--recipes", "best", "bset"])
     assert not out.exists()
+
+
+def test_speed_only_times_the_model_and_the_whole_pipeline_and_reports_both(train_cfg, tmp_path, monkeypatch):
+    cfg = {**train_cfg, "cache_workers": -1}
+    row = bench.recipe_speed("tiny", cfg, load_training_images(cfg), torch.device("cpu"), tmp_path / "probe", images=64)
+    assert (row["input"], row["batch_size"], row["cache_readers"]) == ("24x32", 16, 0)  # the CPU reads in the main process
+    assert row["model_images_per_s"] > 0 and row["pipeline_images_per_s"] > 0
+    assert len(pd.read_csv(tmp_path / "probe" / "metrics.csv")) == 2  # timed on the second of two epochs
+    monkeypatch.setattr(bench, "ROOT", tmp_path)  # the report goes to tmp_path/BENCHMARKS.md
+    args = argparse.Namespace(size="192x256", limit=0, num_workers=2)
+    bench.write_report(args, None, [], True, "", [row, {**row, "recipe": "workers", "cache_readers": 4}])
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "training pipeline: train.py's loop on the first 64 training images" in report
+    for recipe, readers in [("tiny", "the main process"), ("workers", "4 workers")]:
+        assert (f"| {recipe} | 24x32 | 16 | {readers} | {row['model_images_per_s']:.1f} | "
+                f"{row['pipeline_images_per_s']:.1f} |") in report

@@ -13,8 +13,8 @@ import train
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("extra", [{}, {"ema_decay": 0.9, "cache_workers": 2, "age_regression": 0.1, "age_sigma": 5.0}],
-                         ids=["plain", "recipe_losses_ema_cache_workers"])
+@pytest.mark.parametrize("extra", [{"cache_workers": 0}, {"ema_decay": 0.9, "cache_workers": 2, "age_regression": 0.1, "age_sigma": 5.0}],
+                         ids=["main_process_reads_the_cache", "recipe_losses_ema_cache_workers"])
 def test_mixed_precision_training_on_cuda_predicts_like_the_cpu(train_cfg, inference_cfg, extra):
     cfg = {**train_cfg, "model": "efficientnet-lite0", "pretrained": False, "resize": [64, 48], "epochs": 3,
            "batch_size": 16, "amp": True, "channels_last": True, "device": "cuda", **extra}

@@ -3,7 +3,6 @@ splits by person, augmentation, batch mixing, the decoded-image cache and bad in
 import csv
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -769,7 +768,7 @@ def test_cache_notices_a_changed_file(fresh, tmp_path):
     assert np.abs(np.load(first)[0].astype(int) - red).max() > 50  # the old cache is not reused
 
 
-def test_face_dataset_same_with_and_without_cache(tiny, tmp_path):
+def test_face_dataset_same_with_and_without_cache(tiny, tmp_path, monkeypatch):
     table = D.add_labels(D.read_train_images(tiny / "train"), 60).iloc[::3].reset_index(drop=True)
     transform = D.build_transform("plain", RESIZE, MEAN, STD)[0]
     for crop in ([1.0, 1.0], [0.8, 0.7]):
@@ -782,8 +781,10 @@ def test_face_dataset_same_with_and_without_cache(tiny, tmp_path):
         assert cached.loader_workers({**workers, "cache_workers": 3}, cpu) == 3
         by_device = {**workers, "cache_workers": -1}  # the default: the main process on a CPU, workers on a GPU
         assert (cached.loader_workers(by_device, cpu), direct.loader_workers(by_device, cuda)) == (0, 2)
-        assert cached.loader_workers(by_device, cuda) == min(D.CUDA_CACHE_WORKERS, os.cpu_count() // 2) > 0
-        with pytest.raises(ValueError, match="--cache_workers must be -1"):
+        for cores, readers in [(16, 4), (6, 3), (1, 0)]:  # 4, at most half the cores
+            monkeypatch.setattr(D, "usable_cores", lambda: cores)
+            assert cached.loader_workers(by_device, cuda) == readers
+        with pytest.raises(SystemExit, match="--cache_workers must be -1"):
             cached.loader_workers({**workers, "cache_workers": -2}, cpu)
         assert len(cached) == len(direct) == len(table)
         for i in range(len(table)):

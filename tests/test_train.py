@@ -886,6 +886,7 @@ def test_cache_workers_read_the_cache_in_worker_processes_and_repeat_the_run_exa
     cfg = make_cfg(data, tmp_path / "runs", cache_workers=2, report=False)
     first, _ = train.main(cfg)
     assert workers_seen and set(workers_seen) == {2}
+    assert "loader: 2 worker process(es) reading the decode cache" in (first / "train.log").read_text()
     second, _ = train.main(cfg)
     pd.testing.assert_frame_equal(metrics_without_timing(first), metrics_without_timing(second), check_exact=True)
     assert_same_state(model_state(first / "best.pt"), model_state(second / "best.pt"))
