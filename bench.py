@@ -102,10 +102,10 @@ def loader_throughput(cfg, table, device, max_images=2000):
     start = time.time()
     make_dataset(table, cfg, None)  # builds the cache
     build_s = time.time() - start
-    result = {}
+    result, readers = {}, cache_readers(cfg, device)
     for preset in ("plain", "light"):
         transform, _ = build_transform(preset, cfg["resize"], cfg["mean"], cfg["std"])  # the workers' part
-        row = {"cache_build_s": build_s}
+        row = {"cache_build_s": build_s, "cache_readers": readers}
         for name, cache_dir in (("uncached", ""), ("cached", cfg["cache_dir"])):
             dataset = make_dataset(table, {**cfg, "cache_dir": cache_dir}, transform)
             loader = DataLoader(dataset, batch_size=32, shuffle=True, num_workers=dataset.loader_workers(cfg, device))
@@ -116,7 +116,6 @@ def loader_throughput(cfg, table, device, max_images=2000):
                 seen += images.size(0)
             row[name] = (seen - first_size) / (time.time() - first)
         row["speedup"] = row["cached"] / row["uncached"]
-        row["cache_readers"] = cache_readers(cfg, device)
         result[preset] = row
     return result
 

@@ -648,8 +648,7 @@ def check_training_settings(cfg):
                 "max_train_minutes": 0, "patience": 0, "num_workers": 0, "cache_workers": -1}
     for key, low in at_least.items():
         if cfg[key] < low:
-            picks = " (-1 picks by device)" if key == "cache_workers" else ""
-            raise SystemExit(f"error: --{key} must be at least {low}{picks}, got {cfg[key]}")
+            raise SystemExit(f"error: --{key} must be at least {low}, got {cfg[key]}")
     if not cfg["lr"] > 0:
         raise SystemExit(f"error: --lr must be above 0, got {cfg['lr']}")
     if not 0 <= cfg["ema_decay"] < 1:

@@ -291,7 +291,7 @@ def test_overwrite_never_deletes_a_folder_that_only_holds_a_config_file(data, tm
     (dict(seed=-1), "--seed must be at least 0"),
     (dict(lr=-1.0), "--lr must be above 0"),
     (dict(ema_decay=1.0), "--ema_decay must be at least 0 and below 1, got 1.0"),
-    (dict(cache_workers=-2), r"--cache_workers must be at least -1 \(-1 picks by device\), got -2"),
+    (dict(cache_workers=-2), "--cache_workers must be at least -1, got -2"),
     (dict(device="cuda:0" if not torch.cuda.is_available() else "tpu"), "--device"),
 ])
 def test_settings_that_cannot_work_are_refused_before_a_run_folder_is_made(data, tmp_path, setting, message):
