@@ -162,14 +162,15 @@ def read_people(data_dir):
 def warn_folder_names(people, csv_path):
     """The starter code read labels from the folder names ({id}_{gender}_{race}_{age}); this kit
     reads train.csv's columns. A folder name that disagrees with its row (a fix applied to one and
-    not the other) is logged, naming the rows; the columns are used."""
+    not the other) or is not in that form is logged, naming the rows; the columns are used."""
     disagree = []
     for row, rec in enumerate(people.itertuples(), start=2):
         parts = rec.path.split("_")
-        if len(parts) >= 4 and (parts[0], parts[1].lower(), parts[-1]) != (rec.id, rec.gender.lower(), rec.age):
+        if len(parts) < 4 or (parts[0], parts[1].lower(), parts[-1]) != (rec.id, rec.gender.lower(), rec.age):
             disagree.append(f"line {row}: {rec.id},{rec.gender},{rec.age} vs folder {rec.path}")
     if disagree:
-        log.warning("%s: %d row(s) whose folder name disagrees with their id, gender or age (the columns are used): %s",
+        log.warning("%s: %d row(s) whose folder name is not {id}_{gender}_{race}_{age} with their id, gender and age "
+                    "(the columns are used): %s",
                     csv_path, len(disagree), "; ".join(disagree[:5]))
 
 
@@ -266,7 +267,7 @@ def read_label_csv(csv_path, source):
     csv_path = Path(csv_path)
     table = read_csv(csv_path, ["path", "class"])
     labels = pd.to_numeric(table["class"], errors="coerce")
-    bad = table["class"][labels.isna() | ~labels.between(0, NUM_CLASSES - 1)].tolist()
+    bad = table["class"][labels.isna() | ~labels.between(0, NUM_CLASSES - 1) | (labels != labels.round())].tolist()
     if bad:
         raise DataError(f"{csv_path}: class value(s) {bad[:5]} are not integers 0..17")
     soft = read_soft_targets(table, csv_path)
@@ -287,8 +288,15 @@ def read_label_csv(csv_path, source):
         raise DataError(f"{csv_path}: {len(missing)} listed image(s) not found, e.g. {missing[:3]}")
     rows = pd.DataFrame({"id": [f"{source}:{Path(p).stem}" for p in paths], "file": [Path(p).stem for p in paths],
                          "image_path": paths, "mask": mask, "gender": gender, "age": ages, "age_known": age_known,
-                         "source": source})
+                         "source": source, "label_csv": str(csv_path)})
     return rows if soft is None else pd.concat([rows, pd.DataFrame(soft, columns=PROB_COLUMNS)], axis=1)
+
+
+def count_people(table):
+    """(people, images from label CSVs) of an image table: a label CSV names images, not people
+    (each row has its own id), so its images are counted apart."""
+    from_csv = table["label_csv"].notna().to_numpy() if "label_csv" in table else np.zeros(len(table), bool)
+    return table["id"][~from_csv].nunique(), int(from_csv.sum())
 
 
 def read_extra(paths):

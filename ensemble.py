@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from config import parse_config
-from dataset import NUM_CLASSES, PROB_COLUMNS, DataError, encode_class, read_csv
+from dataset import NUM_CLASSES, PROB_COLUMNS, DataError, encode_class, image_key, read_csv
 from train import score, setup_logging
 from inference import write_submission
 
@@ -33,7 +33,7 @@ def member_file(path):
 
 class Member:
     """One ensemble member: eval probabilities (ImageID order kept) and, when the run has them,
-    validation probabilities keyed by image path with true labels."""
+    validation probabilities keyed by image (dataset.image_key) with true labels."""
 
     def __init__(self, path):
         path = Path(path)
@@ -53,7 +53,8 @@ class Member:
         else:
             for name in ("oof_probs.csv", "valid_probs.csv"):
                 if (run_dir / name).is_file():
-                    self.valid = pd.read_csv(run_dir / name).set_index("image_path")
+                    valid = pd.read_csv(run_dir / name)  # keyed like every table: runs may name one file two ways
+                    self.valid = valid.set_index(valid["image_path"].map(image_key))
                     break
         self.valid_f1 = score(self.valid["label"], self.valid["pred"])["f1"] if self.valid is not None else None
 
@@ -123,6 +124,11 @@ def per_task(probs, task_members):
 
 def combine(probs, cfg, member_f1=None):
     method = cfg["method"]
+    if cfg["member_weights"] and method != "soft":
+        raise SystemExit(f"error: --member_weights weigh soft voting only; --method {method} would ignore them")
+    if cfg["task_members"] and method != "per_task":
+        raise SystemExit(f"error: --task_members pick members per task for --method per_task only; --method {method} "
+                         "would ignore them")
     if method == "soft":
         weights = cfg["member_weights"]
         if weights and (len(weights) != len(probs) or min(weights) < 0 or sum(weights) <= 0):
@@ -141,9 +147,12 @@ def combine(probs, cfg, member_f1=None):
 def validation_report(members, cfg):
     """Each member's and the ensemble's F1 on the validation images all members share."""
     if any(m.valid is None for m in members):
+        log.info("no ensemble validation: %s ha(s) no validation probabilities",
+                 ", ".join(m.name for m in members if m.valid is None))
         return {}
     shared = sorted(set.intersection(*(set(m.valid.index) for m in members)))
     if not shared:
+        log.info("no ensemble validation: the members' validation images do not overlap (other data or folds)")
         return {}
     labels = members[0].valid.loc[shared, "label"].to_numpy()
     probs = [m.valid.loc[shared, PROB_COLUMNS].to_numpy() for m in members]

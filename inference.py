@@ -34,14 +34,18 @@ log = logging.getLogger("mask")
 def final_stage(run_dir):
     """The folder of a run that predicts: its pseudo-label stage pseudo/ when it has one (the
     stage train.py --pseudo_threshold adds after the run's own models), else its first stage.
-    An unfinished stage is refused rather than passed over for the first stage's models."""
+    A stage that is unfinished, or that the run was trained to have but never started (an
+    interruption, or no eval image reaching the threshold), is refused rather than passed over
+    for the first stage's models."""
     stage = Path(run_dir) / "pseudo"
-    if not stage.is_dir():
+    if not stage.is_dir() and not saved_config(run_dir).get("pseudo_threshold", 0) > 0:
         return first_stage(run_dir)
     if not (stage / "summary.json").is_file():
-        raise SystemExit(f"error: the pseudo-label stage {stage} is not finished; finish it with python train.py "
-                         f"--resume {run_dir}, or pass the first stage's models to --run: {run_dir}/best.pt or "
-                         f"{run_dir}/fold<k> folders")
+        state = "is not finished" if stage.is_dir() else "was not trained"
+        raise SystemExit(f"error: the pseudo-label stage {stage} {state} (the run has pseudo_threshold "
+                         f"{saved_config(run_dir).get('pseudo_threshold')}); finish it with python train.py --resume "
+                         f"{run_dir} (its train.log says why it stopped), or predict with the first stage's models: --run "
+                         f"{first_stage_hint(run_dir)} --output_dir DIR")
     return stage
 
 
@@ -54,8 +58,24 @@ def first_stage(run_dir):
         return Path(run_dir)
     if not (refit / "summary.json").is_file():
         raise SystemExit(f"error: the refit model {refit} is not finished; finish it with python train.py --resume "
-                         f"{run_dir}, or pass the folds to --run: {run_dir}/fold<k> folders")
+                         f"{run_dir}, or pass the models trained with validation to --run: {validated_hint(run_dir)}")
     return refit
+
+
+def saved_config(run_dir):
+    """A run folder's config.json (empty for a checkpoint file, a fold or a stage folder)."""
+    path = Path(run_dir) / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def validated_hint(run_dir):
+    """How to name a run's models trained with validation on --run: its fold folders, or its best.pt."""
+    return f"{run_dir}/fold<k> folders" if any(Path(run_dir).glob("fold*/")) else f"{run_dir}/best.pt"
+
+
+def first_stage_hint(run_dir):
+    """How to name the first stage's models of a run on --run: its refit/ folder, else as validated_hint."""
+    return f"{run_dir}/refit" if (Path(run_dir) / "refit").is_dir() else validated_hint(run_dir)
 
 
 def run_members(run, checkpoint="best", first_stage_weight=0.0):
@@ -68,8 +88,8 @@ def run_members(run, checkpoint="best", first_stage_weight=0.0):
     own = [(path, 1 / len(checkpoints)) for path in checkpoints]
     if stage != Path(run) / "pseudo":
         if stage != Path(run):
-            log.info("%s: predicting with its refit model %s (every person); pass %s/fold<k> folders for the folds",
-                     run, stage, run)
+            log.info("%s: predicting with its refit model %s (every person); pass %s for the models trained with "
+                     "validation", run, stage, validated_hint(run))
         return own
     if first_stage_weight == 0:
         log.info("%s: predicting with its pseudo-label stage %s", run, stage)
@@ -102,7 +122,7 @@ def find_checkpoints(run_dir, checkpoint="best"):
 def check_folds_finished(run_dir, checkpoints):
     """Refuse to average a k-fold run that was interrupted: a fold still training (no
     summary.json) or not started would silently weaken the ensemble."""
-    saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+    saved = saved_config(run_dir)
     k = num_folds(saved["val_ratio"]) if saved.get("fold") == "all" and saved.get("val_ratio", 0) > 0 else 0
     names = sorted({p.parent.name for p in checkpoints} | {f"fold{i}" for i in range(k)})
     unfinished = [name for name in names if not (run_dir / name / "summary.json").is_file()]
@@ -197,6 +217,12 @@ def write_pseudo_labels(images, probs, threshold, path, soft=False):
     return path
 
 
+def final_stage_name(run_dir):
+    """What a run predicts with when it is not its own best.pt: 'pseudo-label stage', 'refit model' or ''."""
+    return ("pseudo-label stage" if (Path(run_dir) / "pseudo").is_dir() or saved_config(run_dir).get("pseudo_threshold", 0) > 0
+            else "refit model" if (Path(run_dir) / "refit").is_dir() else "")
+
+
 def main(cfg):
     setup_logging()
     if not cfg["run"]:
@@ -208,9 +234,11 @@ def main(cfg):
     if not cfg["output_dir"] and len(cfg["run"]) > 1:
         raise SystemExit(f"error: give --output_dir: by default the blend of {len(cfg['run'])} runs would replace "
                          f"{out_dir}'s own predictions (which ensemble.py reads as that run's)")
-    if first.is_file() and not cfg["output_dir"] and (out_dir / "pseudo").is_dir():
+    if first.is_file() and not cfg["output_dir"] and final_stage_name(out_dir):
         raise SystemExit(f"error: give --output_dir: by default the predictions of {first} would replace those of "
-                         f"{out_dir}'s pseudo-label stage in {out_dir}")
+                         f"{out_dir}'s {final_stage_name(out_dir)} in {out_dir}")
+    if not 0 <= cfg["pseudo_threshold"] <= 1:
+        raise SystemExit(f"error: --pseudo_threshold is a probability, 0 (no pseudo labels) to 1; got {cfg['pseudo_threshold']}")
     device = resolve_device(cfg["device"])
     # each run's weights sum to 1 and predict_eval normalises the total, so every run counts once
     members = [member for run in cfg["run"] for member in run_members(run, cfg["checkpoint"], cfg["first_stage_weight"])]

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -31,7 +32,7 @@ from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from config import default_config, parse_config
 from dataset import (NUM_CLASSES, PROB_COLUMNS, DataError, build_transform, check_decode_errors,
-                     class_balanced_weights, decode_class, decode_errors, eval_folder, image_key,
+                     class_balanced_weights, count_people, decode_class, decode_errors, eval_folder, image_key,
                      load_training_images, make_dataset, mix_batch, num_folds, open_cache, read_eval_images,
                      read_extra, split_train_valid)
 from loss import Criterion, check_criterion_settings
@@ -417,7 +418,9 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
     if skipped:
         pd.DataFrame(skipped, columns=["path", "error"]).to_csv(out_dir / "skipped.csv", index=False)
         log.warning("skipped %d unreadable image(s); listed in %s", len(skipped), out_dir / "skipped.csv")
-    log.info("%s: %d training images (%d people), %s", out_dir, len(train_set), train_table["id"].nunique(),
+    people, labelled = count_people(train_table)
+    log.info("%s: %d training images (%d people%s), %s", out_dir, len(train_set), people,
+             f", {labelled} images of label CSVs" if labelled else "",
              f"{len(valid_set)} validation images ({valid_table['id'].nunique()} people)" if valid_set is not None
              else "no validation")
     log.info("loader: %d worker process(es) %s (0: the main process)", train_set.loader_workers(cfg, device),
@@ -653,6 +656,9 @@ def check_training_settings(cfg):
         raise SystemExit(f"error: --lr must be above 0, got {cfg['lr']}")
     if not 0 <= cfg["ema_decay"] < 1:
         raise SystemExit(f"error: --ema_decay must be at least 0 and below 1, got {cfg['ema_decay']}")
+    if cfg["refit"] and cfg["val_ratio"] == 0:
+        raise SystemExit("error: --refit trains once more on every person after the validated training; with "
+                         "--val_ratio 0 the run trains on every person already: drop --refit")
 
 
 def main(cfg, given=None):
@@ -679,7 +685,7 @@ def main(cfg, given=None):
     setup_logging(run_dir / "train.log")
     torch.backends.cudnn.benchmark = not cfg["deterministic"]
     torch.backends.cudnn.deterministic = cfg["deterministic"]
-    log.info("run folder %s, device %s, command: %s", run_dir, device, " ".join(sys.argv))
+    log.info("run folder %s, device %s, command: %s", run_dir, device, shlex.join(sys.argv))
     if replaced_run(run_dir).exists():
         log.info("the run it replaces is kept in %s until this one has its first checkpoint", replaced_run(run_dir))
     try:

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny dataset in the competition layout, made by the project itself, and a
 training config small enough to run in seconds on a CPU."""
+import re
 import sys
 from pathlib import Path
 
@@ -45,3 +46,13 @@ def inference_cfg(tmp_path):
     cfg = default_config("inference")
     cfg.update(num_workers=0, cache_dir=str(tmp_path / "cache"), tta="none")
     return cfg
+
+
+def training_images_logged(run_dir, out_dir=None):
+    """(images, people, images of label CSVs) from the 'N training images (P people[, M images of
+    label CSVs])' line of train.log."""
+    text = (Path(run_dir) / "train.log").read_text()
+    prefix = re.escape(str(out_dir or run_dir)) + ": "
+    found = re.findall(prefix + r"(\d+) training images \((\d+) people(?:, (\d+) images of label CSVs)?\)", text)
+    assert found, f"no training-images line for {out_dir or run_dir} in train.log"
+    return tuple(int(v or 0) for v in found[-1])

@@ -433,11 +433,11 @@ def test_an_empty_csv_names_the_file(tmp_path):
         D.read_label_csv(tmp_path / "labels.csv", "extra0")
 
 
-@pytest.mark.parametrize("bad_class", ["18", "x", "-1"])
+@pytest.mark.parametrize("bad_class", ["18", "x", "-1", "3.7"])
 def test_label_csv_with_a_bad_class_names_the_file(tmp_path, bad_class):
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
     (tmp_path / "pseudo.csv").write_text(f"path,class\na.png,{bad_class}\n")
-    with pytest.raises(D.DataError, match="pseudo.csv"):
+    with pytest.raises(D.DataError, match=rf"pseudo.csv: class value\(s\) \['{bad_class}'\] are not integers 0..17"):
         D.read_label_csv(tmp_path / "pseudo.csv", "extra0")
 
 
@@ -877,6 +877,18 @@ def test_a_folder_name_that_disagrees_with_its_row_is_logged(fresh, caplog):
     assert len(warnings) == 1 and "train.csv: 1 row(s)" in warnings[0] and "line 3: " in warnings[0]
     assert table.loc[1, "path"] in warnings[0]
     assert (images.loc[images["id"] == table.loc[1, "id"], "age"] == int(table.loc[1, "age"])).all()  # columns win
+
+
+def test_a_folder_name_not_in_the_competition_form_is_logged(fresh, caplog):
+    table = people_table(fresh)
+    (fresh / "train" / "images" / table.loc[0, "path"]).rename(fresh / "train" / "images" / "person2")
+    table.loc[0, "path"] = "person2"
+    table.to_csv(fresh / "train" / "train.csv", index=False)
+    with caplog.at_level(logging.WARNING, logger="mask"):
+        images = D.read_train_images(fresh / "train")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "is not {id}_{gender}_{race}_{age}" in warnings[0] and "vs folder person2" in warnings[0]
+    assert (images["id"] == table.loc[0, "id"]).sum() == 7  # read all the same, labelled by its row
 
 
 def test_extra_data_that_repeats_training_images_is_refused(fresh, tmp_path):

@@ -384,3 +384,27 @@ def test_a_run_with_a_pseudo_label_stage_has_no_validation_to_report(tmp_path):
     (run / "pseudo").mkdir()
     member = ensemble.Member(run)
     assert member.valid is None and member.valid_f1 is None
+
+
+def test_validation_matches_one_image_named_two_ways(tmp_path, monkeypatch, capsys):
+    """One run trained with a relative --data_dir, another with the absolute one: the same
+    validation images, which the report must still find shared."""
+    monkeypatch.chdir(tmp_path)
+    labels = np.arange(8)
+    relative = [f"data/train/{k}.jpg" for k in range(8)]
+    a = write_run(tmp_path / "a", IDS[:6], peaked([0, 1, 2, 3, 4, 5]), relative, peaked(labels), labels)
+    b = write_run(tmp_path / "b", IDS[:6], peaked([0, 1, 2, 3, 4, 5]), [str(tmp_path / p) for p in relative],
+                  peaked(labels), labels)
+    _, report = ensemble.main(ens_cfg(tmp_path, members=[str(a), str(b)]))
+    assert report["validation"]["images"] == 8 and report["validation"]["ensemble"]["f1"] == 1.0
+    c = write_run(tmp_path / "c", IDS[:6], peaked([0, 1, 2, 3, 4, 5]), [f"other/{k}.jpg" for k in range(8)],
+                  peaked(labels), labels)
+    _, report = ensemble.main(ens_cfg(tmp_path, members=[str(a), str(c)]))
+    assert report["validation"] == {} and "validation images do not overlap" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method, option", [("hard", {"member_weights": [2, 1]}), ("per_task", {"member_weights": [2, 1]}),
+                                            ("soft", {"task_members": [0, 1, 0]}), ("hard", {"task_members": [0, 1, 0]})])
+def test_options_another_method_would_ignore_are_refused(method, option):
+    with pytest.raises(SystemExit, match=f"--{next(iter(option))} .* --method {method} would ignore them"):
+        ensemble.combine([random_probs(3, k) for k in range(2)], ens_cfg(method=method, **option))

@@ -16,6 +16,7 @@ import train
 from config import default_config
 import dataset as D
 from dataset import NUM_CLASSES, PROB_COLUMNS, decode_class
+from conftest import training_images_logged
 from make_sample_data import make_sample_dataset
 from model import create_model
 
@@ -249,8 +250,21 @@ def test_an_unfinished_refit_is_refused(kfold_dir, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(kfold_dir, partial)
     (partial / "refit" / "summary.json").unlink()
-    with pytest.raises(SystemExit, match=r"refit model .*refit is not finished; finish it with python train.py --resume"):
+    with pytest.raises(SystemExit, match=r"refit model .*refit is not finished; finish it with python train.py "
+                                         r"--resume .*, or pass the models trained with validation to --run: .*partial/fold<k> folders"):
         inference.run_members(partial)
+
+
+def test_one_checkpoint_of_a_refit_run_does_not_replace_the_runs_predictions(data, kfold_dir, tmp_path):
+    """By default a checkpoint's predictions go beside it, into the run folder, whose own ones
+    (ensemble.py reads them as the run's) come from the refit model."""
+    run = tmp_path / "run"
+    shutil.copytree(kfold_dir, run)
+    (run / "fold0" / "best.pt").rename(run / "best.pt")  # a single-fold run with --refit: RUN/best.pt beside RUN/refit/
+    with pytest.raises(SystemExit, match=r"give --output_dir: by default the predictions of .*best.pt would replace "
+                                         r"those of .*run's refit model"):
+        inference.main(make_inference_cfg(data, run / "best.pt", ""))
+    assert not (run / "eval_probs.csv").exists()
 
 
 def test_an_unfinished_kfold_run_is_not_averaged(kfold_dir, tmp_path):
@@ -342,12 +356,6 @@ def test_soft_pseudo_labels_keep_the_probabilities_and_read_back(tmp_path):
     assert read_back["image_path"].tolist() == [str((tmp_path / "b.png").resolve())]
 
 
-def training_images_logged(run):
-    found = re.findall(re.escape(str(run)) + r": (\d+) training images \((\d+) people\)",
-                       (Path(run) / "train.log").read_text())
-    return tuple(int(v) for v in found[-1])
-
-
 def test_pseudo_label_round_trip(data, run_dir, predicted, tmp_path):
     top = pd.read_csv(predicted[1] / "eval_probs.csv")[PROB_COLUMNS].to_numpy().max(1)
     threshold = float(np.median(top))
@@ -380,5 +388,12 @@ def test_pseudo_label_round_trip(data, run_dir, predicted, tmp_path):
     valid = pd.read_csv(extra_run / "valid_probs.csv")
     assert not set(valid["image_path"]) & set(pseudo["path"])  # never validated on
     pd.testing.assert_series_equal(valid["image_path"], pd.read_csv(run_dir / "valid_probs.csv")["image_path"])
-    images, people = training_images_logged(run_dir)
-    assert training_images_logged(extra_run) == (images + len(pseudo), people + len(pseudo))
+    images, people, _ = training_images_logged(run_dir)
+    assert training_images_logged(extra_run) == (images + len(pseudo), people, len(pseudo))
+
+
+@pytest.mark.parametrize("threshold", [1.5, -0.1])
+def test_a_pseudo_threshold_that_is_not_a_probability_is_refused(data, run_dir, tmp_path, threshold):
+    with pytest.raises(SystemExit, match=f"--pseudo_threshold is a probability, 0 .* to 1; got {threshold}"):
+        inference.main(make_inference_cfg(data, run_dir, tmp_path / "out", pseudo_threshold=threshold))
+    assert not (tmp_path / "out").exists()

@@ -5,7 +5,9 @@ import json
 import logging
 import math
 import re
+import shlex
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ from torch.utils.data import DataLoader
 import inference
 import train
 from config import default_config, parse_config
+from conftest import training_images_logged
 from dataset import FACE_COLUMNS, MASK_FILES, NUM_CLASSES, PROB_COLUMNS, age_band, build_transform, encode_class, make_dataset
 from make_sample_data import make_sample_dataset
 from model import class_probabilities, create_model
@@ -87,15 +90,6 @@ def assert_same_state(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-def training_images_logged(run_dir, out_dir=None):
-    """(images, people) from the 'N training images (P people)' line of train.log."""
-    text = (Path(run_dir) / "train.log").read_text()
-    prefix = re.escape(str(out_dir or run_dir)) + ": "
-    found = re.findall(prefix + r"(\d+) training images \((\d+) people\)", text)
-    assert found, f"no training-images line for {out_dir or run_dir} in train.log"
-    return tuple(int(v) for v in found[-1])
-
-
 # ---------------------------------------------------------------------------------------------
 # Run folder
 def test_run_folder_is_complete(base_run, data):
@@ -139,7 +133,14 @@ def test_run_folder_is_complete(base_run, data):
 
     log_text = (run_dir / "train.log").read_text()
     assert "epoch 1: train loss" in log_text and "18-class confusion" in log_text
-    assert training_images_logged(run_dir) == (7 * (N_PEOPLE - len(valid_people)), N_PEOPLE - len(valid_people))
+    assert training_images_logged(run_dir) == (7 * (N_PEOPLE - len(valid_people)), N_PEOPLE - len(valid_people), 0)
+
+
+def test_the_logged_command_can_be_pasted_back(data, tmp_path, monkeypatch):
+    argv = ["train.py", "--cache_dir", "", "--name", "two words"]
+    monkeypatch.setattr(sys, "argv", argv)
+    run_dir, _ = train.main(make_cfg(data, tmp_path / "runs"))
+    assert shlex.split(re.search(r"command: (.*)", (run_dir / "train.log").read_text()).group(1)) == argv
 
 
 def test_checkpoints_load_with_weights_only(base_run):
@@ -292,6 +293,7 @@ def test_overwrite_never_deletes_a_folder_that_only_holds_a_config_file(data, tm
     (dict(lr=-1.0), "--lr must be above 0"),
     (dict(ema_decay=1.0), "--ema_decay must be at least 0 and below 1, got 1.0"),
     (dict(cache_workers=-2), "--cache_workers must be at least -1, got -2"),
+    (dict(refit=True, val_ratio=0.0), "--refit trains once more .* with --val_ratio 0 .*: drop --refit"),
     (dict(device="cuda:0" if not torch.cuda.is_available() else "tpu"), "--device"),
 ])
 def test_settings_that_cannot_work_are_refused_before_a_run_folder_is_made(data, tmp_path, setting, message):
@@ -528,7 +530,7 @@ def test_refit_trains_on_everybody(kfold_run):
     epochs = int(np.median([s["best_epoch"] for s in summaries.values()]))
     assert len(pd.read_csv(refit / "metrics.csv")) == epochs
     assert torch.load(refit / "best.pt", map_location="cpu", weights_only=True)["config"]["epochs"] == epochs
-    assert training_images_logged(run_dir, refit) == (7 * N_PEOPLE, N_PEOPLE)
+    assert training_images_logged(run_dir, refit) == (7 * N_PEOPLE, N_PEOPLE, 0)
     for k in (0, 1):
         assert training_images_logged(run_dir, run_dir / f"fold{k}")[0] < 7 * N_PEOPLE
 
@@ -556,7 +558,7 @@ def test_pseudo_stage_trains_on_everybody_plus_the_labelled_eval_images(pseudo_r
     n_eval = len(pd.read_csv(data / "sample" / "eval" / "info.csv"))
     assert len(labels) == n_eval
     stage = run_dir / "pseudo"
-    assert training_images_logged(run_dir, stage) == (7 * N_PEOPLE + n_eval, N_PEOPLE + n_eval)
+    assert training_images_logged(run_dir, stage) == (7 * N_PEOPLE + n_eval, N_PEOPLE, n_eval)
     assert training_images_logged(run_dir)[0] < 7 * N_PEOPLE  # the first stage kept its validation fold
     assert len(pd.read_csv(stage / "metrics.csv")) == cfg["epochs"]
     saved = torch.load(stage / "best.pt", map_location="cpu", weights_only=True)["config"]
@@ -655,12 +657,12 @@ def test_an_unfinished_pseudo_stage_is_resumed_on_its_saved_labels(pseudo_run, t
     shutil.copytree(run_dir, cut)
     for name in ["best.pt", "last.pt", "metrics.csv", "summary.json"]:  # interrupted before its first epoch ended
         (cut / "pseudo" / name).unlink()
-    with pytest.raises(SystemExit, match="pseudo-label stage .* is not finished"):
+    with pytest.raises(SystemExit, match="pseudo-label stage .* is not finished.* --run .*cut/best.pt --output_dir DIR"):
         inference.final_stage(cut)
     labels = pd.read_csv(cut / "pseudo" / "labels.csv").head(3)
     labels.to_csv(cut / "pseudo" / "labels.csv", index=False)  # a resumed stage must not label the eval images again
     train.main({**default_config("train"), "resume": str(cut), "num_workers": 0, "device": "cpu"})
-    assert training_images_logged(cut, cut / "pseudo") == (7 * N_PEOPLE + 3, N_PEOPLE + 3)
+    assert training_images_logged(cut, cut / "pseudo") == (7 * N_PEOPLE + 3, N_PEOPLE, 3)
     assert inference.final_stage(cut) == cut / "pseudo"
 
 
@@ -673,6 +675,14 @@ def test_a_pseudo_threshold_no_eval_image_reaches_stops_with_the_first_stage_kep
     assert (tmp_path / "run" / "best.pt").is_file() and (tmp_path / "run" / "summary.json").is_file()
     assert not (tmp_path / "run" / "pseudo").exists()
     assert "reaches --pseudo_threshold" in (tmp_path / "run" / "train.log").read_text()
+    # inference does not pass the missing stage over for the first stage, and says how to ask for that
+    with pytest.raises(SystemExit, match=r"pseudo-label stage .*pseudo was not trained \(the run has pseudo_threshold 0.9\).*"
+                                         r"predict with the first stage's models: --run .*run/best.pt --output_dir DIR"):
+        inference.main({**default_config("inference"), "run": [str(tmp_path / "run")], "device": "cpu"})
+    with pytest.raises(SystemExit, match="give --output_dir: by default the predictions of .*best.pt would replace those "
+                                         "of .*pseudo-label stage"):
+        inference.main({**default_config("inference"), "run": [str(tmp_path / "run" / "best.pt")], "device": "cpu"})
+    assert not (tmp_path / "run" / "eval_probs.csv").exists()
 
 
 @pytest.mark.parametrize("threshold, eval_dir, message", [
@@ -726,7 +736,7 @@ def test_val_ratio_0_trains_on_everybody(data, tmp_path):
     metrics = pd.read_csv(run_dir / "metrics.csv")
     assert len(metrics) == 1 and not any(c.startswith("valid_") for c in metrics.columns)
     assert summaries[None]["best_epoch"] == 1
-    assert training_images_logged(run_dir) == (7 * N_PEOPLE, N_PEOPLE)
+    assert training_images_logged(run_dir) == (7 * N_PEOPLE, N_PEOPLE, 0)
 
 
 # ---------------------------------------------------------------------------------------------
