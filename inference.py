@@ -65,7 +65,10 @@ def first_stage(run_dir):
 def saved_config(run_dir):
     """A run folder's config.json (empty for a checkpoint file, a fold or a stage folder)."""
     path = Path(run_dir) / "config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path}: not valid JSON ({e})")
 
 
 def validated_hint(run_dir):

@@ -277,6 +277,9 @@ def test_an_unfinished_kfold_run_is_not_averaged(kfold_dir, tmp_path):
     with pytest.raises(SystemExit, match="fold1 not finished"):
         inference.find_checkpoints(partial)
     assert inference.find_checkpoints(partial / "fold0") == [partial / "fold0" / "best.pt"]
+    (partial / "config.json").write_text("{")  # damaged: named, not a traceback
+    with pytest.raises(SystemExit, match="partial/config.json: not valid JSON"):
+        inference.run_members(partial)
 
 
 def test_an_unfinished_single_run_is_refused_unless_its_checkpoint_is_given(data, run_dir, kfold_dir, tmp_path):
