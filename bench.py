@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -56,11 +57,19 @@ def check_maskbench(folder):
 
 
 def build_maskbench(maskbench, size, out, limit=0):
-    if (out / "train" / "train.csv").is_file() and (out / "eval" / "answers.csv").is_file():
+    """Build maskbench into out once; build.py writes build_info.json last, so a folder without
+    it is a build that was cut short, which is refused rather than measured."""
+    if (out / "build_info.json").is_file():
         return
-    subprocess.run([sys.executable, str(maskbench / "build.py"), "--faces", str(maskbench / "faces"),
-                    "--csv", str(maskbench / "faces.csv"), "--out", str(out), "--size", size,
-                    "--workers", str(os.cpu_count()), *(["--limit", str(limit)] if limit else [])], check=True)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"error: {out} holds an unfinished maskbench build (no build_info.json, which build.py "
+                         "writes last); delete the folder and run again")
+    try:
+        subprocess.run([sys.executable, str(maskbench / "build.py"), "--faces", str(maskbench / "faces"),
+                        "--csv", str(maskbench / "faces.csv"), "--out", str(out), "--size", size,
+                        "--workers", str(os.cpu_count()), *(["--limit", str(limit)] if limit else [])], check=True)
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"error: maskbench's build.py stopped with exit status {e.returncode} (its message is above)")
 
 
 def detect_faces_once(data, recipes):
@@ -88,7 +97,6 @@ def check_counts(table, data):
     if found != expected:
         raise SystemExit(f"error: class counts read {found} differ from build_info.json {expected}")
     print(f"read {table['id'].nunique()} people, {len(table)} images; class counts match build_info.json")
-    return True
 
 
 def loader_throughput(cfg, table, device, max_images=2000):
@@ -290,12 +298,11 @@ def machine():
     return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, {preload}"
 
 
-def write_report(args, loader, results, counts_match, faces, speeds=()):
+def write_report(args, loader, results, faces, speeds=()):
     lines = [f"\n## bench {time.strftime('%Y-%m-%d %H:%M')}\n", f"- machine: {machine()}",
              f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
              f"- data: maskbench built at {args.size}{f' from {args.limit} people' if args.limit else ''}; "
-             f"the reader's 18-class counts "
-             f"{'match' if counts_match else 'DO NOT match'} build_info.json"]
+             "the reader's 18-class counts match build_info.json"]
     if faces:
         lines += [f"- faces found by detect_faces.py (MTCNN, two passes): {faces}"]
     lines[-1] += "\n"
@@ -335,8 +342,9 @@ def write_report(args, loader, results, counts_match, faces, speeds=()):
                   "(first_stage_weight of inference.py); valid F1 is the first stage's."]
     text = "\n".join(lines) + "\n"
     print(text)
-    with open(ROOT / "BENCHMARKS.md", "a") as f:
-        f.write(text)
+    if args.record:
+        with open(args.record, "a") as f:
+            f.write(text)
 
 
 def main(argv=None):
@@ -348,14 +356,17 @@ def main(argv=None):
                         help="on a CUDA GPU: the model input WxH of every recipe that does not set +resize= "
                              "itself (e.g. 192x256); empty: the recipes' own")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out", help="where data, caches and runs go")
+    parser.add_argument("--record", default=str(ROOT / "BENCHMARKS.md"),
+                        help="file the report is appended to (default: this project's BENCHMARKS.md); '' only prints it")
     parser.add_argument("--recipes", nargs="*", default=["best", "baseline"], help="configs/<name>.json[+key=value...]")
     parser.add_argument("--budget_minutes", type=float, default=0,
                         help="training time of a recipe that does not fix its epochs; 0: the measured training time "
                              "of the first recipe (30 if it has no epochs of its own), so the default baseline gets "
                              "the time the recommended recipe took")
     parser.add_argument("--epochs", type=int, default=0, help="fixed epochs instead of the time budget")
-    parser.add_argument("--tta", default=default_config("inference")["tta"],
-                        help="test-time augmentation unless the recipe sets one")
+    parser.add_argument("--tta", default=default_config("inference")["tta"], choices=load_spec()["tta"]["choices"],
+                        help="test-time augmentation of a recipe that sets none (configs/best.json and baseline.json "
+                             "set their own)")
     parser.add_argument("--limit", type=int, default=0, help="build maskbench from this many people only (quick loader measurements)")
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--skip_loader", action="store_true", help="do not measure the loader")
@@ -364,6 +375,10 @@ def main(argv=None):
                         help="per recipe, only its training speed instead of a training run: the model alone and "
                              "the whole pipeline (loader, cache readers, model) over about an epoch of images")
     args = parser.parse_args(argv)
+    if args.speed_only and args.skip_training:
+        parser.error("--speed_only times the recipes' training, which --skip_training leaves out; give one of them")
+    if args.size and not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", args.size):
+        parser.error(f"--size must be WxH, e.g. 192x256, got {args.size!r}")
     check_maskbench(args.maskbench)
     for recipe in args.recipes:  # a misspelt recipe stops here, not after the build
         recipe_config(recipe)
@@ -376,7 +391,7 @@ def main(argv=None):
     cfg = {**default_config("train"), "data_dir": str(data / "train"), "resize": [height, width],
            "cache_dir": str(args.cache_dir), "num_workers": args.num_workers, "val_ratio": 0.2}
     table = load_training_images(cfg)
-    counts_match = check_counts(table, data)
+    check_counts(table, data)
     device = resolve_device("auto")
     loader = None if args.skip_loader else loader_throughput(cfg, table, device)
     results, speeds = [], []
@@ -393,7 +408,7 @@ def main(argv=None):
                 results.append(run_recipe(recipe, args, data, args.out / "runs", device))
                 args.budget_minutes = args.budget_minutes or results[0]["train_minutes"]
     finally:
-        write_report(args, loader, results, counts_match, detection_rates(data), speeds)
+        write_report(args, loader, results, detection_rates(data), speeds)
 
 
 if __name__ == "__main__":

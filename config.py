@@ -90,8 +90,9 @@ def _suggest(key, known):
 def build_parser(script, description=None):
     spec = load_spec()
     parser = _Parser(description=description, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=argparse.SUPPRESS,
-                        help="JSON file of key: value overrides, applied before the command line")
+    parser.add_argument("--config", default=argparse.SUPPRESS, action="append",
+                        help="JSON file of key: value overrides, applied before the command line; given more "
+                             "than once, the files apply in order (a later file wins)")
     keys = script_keys(script, spec)
     parser.known_keys = keys
     for key in keys:
@@ -151,8 +152,8 @@ def parse_config(script, argv=None, description=None, with_given=False):
     cli = vars(parser.parse_args(argv))
     cfg = default_config(script)
     given = set()
-    if "config" in cli:
-        from_file = read_config_file(cli.pop("config"), parser.known_keys)
+    for path in cli.pop("config", []):
+        from_file = read_config_file(path, parser.known_keys)
         cfg.update(from_file)
         given |= set(from_file)
     cfg.update(cli)

@@ -113,7 +113,8 @@ def detect_folder(folder, detector, batch_size=32, num_workers=0, paths=None):
         for group in by_size.values():
             for (i, img), face in zip(group, detector([img for _, img in group])):
                 rows[i] = face_row(paths[i].relative_to(folder).as_posix(), img.shape[1], img.shape[0], face)
-    return pd.DataFrame(rows, columns=FACE_COLUMNS), errors
+    table = pd.DataFrame(rows, columns=FACE_COLUMNS)  # an unreadable image has no size: whole numbers kept
+    return table.astype({"width": "Int64", "height": "Int64"}), errors
 
 
 def default_folders(data_dir):

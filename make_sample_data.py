@@ -236,10 +236,15 @@ def main(argv=None) -> None:
                 f"{a.eval_people}")
     if min(a.size) < 1:
         p.error(f"--size must be at least 1x1, got {a.size[0]}x{a.size[1]}")
+    if a.seed < 0:
+        p.error(f"--seed must be at least 0, got {a.seed}")
     out = make_sample_dataset(a.out, a.train_people, a.eval_people, a.size, a.seed)
     print(f"wrote {out}: train {a.train_people} people / {a.train_people * 7} images, "
           f"eval {a.eval_people} people / {a.eval_people * 7} images")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted; run the same command again to write the sample afresh")

@@ -70,6 +70,9 @@ def read_labels(faces_dir, faces_csv=""):
             if len(parts) < 4 or not (parts[0].isdigit() and parts[1] in ("0", "1") and parts[2] in ("0", "1", "2", "3", "4")):
                 skipped.append((path.name, "name is not {age}_{gender}_{race}_*"))
                 continue
+            if not 1 <= int(parts[0]) <= 120:
+                skipped.append((path.name, f"age {int(parts[0])} is not between 1 and 120"))
+                continue
             rows.append((path.name, int(parts[0]), int(parts[1]), UTKFACE_RACES[int(parts[2])]))
     if not rows:
         raise DataError(f"{faces_dir}: no labelled face photos found")
@@ -271,6 +274,8 @@ def main(argv=None):
     if frame != [0, 0] and min(frame) < 1:
         raise SystemExit(f"error: --masked_frame must be a height and width of at least 1, or 0 0 to keep the "
                          f"photo as it is, got {' '.join(map(str, frame))}")
+    if cfg["seed"] < 0:
+        raise SystemExit(f"error: --seed must be at least 0, got {cfg['seed']}")
     if not cfg["masked_face_width"] > 0:
         raise SystemExit(f"error: --masked_face_width must be above 0, got {cfg['masked_face_width']}")
     if (Path(cfg["masked_out"]) / "train" / "train.csv").exists():
@@ -291,4 +296,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted; the same command continues, keeping the people already written")

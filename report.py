@@ -28,6 +28,7 @@ from dataset import (AGE_NAMES, GENDER_NAMES, MASK_NAMES, NUM_CLASSES, PROB_COLU
                      class_name, crop_boxes, decode_class, decode_image)
 from inference import check_folds_finished, find_checkpoints, load_model
 from model import class_probabilities
+from train import write_atomic
 
 TILE = 128  # image height in worst.png and gradcam.png
 WORST = 16  # images in worst.png
@@ -265,7 +266,7 @@ def write_report(run_dir, device="cpu", images_per_class=2):
     out = run_dir / "report"
     out.mkdir(exist_ok=True)
     for name, image in images.items():
-        image.save(out / f"{name}.png")
+        write_atomic(lambda tmp: image.save(tmp, format="PNG"), out / f"{name}.png")
     return [out / f"{name}.png" for name in images]
 
 

@@ -18,9 +18,15 @@ def score_files(answers_csv, submission_csv):
         if len(bad):
             raise SystemExit(f"error: {path}: {len(bad)} ans value(s) are not classes 0..{NUM_CLASSES - 1}, "
                              f"e.g. {bad.head(3).values.tolist()}")
-    merged = answers.merge(submission, on="ImageID", how="left", suffixes=("_true", "_pred"))
-    if merged["ans_pred"].isna().any() or len(submission) != len(answers):
-        raise SystemExit(f"error: {submission_csv} does not hold exactly the ImageIDs of {answers_csv}")
+        repeated = table["ImageID"][table["ImageID"].duplicated()].unique()
+        if len(repeated):
+            raise SystemExit(f"error: {path}: {len(repeated)} ImageID(s) appear more than once, e.g. {list(repeated[:3])}")
+    missing = sorted(set(answers["ImageID"]) - set(submission["ImageID"]))
+    extra = sorted(set(submission["ImageID"]) - set(answers["ImageID"]))
+    if missing or extra:
+        raise SystemExit(f"error: {submission_csv} does not hold exactly the ImageIDs of {answers_csv}: {len(missing)} "
+                         f"missing (e.g. {missing[:3]}), {len(extra)} not in the answers (e.g. {extra[:3]})")
+    merged = answers.merge(submission, on="ImageID", suffixes=("_true", "_pred"))
     return score(merged["ans_true"], merged["ans_pred"].astype(int))
 
 

@@ -163,10 +163,12 @@ def rng_states():
 def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: an interrupted write never corrupts `path`
     and leaves no temporary file behind."""
-    _write_atomic(lambda tmp: torch.save(obj, tmp), path)
+    write_atomic(lambda tmp: torch.save(obj, tmp), path)
 
 
-def _write_atomic(write, path):
+def write_atomic(write, path):
+    """Call write(temporary path), then rename it to path: an interruption leaves the old file or
+    none, never a half-written one."""
     tmp = Path(f"{path}.tmp")
     try:
         write(tmp)
@@ -195,7 +197,7 @@ def load_checkpoint(path, map_location="cpu", keys=("model", "config")):
 def write_text_atomic(text, path):
     """Write to a temporary file, then rename: a file whose presence marks a finished step
     (summary.json) is never left half-written."""
-    _write_atomic(lambda tmp: tmp.write_text(text), path)
+    write_atomic(lambda tmp: tmp.write_text(text), path)
 
 
 def write_csv_atomic(table, path):

@@ -46,15 +46,34 @@ def test_a_bad_recipe_or_maskbench_folder_stops_bench_before_it_builds_anything(
     assert not out.exists()
 
 
-def test_speed_only_times_the_model_and_the_whole_pipeline_and_reports_both(train_cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("argv, message", [
+    (["--speed_only", "--skip_training"], "--speed_only times the recipes' training, which --skip_training leaves out"),
+    (["--size", "100"], "--size must be WxH, e.g. 192x256, got '100'"),
+    (["--tta", "flips"], "invalid choice: 'flips'"),
+])
+def test_bench_options_that_cannot_work_are_refused(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        bench.main(["--maskbench", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"), *argv])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_maskbench_build_cut_short_is_refused_not_measured(tmp_path):
+    out = tmp_path / "data"
+    (out / "train").mkdir(parents=True)
+    (out / "train" / "train.csv").write_text("id,gender,race,age,path\n")  # build.py writes build_info.json last
+    with pytest.raises(SystemExit, match="holds an unfinished maskbench build .* delete the folder"):
+        bench.build_maskbench(tmp_path / "maskbench", "192x256", out)
+
+
+def test_speed_only_times_the_model_and_the_whole_pipeline_and_reports_both(train_cfg, tmp_path):
     cfg = {**train_cfg, "cache_workers": -1}
     row = bench.recipe_speed("tiny", cfg, load_training_images(cfg), torch.device("cpu"), tmp_path / "probe", images=64)
     assert (row["input"], row["batch_size"], row["cache_readers"]) == ("24x32", 16, 0)  # the CPU reads in the main process
     assert row["model_images_per_s"] > 0 and row["pipeline_images_per_s"] > 0
     assert len(pd.read_csv(tmp_path / "probe" / "metrics.csv")) == 2  # timed on the second of two epochs
-    monkeypatch.setattr(bench, "ROOT", tmp_path)  # the report goes to tmp_path/BENCHMARKS.md
-    args = argparse.Namespace(size="192x256", limit=0, num_workers=2)
-    bench.write_report(args, None, [], True, "", [row, {**row, "recipe": "workers", "cache_readers": 4}])
+    args = argparse.Namespace(size="192x256", limit=0, num_workers=2, record=str(tmp_path / "BENCHMARKS.md"))
+    bench.write_report(args, None, [], "", [row, {**row, "recipe": "workers", "cache_readers": 4}])
     report = (tmp_path / "BENCHMARKS.md").read_text()
     assert "training pipeline: train.py's loop on the first 64 training images" in report
     for recipe, readers in [("tiny", "the main process"), ("workers", "4 workers")]:

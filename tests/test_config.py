@@ -99,6 +99,13 @@ def test_config_file_overrides_defaults_and_command_line_overrides_both(tmp_path
         assert cfg["epochs"] == 9 and cfg["resize"] == [40, 30], argv
 
 
+def test_config_files_given_twice_apply_in_order(tmp_path):
+    recipe = write_json(tmp_path / "recipe.json", {"lr": 0.5, "epochs": 9})
+    mine = write_json(tmp_path / "mine.json", {"epochs": 3})
+    cfg, given = parse_config("train", ["--config", recipe, "--config", mine], with_given=True)
+    assert (cfg["lr"], cfg["epochs"]) == (0.5, 3) and {"lr", "epochs"} <= given
+
+
 def test_unknown_command_line_flag_names_the_closest_key(capsys):
     err = parse_error(capsys, "train", ["--lrr", "0.1"])
     assert "unrecognized arguments" in err and "--lrr" in err

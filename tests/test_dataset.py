@@ -1005,7 +1005,8 @@ def test_sample_data_replaces_its_own_output_of_a_failed_run(tmp_path):
 
 @pytest.mark.parametrize("args, words", [(["--train_people", "-3"], "--train_people must be at least 1"),
                                          (["--eval_people", "-1"], "--eval_people at least 0"),
-                                         (["--size", "0x0"], "--size must be at least 1x1, got 0x0")])
+                                         (["--size", "0x0"], "--size must be at least 1x1, got 0x0"),
+                                         (["--seed", "-1"], "--seed must be at least 0, got -1")])
 def test_sample_data_refuses_bad_arguments_before_writing(tmp_path, capsys, args, words):
     import make_sample_data
     with pytest.raises(SystemExit):

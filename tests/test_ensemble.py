@@ -354,7 +354,21 @@ def test_score_refuses_other_ids(tmp_path, answers, change):
     submission = answers.iloc[1:] if change == "missing" else pd.concat(
         [answers, pd.DataFrame({"ImageID": ["zzz.jpg"], "ans": [0]})])
     submission.to_csv(tmp_path / "submission.csv", index=False)
-    with pytest.raises(SystemExit, match="ImageIDs"):
+    named = r"1 missing \(e.g. \['000.jpg'\]\), 0 not in" if change == "missing" else r"0 missing .*1 not in the answers \(e.g. \['zzz.jpg'\]\)"
+    with pytest.raises(SystemExit, match="does not hold exactly the ImageIDs of .*answers.csv: " + named):
+        score.score_files(tmp_path / "answers.csv", tmp_path / "submission.csv")
+
+
+def test_score_refuses_an_imageid_given_twice_in_either_file(tmp_path, answers):
+    """Two files each repeating a different id have the same number of rows and every id of the
+    other: merged, they would score without an error."""
+    submission = answers.copy()
+    submission.loc[1, "ImageID"] = submission.loc[2, "ImageID"]
+    submission.to_csv(tmp_path / "submission.csv", index=False)
+    with pytest.raises(SystemExit, match=r"submission.csv: 1 ImageID\(s\) appear more than once, e.g. \['002.jpg'\]"):
+        score.score_files(tmp_path / "answers.csv", tmp_path / "submission.csv")
+    pd.concat([answers, answers.iloc[[0]]]).to_csv(tmp_path / "answers.csv", index=False)
+    with pytest.raises(SystemExit, match=r"answers.csv: 1 ImageID\(s\) appear more than once, e.g. \['000.jpg'\]"):
         score.score_files(tmp_path / "answers.csv", tmp_path / "submission.csv")
 
 

@@ -193,6 +193,7 @@ def test_an_unreadable_image_gets_a_row_without_a_face_and_is_named(tmp_path):
     assert len(errors) == 1 and re.search(r"bad.jpg: unreadable", errors[0])
     table.to_csv(tmp_path / D.FACES_CSV, index=False)  # and training reads that faces.csv back
     assert [face.found for face in D.read_faces(tmp_path).values()] == [0, 1]
+    assert (tmp_path / D.FACES_CSV).read_text().splitlines()[2].startswith("images/good.png,40,50,1,")  # sizes stay whole
 
 
 def test_mtcnn_runs_on_a_batch():
@@ -256,11 +257,13 @@ def test_detect_faces_names_the_files_it_replaces_and_an_interrupt_keeps_the_res
 # ---------------------------------------------------------------------------------------------
 # mask_faces.py
 def test_read_labels_from_utkface_names_lists_bad_names(tmp_path):
-    for name in ("25_1_2_2017.jpg.chip.jpg", "61_0_0_2016.jpg", "61_0_2016.jpg", "25_1__x.jpg", "notes.txt", ".hidden.jpg"):
+    for name in ("25_1_2_2017.jpg.chip.jpg", "61_0_0_2016.jpg", "61_0_2016.jpg", "25_1__x.jpg", "notes.txt", ".hidden.jpg",
+                 "0_0_0_a.jpg", "200_1_4_b.jpg"):
         (tmp_path / name).write_bytes(b"")
     table, skipped = mask_faces.read_labels(tmp_path)
     assert table.values.tolist() == [["25_1_2_2017.jpg.chip.jpg", 25, 1, "Asian"], ["61_0_0_2016.jpg", 61, 0, "White"]]
-    assert skipped == [(name, "name is not {age}_{gender}_{race}_*") for name in ("25_1__x.jpg", "61_0_2016.jpg")]
+    assert skipped == [("0_0_0_a.jpg", "age 0 is not between 1 and 120"), ("200_1_4_b.jpg", "age 200 is not between 1 and 120")] + \
+        [(name, "name is not {age}_{gender}_{race}_*") for name in ("25_1__x.jpg", "61_0_2016.jpg")]
 
 
 def test_read_labels_from_a_csv_cleans_the_race_for_folder_names(tmp_path):
@@ -291,7 +294,8 @@ def test_mask_faces_checks_the_frame_and_face_width_before_any_work(tmp_path):
     for flags, message in ((["--masked_frame", "-10", "-10"], "--masked_frame must be"),
                            (["--masked_frame", "512", "0"], r"--masked_frame must be .*0 0 to keep .*got 512 0"),
                            (["--masked_face_width", "0"], "--masked_face_width must be above 0, got 0"),
-                           (["--masked_face_width", "-1"], "--masked_face_width must be above 0")):
+                           (["--masked_face_width", "-1"], "--masked_face_width must be above 0"),
+                           (["--seed", "-1"], "--seed must be at least 0, got -1")):
         with pytest.raises(SystemExit, match=message):
             mask_faces.main(args + flags)
     assert not (tmp_path / "out").exists()
