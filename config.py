@@ -10,6 +10,7 @@ import argparse
 import difflib
 import json
 import os
+import sys
 from pathlib import Path
 
 ARGS_FILE = Path(__file__).resolve().parent / "args.json"
@@ -158,4 +159,8 @@ def parse_config(script, argv=None, description=None, with_given=False):
         given |= set(from_file)
     cfg.update(cli)
     given |= set(cli)
+    spec = load_spec()
+    for key in sorted(set(cfg) - given):  # a value nobody typed is named, so an error about it can be traced
+        if cfg[key] != spec[key]["default"]:
+            print(f"--{key} {cfg[key]} from the environment variable {spec[key]['env']}", file=sys.stderr)
     return (cfg, given) if with_given else cfg

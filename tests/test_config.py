@@ -173,14 +173,18 @@ def test_abbreviations_are_not_accepted(capsys, argv, meant):
 
 # ---------------------------------------------------------------------------------------------
 # Environment variables
-def test_environment_sets_defaults_and_command_line_wins(monkeypatch, tmp_path):
+def test_environment_sets_defaults_and_command_line_wins(monkeypatch, tmp_path, capsys):
     monkeypatch.setenv("SM_CHANNEL_TRAIN", "/srv/competition/train")
     monkeypatch.setenv("SM_MODEL_DIR", "/srv/models")
     cfg = parse_config("train", [])
     assert cfg["data_dir"] == "/srv/competition/train" and cfg["model_dir"] == "/srv/models"
+    assert capsys.readouterr().err.splitlines() == [  # said, so an error about the folder can be traced to it
+        "--data_dir /srv/competition/train from the environment variable SM_CHANNEL_TRAIN",
+        "--model_dir /srv/models from the environment variable SM_MODEL_DIR"]
     assert default_config("train")["data_dir"] == "/srv/competition/train"
     cfg = parse_config("train", ["--data_dir", "here/train", "--model_dir", "here/runs"])
     assert cfg["data_dir"] == "here/train" and cfg["model_dir"] == "here/runs"
+    assert capsys.readouterr().err == ""
     path = write_json(tmp_path / "c.json", {"model_dir": "file/runs"})
     cfg = parse_config("train", ["--config", path])
     assert cfg["model_dir"] == "file/runs" and cfg["data_dir"] == "/srv/competition/train"
