@@ -398,7 +398,7 @@ def main(argv=None):
     if not args.skip_training:
         detect_faces_once(data, args.recipes)
     try:  # an interrupted or failed bench still reports the recipes it finished
-        if args.speed_only and not args.skip_training:
+        if args.speed_only:
             for recipe in args.recipes:
                 _, _, recipe_cfg = recipe_training(recipe, args, data, device)
                 speeds.append(recipe_speed(recipe, recipe_cfg, load_training_images(recipe_cfg), device,

@@ -6,14 +6,14 @@
     python inference.py --run runs/exp --pseudo_threshold 0.95   # also pseudo_labels.csv
 
 A run trained with --pseudo_threshold predicts with its pseudo-label stage (RUN/pseudo/) and its
-first stage's models, half and half (--first_stage_weight; 0 for the stage alone); pass RUN/best.pt
-or RUN/fold<k> for the first stage's models alone. --run also takes checkpoint files; several runs
-are averaged, each counting once.
+first stage's models, half and half (--first_stage_weight; 0 for the stage alone); pass those
+models (RUN/best.pt, RUN/fold0 RUN/fold1 ..., or RUN/refit) with an --output_dir of their own for
+the first stage alone. --run also takes checkpoint files; several runs are averaged, each counting
+once.
 
 The model, image size and normalization come from the run's saved config; only where to read,
 where to write, batch size, device and TTA are chosen here.
 """
-import json
 import logging
 from pathlib import Path
 
@@ -26,7 +26,8 @@ from config import default_config, parse_config
 from dataset import (PROB_COLUMNS, DataError, build_transform, eval_folder, image_key, is_class,
                      make_dataset, num_folds, read_eval_images)
 from model import create_model, task_probabilities
-from train import autocast_for, load_checkpoint, predict, probs_table, resolve_device, setup_logging, write_csv_atomic
+from train import (autocast_for, check_pseudo_threshold, load_checkpoint, predict, probs_table, resolve_device,
+                   saved_config, setup_logging, write_csv_atomic)
 
 log = logging.getLogger("mask")
 
@@ -38,15 +39,19 @@ def final_stage(run_dir):
     interruption, or no eval image reaching the threshold), is refused rather than passed over
     for the first stage's models."""
     stage = Path(run_dir) / "pseudo"
-    if not stage.is_dir() and not saved_config(run_dir).get("pseudo_threshold", 0) > 0:
+    if not has_pseudo_stage(run_dir):
         return first_stage(run_dir)
     if not (stage / "summary.json").is_file():
-        state = "is not finished" if stage.is_dir() else "was not trained"
-        raise SystemExit(f"error: the pseudo-label stage {stage} {state} (the run has pseudo_threshold "
-                         f"{saved_config(run_dir).get('pseudo_threshold')}); finish it with python train.py --resume "
-                         f"{run_dir} (its train.log says why it stopped), or predict with the first stage's models: --run "
-                         f"{first_stage_hint(run_dir)} --output_dir DIR")
+        raise SystemExit(f"error: the pseudo-label stage {stage} {'is not finished' if stage.is_dir() else 'was not trained'} "
+                         f"(the run has pseudo_threshold {saved_config(run_dir).get('pseudo_threshold')}); finish it with "
+                         f"python train.py --resume {run_dir} (its train.log says why it stopped), or predict with the "
+                         f"first stage's models alone: python inference.py {first_stage_args(run_dir)}")
     return stage
+
+
+def has_pseudo_stage(run_dir):
+    """The run has, or was trained to have, a pseudo-label stage in pseudo/."""
+    return (Path(run_dir) / "pseudo").is_dir() or saved_config(run_dir).get("pseudo_threshold", 0) > 0
 
 
 def first_stage(run_dir):
@@ -58,27 +63,18 @@ def first_stage(run_dir):
         return Path(run_dir)
     if not (refit / "summary.json").is_file():
         raise SystemExit(f"error: the refit model {refit} is not finished; finish it with python train.py --resume "
-                         f"{run_dir}, or pass the models trained with validation to --run: {validated_hint(run_dir)}")
+                         f"{run_dir}, or predict with the models trained with validation: python inference.py "
+                         f"{first_stage_args(run_dir, refit=False)}")
     return refit
 
 
-def saved_config(run_dir):
-    """A run folder's config.json (empty for a checkpoint file, a fold or a stage folder)."""
-    path = Path(run_dir) / "config.json"
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {path}: not valid JSON ({e})")
-
-
-def validated_hint(run_dir):
-    """How to name a run's models trained with validation on --run: its fold folders, or its best.pt."""
-    return f"{run_dir}/fold<k> folders" if any(Path(run_dir).glob("fold*/")) else f"{run_dir}/best.pt"
-
-
-def first_stage_hint(run_dir):
-    """How to name the first stage's models of a run on --run: its refit/ folder, else as validated_hint."""
-    return f"{run_dir}/refit" if (Path(run_dir) / "refit").is_dir() else validated_hint(run_dir)
+def first_stage_args(run_dir, refit=True):
+    """The inference.py arguments that predict with a run's first-stage models alone, into a
+    folder of their own: its refit/ model (unless refit is False), else its folds, else its best.pt."""
+    run_dir = Path(run_dir)
+    models = ([run_dir / "refit"] if refit and (run_dir / "refit").is_dir() else
+              sorted(run_dir.glob("fold*/")) or [run_dir / "best.pt"])
+    return f"--run {' '.join(map(str, models))} --output_dir DIR"
 
 
 def run_members(run, checkpoint="best", first_stage_weight=0.0):
@@ -91,8 +87,8 @@ def run_members(run, checkpoint="best", first_stage_weight=0.0):
     own = [(path, 1 / len(checkpoints)) for path in checkpoints]
     if stage != Path(run) / "pseudo":
         if stage != Path(run):
-            log.info("%s: predicting with its refit model %s (every person); pass %s for the models trained with "
-                     "validation", run, stage, validated_hint(run))
+            log.info("%s: predicting with its refit model %s (every person); for the models trained with validation: "
+                     "python inference.py %s", run, stage, first_stage_args(run, refit=False))
         return own
     if first_stage_weight == 0:
         log.info("%s: predicting with its pseudo-label stage %s", run, stage)
@@ -220,12 +216,6 @@ def write_pseudo_labels(images, probs, threshold, path, soft=False):
     return path
 
 
-def final_stage_name(run_dir):
-    """What a run predicts with when it is not its own best.pt: 'pseudo-label stage', 'refit model' or ''."""
-    return ("pseudo-label stage" if (Path(run_dir) / "pseudo").is_dir() or saved_config(run_dir).get("pseudo_threshold", 0) > 0
-            else "refit model" if (Path(run_dir) / "refit").is_dir() else "")
-
-
 def main(cfg):
     setup_logging()
     if not cfg["run"]:
@@ -237,11 +227,11 @@ def main(cfg):
     if not cfg["output_dir"] and len(cfg["run"]) > 1:
         raise SystemExit(f"error: give --output_dir: by default the blend of {len(cfg['run'])} runs would replace "
                          f"{out_dir}'s own predictions (which ensemble.py reads as that run's)")
-    if first.is_file() and not cfg["output_dir"] and final_stage_name(out_dir):
-        raise SystemExit(f"error: give --output_dir: by default the predictions of {first} would replace those of "
-                         f"{out_dir}'s {final_stage_name(out_dir)} in {out_dir}")
-    if not 0 <= cfg["pseudo_threshold"] <= 1:
-        raise SystemExit(f"error: --pseudo_threshold is a probability, 0 (no pseudo labels) to 1; got {cfg['pseudo_threshold']}")
+    if first.is_file() and not cfg["output_dir"] and (has_pseudo_stage(out_dir) or (out_dir / "refit").is_dir()):
+        model = "pseudo-label stage" if has_pseudo_stage(out_dir) else "refit model"
+        raise SystemExit(f"error: give --output_dir: by default the predictions of {first} would be written to "
+                         f"{out_dir} as the run's own, which come from its {model} (ensemble.py reads them)")
+    check_pseudo_threshold(cfg["pseudo_threshold"])
     device = resolve_device(cfg["device"])
     # each run's weights sum to 1 and predict_eval normalises the total, so every run counts once
     members = [member for run in cfg["run"] for member in run_members(run, cfg["checkpoint"], cfg["first_stage_weight"])]

@@ -574,13 +574,25 @@ def train(cfg, run_dir, device):
     return summaries
 
 
+def saved_config(run_dir):
+    """A run folder's config.json (empty where there is none: a checkpoint file, a fold or stage folder)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path}: not valid JSON ({e})")
+
+
+def check_pseudo_threshold(threshold):
+    if not 0 <= threshold <= 1:
+        raise SystemExit(f"error: --pseudo_threshold is a probability, 0 (no pseudo-labels) to 1; got {threshold}")
+
+
 def check_pseudo_settings(cfg):
     """The pseudo-label stage runs after all the training: its threshold, eval folder, images
     (decoded once; into the cache when there is one) and, with face_crop, the folder's faces.csv
     are checked before any, so a typo or a bad image does not surface an hour later."""
-    if not 0 <= cfg["pseudo_threshold"] <= 1:
-        raise SystemExit(f"error: --pseudo_threshold is a probability, 0 (no pseudo-label stage) to 1; "
-                         f"got {cfg['pseudo_threshold']}")
+    check_pseudo_threshold(cfg["pseudo_threshold"])
     if cfg["pseudo_threshold"] > 0:
         try:
             paths = read_eval_images(eval_folder(cfg))["image_path"].tolist()
@@ -598,7 +610,7 @@ def pseudo_stage(cfg, run_dir, device):
     (BENCHMARKS.md measures the stage on held-out people). The labels go to pseudo/labels.csv
     (not pseudo_labels.csv, which inference.py --pseudo_threshold writes into the run folder);
     kept from an interrupted run, they are reused, so a resumed stage trains on the same labels."""
-    from inference import find_checkpoints, first_stage, predict_eval, write_pseudo_labels  # inference imports train
+    from inference import find_checkpoints, first_stage, first_stage_args, predict_eval, write_pseudo_labels  # imports train
     if (run_dir / "pseudo" / "summary.json").is_file():  # finished before an interruption
         return
     labeller = first_stage(run_dir)
@@ -608,8 +620,8 @@ def pseudo_stage(cfg, run_dir, device):
         if probs.max() < cfg["pseudo_threshold"]:
             raise DataError(f"no image of {eval_folder(cfg)} reaches --pseudo_threshold {cfg['pseudo_threshold']} (the "
                             f"highest top probability is {probs.max():.3f}). The models trained so far stay in {run_dir}; "
-                            f"label with a lower threshold by hand: python inference.py --run {labeller} "
-                            f"--pseudo_threshold P, then python train.py --extra_data {labeller}/pseudo_labels.csv")
+                            f"label with a lower threshold by hand: python inference.py {first_stage_args(run_dir)} "
+                            f"--pseudo_threshold P, then python train.py --extra_data DIR/pseudo_labels.csv")
         given = {image_key(p) for table in read_extra(cfg["extra_data"]) for p in table["image_path"]}
         new = ~images["image_path"].map(image_key).isin(given).to_numpy()
         if not new.all():  # the user's --extra_data labels them already; labelling them twice is refused
@@ -669,11 +681,7 @@ def main(cfg, given=None):
         run_dir = Path(cfg["resume"])
         if not (run_dir / "config.json").is_file():
             raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
-        try:
-            saved = json.loads((run_dir / "config.json").read_text())
-        except json.JSONDecodeError as e:
-            raise SystemExit(f"error: {run_dir / 'config.json'}: not valid JSON ({e})")
-        cfg = resumed_config(cfg, given, saved)
+        cfg = resumed_config(cfg, given, saved_config(run_dir))
         device = resolve_device(cfg["device"])  # the run's own, unless --device was given
     else:
         device = resolve_device(cfg["device"])

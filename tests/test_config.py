@@ -185,6 +185,8 @@ def test_environment_sets_defaults_and_command_line_wins(monkeypatch, tmp_path, 
     cfg = parse_config("train", ["--data_dir", "here/train", "--model_dir", "here/runs"])
     assert cfg["data_dir"] == "here/train" and cfg["model_dir"] == "here/runs"
     assert capsys.readouterr().err == ""
+    parse_config("train", ["--resume", "runs/a"])  # a resumed run keeps its saved folders: nothing to name
+    assert capsys.readouterr().err == ""
     path = write_json(tmp_path / "c.json", {"model_dir": "file/runs"})
     cfg = parse_config("train", ["--config", path])
     assert cfg["model_dir"] == "file/runs" and cfg["data_dir"] == "/srv/competition/train"

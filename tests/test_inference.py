@@ -250,8 +250,9 @@ def test_an_unfinished_refit_is_refused(kfold_dir, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(kfold_dir, partial)
     (partial / "refit" / "summary.json").unlink()
-    with pytest.raises(SystemExit, match=r"refit model .*refit is not finished; finish it with python train.py "
-                                         r"--resume .*, or pass the models trained with validation to --run: .*partial/fold<k> folders"):
+    with pytest.raises(SystemExit, match=r"refit model .*refit is not finished; finish it with python train.py --resume .*, "
+                                         r"or predict with the models trained with validation: python inference.py "
+                                         r"--run \S*partial/fold0 \S*partial/fold1 --output_dir DIR"):
         inference.run_members(partial)
 
 
@@ -261,8 +262,8 @@ def test_one_checkpoint_of_a_refit_run_does_not_replace_the_runs_predictions(dat
     run = tmp_path / "run"
     shutil.copytree(kfold_dir, run)
     (run / "fold0" / "best.pt").rename(run / "best.pt")  # a single-fold run with --refit: RUN/best.pt beside RUN/refit/
-    with pytest.raises(SystemExit, match=r"give --output_dir: by default the predictions of .*best.pt would replace "
-                                         r"those of .*run's refit model"):
+    with pytest.raises(SystemExit, match=r"give --output_dir: by default the predictions of .*best.pt would be written "
+                                         r"to .*run as the run's own, which come from its refit model"):
         inference.main(make_inference_cfg(data, run / "best.pt", ""))
     assert not (run / "eval_probs.csv").exists()
 

@@ -676,13 +676,20 @@ def test_a_pseudo_threshold_no_eval_image_reaches_stops_with_the_first_stage_kep
     assert not (tmp_path / "run" / "pseudo").exists()
     assert "reaches --pseudo_threshold" in (tmp_path / "run" / "train.log").read_text()
     # inference does not pass the missing stage over for the first stage, and says how to ask for that
+    inference_cfg = {**default_config("inference"), "device": "cpu", "num_workers": 0, "cache_dir": cfg["cache_dir"]}
     with pytest.raises(SystemExit, match=r"pseudo-label stage .*pseudo was not trained \(the run has pseudo_threshold 0.9\).*"
-                                         r"predict with the first stage's models: --run .*run/best.pt --output_dir DIR"):
-        inference.main({**default_config("inference"), "run": [str(tmp_path / "run")], "device": "cpu"})
-    with pytest.raises(SystemExit, match="give --output_dir: by default the predictions of .*best.pt would replace those "
-                                         "of .*pseudo-label stage"):
-        inference.main({**default_config("inference"), "run": [str(tmp_path / "run" / "best.pt")], "device": "cpu"})
+                                         r"first stage's models alone: python inference.py --run .*run/best.pt --output_dir DIR"):
+        inference.main({**inference_cfg, "run": [str(tmp_path / "run")]})
+    with pytest.raises(SystemExit, match="give --output_dir: by default the predictions of .*best.pt would be written to "
+                                         ".*run as the run's own, which come from its pseudo-label stage"):
+        inference.main({**inference_cfg, "run": [str(tmp_path / "run" / "best.pt")]})
     assert not (tmp_path / "run" / "eval_probs.csv").exists()
+    # the way out train.py printed works as printed
+    monkeypatch.undo()
+    printed = re.search(r"python inference.py (.*) --pseudo_threshold P", (tmp_path / "run" / "train.log").read_text()).group(1)
+    argv = printed.replace("DIR", str(tmp_path / "labels")).split() + ["--pseudo_threshold", "0.05"]
+    inference.main({**parse_config("inference", argv), "device": "cpu", "num_workers": 0, "cache_dir": cfg["cache_dir"]})
+    assert len(pd.read_csv(tmp_path / "labels" / "pseudo_labels.csv")) == 42
 
 
 @pytest.mark.parametrize("threshold, eval_dir, message", [
