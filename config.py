@@ -160,7 +160,7 @@ def parse_config(script, argv=None, description=None, with_given=False):
     cfg.update(cli)
     given |= set(cli)
     spec = load_spec()
-    for key in sorted(set(cfg) - given):  # a value nobody typed is named, so an error about it can be traced
-        if cfg[key] != spec[key]["default"] and not cfg.get("resume"):  # a resumed run keeps its saved values
-            print(f"--{key} {cfg[key]} from the environment variable {spec[key]['env']}", file=sys.stderr)
+    from_env = [] if cfg.get("resume") else [key for key in sorted(set(cfg) - given) if cfg[key] != spec[key]["default"]]
+    for key in from_env:  # a value nobody typed is named, so an error about it can be traced (a resumed run keeps its own)
+        print(f"--{key} {cfg[key]} from the environment variable {spec[key]['env']}", file=sys.stderr)
     return (cfg, given) if with_given else cfg

@@ -42,10 +42,10 @@ def final_stage(run_dir):
     if not has_pseudo_stage(run_dir):
         return first_stage(run_dir)
     if not (stage / "summary.json").is_file():
-        raise SystemExit(f"error: the pseudo-label stage {stage} {'is not finished' if stage.is_dir() else 'was not trained'} "
-                         f"(the run has pseudo_threshold {saved_config(run_dir).get('pseudo_threshold')}); finish it with "
-                         f"python train.py --resume {run_dir} (its train.log says why it stopped), or predict with the "
-                         f"first stage's models alone: python inference.py {first_stage_args(run_dir)}")
+        raise SystemExit(f"error: the pseudo-label stage {stage} of a run trained with --pseudo_threshold "
+                         f"{'is not finished' if stage.is_dir() else 'was not trained'}; finish it with python train.py "
+                         f"--resume {run_dir} (its train.log says why it stopped), or predict with the first stage's "
+                         f"models alone: python inference.py {first_stage_args(run_dir)}")
     return stage
 
 
@@ -227,8 +227,9 @@ def main(cfg):
     if not cfg["output_dir"] and len(cfg["run"]) > 1:
         raise SystemExit(f"error: give --output_dir: by default the blend of {len(cfg['run'])} runs would replace "
                          f"{out_dir}'s own predictions (which ensemble.py reads as that run's)")
-    if first.is_file() and not cfg["output_dir"] and (has_pseudo_stage(out_dir) or (out_dir / "refit").is_dir()):
-        model = "pseudo-label stage" if has_pseudo_stage(out_dir) else "refit model"
+    model = ("pseudo-label stage" if has_pseudo_stage(out_dir) else "refit model" if (out_dir / "refit").is_dir()
+             else "") if first.is_file() and not cfg["output_dir"] else ""
+    if model:
         raise SystemExit(f"error: give --output_dir: by default the predictions of {first} would be written to "
                          f"{out_dir} as the run's own, which come from its {model} (ensemble.py reads them)")
     check_pseudo_threshold(cfg["pseudo_threshold"])
