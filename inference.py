@@ -227,11 +227,12 @@ def main(cfg):
     if not cfg["output_dir"] and len(cfg["run"]) > 1:
         raise SystemExit(f"error: give --output_dir: by default the blend of {len(cfg['run'])} runs would replace "
                          f"{out_dir}'s own predictions (which ensemble.py reads as that run's)")
-    model = ("pseudo-label stage" if has_pseudo_stage(out_dir) else "refit model" if (out_dir / "refit").is_dir()
-             else "") if first.is_file() and not cfg["output_dir"] else ""
-    if model:
-        raise SystemExit(f"error: give --output_dir: by default the predictions of {first} would be written to "
-                         f"{out_dir} as the run's own, which come from its {model} (ensemble.py reads them)")
+    if first.is_file() and not cfg["output_dir"]:
+        model = ("pseudo-label stage" if has_pseudo_stage(out_dir) else
+                 "refit model" if (out_dir / "refit").is_dir() else "")
+        if model:
+            raise SystemExit(f"error: give --output_dir: by default the predictions of {first} would be written to "
+                             f"{out_dir} as the run's own, which come from its {model} (ensemble.py reads them)")
     check_pseudo_threshold(cfg["pseudo_threshold"])
     device = resolve_device(cfg["device"])
     # each run's weights sum to 1 and predict_eval normalises the total, so every run counts once
