@@ -143,7 +143,7 @@ def read_people(data_dir):
         raise DataError(f"{csv_path}: no people (a header and no rows)")
     for row, rec in enumerate(people.itertuples(), start=2):  # line 1 is the header
         if not rec.age.isdigit():
-            raise DataError(f"{csv_path}: line {row}: age '{rec.age}' is not a whole number")
+            raise DataError(f"{csv_path}: line {row}: age '{rec.age}' is not written as whole years in digits (e.g. 29)")
         if rec.gender.lower() not in GENDERS:
             raise DataError(f"{csv_path}: line {row}: gender '{rec.gender}' is not male or female")
     for column in ("id", "path"):  # two rows reading one folder would put its images on both sides of a split

@@ -48,8 +48,9 @@ class Member:
             raise SystemExit(f"error: {e}")
         run_dir = path if path.is_dir() else path.parent
         self.valid = None
-        if (run_dir / "pseudo").is_dir():  # its eval predictions come from pseudo/, which has no validation
-            log.info("%s: no validation probabilities (its pseudo-label stage predicted eval, and has none)", path)
+        unvalidated = unvalidated_predictions(run_dir)
+        if unvalidated:
+            log.info("%s: no validation F1: %s", path, unvalidated)
         else:
             for name in ("oof_probs.csv", "valid_probs.csv"):
                 if (run_dir / name).is_file():
@@ -61,6 +62,19 @@ class Member:
     @property
     def probs(self):
         return self.eval[PROB_COLUMNS].to_numpy()
+
+
+def unvalidated_predictions(run_dir):
+    """Why a run's validation probabilities do not describe the models that predicted its eval
+    images (inference.json names them), or None when they do."""
+    if (run_dir / "pseudo").is_dir():
+        return "its pseudo-label stage predicted eval, and has no validation"
+    if (run_dir / "refit").is_dir():
+        return "its refit model predicted eval, and was trained on the validation people"
+    record = run_dir / "inference.json"
+    if record.is_file() and json.loads(record.read_text())["config"]["checkpoint"] != "best":
+        return "eval was predicted with last.pt, and validation with best.pt"
+    return None
 
 
 def check_member_table(table, path):

@@ -1,6 +1,6 @@
 """Predict eval/info.csv with a trained run and write a submission.
 
-    python inference.py --run runs/exp                    # submission.csv + eval_probs.csv in the run
+    python inference.py --run runs/exp                    # submission.csv, eval_probs.csv, inference.json in the run
     python inference.py --run runs/kfold --tta flip_crops  # a k-fold run: its folds averaged, or its refit/ model
     python inference.py --run runs/exp --eval_dir data/eval --output_dir out
     python inference.py --run runs/exp --pseudo_threshold 0.95   # also pseudo_labels.csv
@@ -14,7 +14,11 @@ once.
 The model, image size and normalization come from the run's saved config; only where to read,
 where to write, batch size, device and TTA are chosen here.
 """
+import json
 import logging
+import shlex
+import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +30,9 @@ from config import default_config, parse_config
 from dataset import (PROB_COLUMNS, DataError, build_transform, eval_folder, image_key, is_class,
                      make_dataset, num_folds, read_eval_images)
 from model import create_model, task_probabilities
-from train import (autocast_for, check_pseudo_threshold, load_checkpoint, predict, probs_table, resolve_device,
-                   saved_config, setup_logging, write_csv_atomic)
+from train import (LOADER_MINIMUMS, autocast_for, check_at_least, check_not_a_file, check_pseudo_threshold,
+                   load_checkpoint, predict, probs_table, resolve_device, saved_config, setup_logging,
+                   write_csv_atomic, write_text_atomic)
 
 log = logging.getLogger("mask")
 
@@ -222,8 +227,13 @@ def main(cfg):
         raise SystemExit("error: give a run folder with --run RUN")
     if not 0 <= cfg["first_stage_weight"] <= 1:
         raise SystemExit(f"error: --first_stage_weight is a share, 0 to 1; got {cfg['first_stage_weight']}")
+    missing = [run for run in cfg["run"] if not Path(run).exists()]
+    if missing:
+        raise SystemExit(f"error: --run {' '.join(missing)}: no such run folder or checkpoint file")
+    check_at_least(cfg, LOADER_MINIMUMS)
     first = Path(cfg["run"][0])
     out_dir = Path(cfg["output_dir"]) if cfg["output_dir"] else first.parent if first.is_file() else first
+    check_not_a_file(out_dir)
     if not cfg["output_dir"] and len(cfg["run"]) > 1:
         raise SystemExit(f"error: give --output_dir: by default the blend of {len(cfg['run'])} runs would replace "
                          f"{out_dir}'s own predictions (which ensemble.py reads as that run's)")
@@ -246,7 +256,11 @@ def main(cfg):
     path = write_submission(images["ImageID"], probs.argmax(1), out_dir)
     if cfg["pseudo_threshold"] > 0:
         write_pseudo_labels(images, probs, cfg["pseudo_threshold"], out_dir / "pseudo_labels.csv", cfg["pseudo_soft"])
-    log.info("wrote %s and %s", path, out_dir / "eval_probs.csv")
+    write_text_atomic(json.dumps({"command": shlex.join(sys.argv), "time": datetime.now(timezone.utc).isoformat(),
+                                  "eval_images": str(Path(images["image_path"].iloc[0]).parent),
+                                  "models": [{"checkpoint": str(path), "weight": weight} for path, weight in members],
+                                  "config": cfg}, indent=2), out_dir / "inference.json")
+    log.info("wrote %s, %s and %s", path, out_dir / "eval_probs.csv", out_dir / "inference.json")
     return path
 
 

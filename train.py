@@ -12,6 +12,7 @@ and oof_probs.csv; with --refit: refit/ trained on every person; with --pseudo_t
 pseudo/, the model trained on every person plus the eval images in its labels.csv).
 """
 import contextlib
+import io
 import json
 import logging
 import math
@@ -19,6 +20,7 @@ import os
 import random
 import shlex
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -51,6 +53,7 @@ def make_run_dir(cfg):
     stops before its first (bad data, Ctrl-C, a crash)."""
     if cfg["output_dir"]:
         run_dir = Path(cfg["output_dir"])
+        check_not_a_file(run_dir)
         if run_dir.exists() and any(run_dir.iterdir()):
             if not cfg["overwrite"]:
                 raise SystemExit(f"error: {run_dir} is not empty; pass --overwrite to replace the run in it")
@@ -72,6 +75,11 @@ def make_run_dir(cfg):
             run_dir, n = base.with_name(f"{base.name}{n}"), n + 1
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def check_not_a_file(folder):
+    if folder.exists() and not folder.is_dir():
+        raise SystemExit(f"error: --output_dir {folder} is a file; give a folder")
 
 
 def replaced_run(run_dir):
@@ -530,8 +538,9 @@ def folds_to_train(cfg):
     fold asked for or, for 'all', every one. Refuses a fold the split does not have."""
     if cfg["val_ratio"] == 0:
         return [None]
-    if not 0 < cfg["val_ratio"] < 1:
-        raise SystemExit(f"error: --val_ratio must be 0 (no validation) or between 0 and 1, got {cfg['val_ratio']}")
+    if not 0 < cfg["val_ratio"] <= 0.5:
+        raise SystemExit(f"error: --val_ratio must be 0 (no validation) or above 0 and at most 0.5 (the split has "
+                         f"round(1 / val_ratio) folds, at least 2), got {cfg['val_ratio']}")
     k = num_folds(cfg["val_ratio"])
     if cfg["fold"] == "all":
         return list(range(k))
@@ -546,9 +555,13 @@ def train(cfg, run_dir, device):
     probabilities and the refit model; returns the per-fold summaries."""
     images = load_training_images(cfg)
     people = images.drop_duplicates("id")[["id", "source", "gender", "age", "age_band", "fold"]]
-    people.to_csv(run_dir / "split.csv", index=False)
+    check_same_split(run_dir / "split.csv", people)
+    write_csv_atomic(people, run_dir / "split.csv")
     cache = open_cache(images["image_path"].tolist(), cfg) if cfg["cache_dir"] else None
     folds = folds_to_train(cfg)
+    if folds != [None] and abs(1 / num_folds(cfg["val_ratio"]) - cfg["val_ratio"]) > 0.01:
+        log.info("val_ratio %g makes %d folds: each validates on 1/%d of the people",
+                 cfg["val_ratio"], num_folds(cfg["val_ratio"]), num_folds(cfg["val_ratio"]))
     summaries = {}
     for fold in folds:
         out_dir = run_dir / f"fold{fold}" if cfg["fold"] == "all" and fold is not None else run_dir
@@ -572,6 +585,29 @@ def train(cfg, run_dir, device):
     if cfg["pseudo_threshold"] > 0:
         pseudo_stage(cfg, run_dir, device)
     return summaries
+
+
+def check_same_split(split_csv, people):
+    """A resumed run (its split.csv exists) must find the people it was split into when it
+    started, with the same labels and folds: otherwise the models trained before the interruption
+    would be validated on people they trained on, and metrics.csv would mix two validation sets."""
+    if not split_csv.is_file():
+        return
+    now = pd.read_csv(io.StringIO(people.to_csv(index=False)), dtype=str, keep_default_na=False)
+    saved = pd.read_csv(split_csv, dtype=str, keep_default_na=False)
+    if saved.equals(now):
+        return
+    both = saved.merge(now, on="id", how="outer", suffixes=("", " now"), indicator=True)
+    removed = both.loc[both["_merge"] == "left_only", "id"].tolist()
+    added = both.loc[both["_merge"] == "right_only", "id"].tolist()
+    kept = both[both["_merge"] == "both"]
+    changed = kept.loc[(kept[saved.columns[1:]].to_numpy() != kept[[f"{c} now" for c in saved.columns[1:]]].to_numpy())
+                       .any(1), "id"].tolist()
+    raise DataError(f"the training data changed since this run started ({split_csv} holds its split): "
+                    f"{len(added)} person(s) added {added[:5]}, {len(removed)} removed {removed[:5]}, {len(changed)} "
+                    f"with another label, source or fold {changed[:5]}. Resumed, the models trained so far would be "
+                    "validated on other people, some of whom they trained on. Put the data back as it was, or start "
+                    "a new run")
 
 
 def saved_config(run_dir):
@@ -659,13 +695,21 @@ def resumed_config(cfg, given, saved):
     return {**run_cfg, **{key: cfg[key] for key in RESUME_SETTINGS if key in given}}
 
 
-def check_training_settings(cfg):
-    """Numbers that cannot work are refused before a run folder is made, naming the flag."""
-    at_least = {"epochs": 1, "batch_size": 1, "valid_batch_size": 1, "seed": 0, "weight_decay": 0,
-                "max_train_minutes": 0, "patience": 0, "num_workers": 0, "cache_workers": -1}
-    for key, low in at_least.items():
+# the smallest value of each number that a loader, training or inference needs, checked by check_at_least
+LOADER_MINIMUMS = {"valid_batch_size": 1, "num_workers": 0, "cache_workers": -1}
+TRAINING_MINIMUMS = {"epochs": 1, "batch_size": 1, "seed": 0, "weight_decay": 0, "max_train_minutes": 0,
+                     "patience": 0, **LOADER_MINIMUMS}
+
+
+def check_at_least(cfg, minimums):
+    for key, low in minimums.items():
         if cfg[key] < low:
             raise SystemExit(f"error: --{key} must be at least {low}, got {cfg[key]}")
+
+
+def check_training_settings(cfg):
+    """Numbers that cannot work are refused before a run folder is made, naming the flag."""
+    check_at_least(cfg, TRAINING_MINIMUMS)
     if not cfg["lr"] > 0:
         raise SystemExit(f"error: --lr must be above 0, got {cfg['lr']}")
     if not 0 <= cfg["ema_decay"] < 1:
@@ -673,6 +717,23 @@ def check_training_settings(cfg):
     if cfg["refit"] and cfg["val_ratio"] == 0:
         raise SystemExit("error: --refit trains once more on every person after the validated training; with "
                          "--val_ratio 0 the run trains on every person already: drop --refit")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, which kill, timeout and job schedulers send, handled as Ctrl-C is."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within it, SIGTERM raises Terminated, so a stopped run is settled and its resume command
+    logged as after Ctrl-C; the previous handler comes back after."""
+    def terminate(signum, frame):
+        raise Terminated
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(cfg, given=None):
@@ -699,11 +760,12 @@ def main(cfg, given=None):
     if replaced_run(run_dir).exists():
         log.info("the run it replaces is kept in %s until this one has its first checkpoint", replaced_run(run_dir))
     try:
-        summaries = train(cfg, run_dir, device)
-    except KeyboardInterrupt:
+        with sigterm_as_interrupt():
+            summaries = train(cfg, run_dir, device)
+    except KeyboardInterrupt as e:
         if not settle_run(run_dir, discard_untrained=False):
             log.info("interrupted; continue with: python train.py --resume %s", run_dir)
-        raise SystemExit(130)
+        raise SystemExit(143 if isinstance(e, Terminated) else 130)
     except (Exception, SystemExit) as e:
         if isinstance(e, DataError):  # bad input: the message names the file and the problem
             log.error("%s", e)
@@ -724,8 +786,12 @@ def write_run_report(run_dir, device):
     """The report/ pictures; a finished training never fails over them."""
     from report import write_report  # not at the top: report imports inference, which imports train
     try:
-        paths = write_report(run_dir, device)
+        with sigterm_as_interrupt():
+            paths = write_report(run_dir, device)
         log.info("report: %d pictures in %s", len(paths), ", ".join(sorted({str(p.parent) for p in paths})))
+    except KeyboardInterrupt as e:
+        log.info("report interrupted; the run is finished; draw it with: python report.py --run %s", run_dir)
+        raise SystemExit(143 if isinstance(e, Terminated) else 130)
     except Exception as e:
         log.warning("report not written: %s: %s", type(e).__name__, e)
 

@@ -400,6 +400,23 @@ def test_a_run_with_a_pseudo_label_stage_has_no_validation_to_report(tmp_path):
     assert member.valid is None and member.valid_f1 is None
 
 
+@pytest.mark.parametrize("other_models", ["refit", "last"])
+def test_validation_of_other_models_than_the_ones_that_predicted_eval_is_not_reported(tmp_path, other_models):
+    """A refit model trained on the validation people, and eval predicted with last.pt while
+    the validation probabilities come from best.pt (inference.json says which)."""
+    labels = np.arange(8)
+    run = write_run(tmp_path / "run", IDS[:6], peaked([0, 1, 2, 3, 4, 5]), [f"/t/{k}.jpg" for k in range(8)],
+                    peaked(labels), labels)
+    (run / "inference.json").write_text(json.dumps({"config": {"checkpoint": "best"}}))
+    assert ensemble.Member(run).valid_f1 == 1.0
+    if other_models == "refit":
+        (run / "refit").mkdir()
+    else:
+        (run / "inference.json").write_text(json.dumps({"config": {"checkpoint": "last"}}))
+    member = ensemble.Member(run)
+    assert member.valid is None and member.valid_f1 is None
+
+
 def test_validation_matches_one_image_named_two_ways(tmp_path, monkeypatch, capsys):
     """One run trained with a relative --data_dir, another with the absolute one: the same
     validation images, which the report must still find shared."""

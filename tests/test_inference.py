@@ -1,5 +1,6 @@
 """inference.py: submission and eval probabilities of a run, TTA, the submission check,
 k-fold averaging, checkpoints, and the pseudo-label round trip through train.py."""
+import json
 import re
 import shutil
 from pathlib import Path
@@ -121,6 +122,31 @@ def test_explicit_eval_dir(data, run_dir, tmp_path):
 def test_no_run_is_an_error(data, tmp_path):
     with pytest.raises(SystemExit, match="--run"):
         inference.main(make_inference_cfg(data, [], tmp_path))
+    with pytest.raises(SystemExit, match=r"--run .*nope: no such run folder or checkpoint file"):
+        inference.main(make_inference_cfg(data, tmp_path / "nope", tmp_path))
+
+
+def test_the_record_of_a_prediction_names_its_models_and_settings(data, run_dir, predicted):
+    """inference.json beside the submission: which checkpoints with which weights, the settings
+    and the command, so a score can be traced to what made it."""
+    _, out = predicted
+    record = json.loads((out / "inference.json").read_text())
+    assert record["models"] == [{"checkpoint": str(run_dir / "best.pt"), "weight": 1.0}]
+    assert record["config"]["tta"] == "flip" and record["config"]["checkpoint"] == "best"
+    assert Path(record["eval_images"]) == data / "sample" / "eval" / "images"
+    assert record["command"]
+
+
+@pytest.mark.parametrize("flag, value", [("valid_batch_size", 0), ("num_workers", -3), ("cache_workers", -2)])
+def test_numbers_a_loader_cannot_use_are_refused(data, run_dir, tmp_path, flag, value):
+    with pytest.raises(SystemExit, match=f"--{flag} must be at least"):
+        inference.main(make_inference_cfg(data, run_dir, tmp_path, **{flag: value}))
+
+
+def test_an_output_dir_that_is_a_file_is_refused(data, run_dir, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="file is a file; give a folder"):
+        inference.main(make_inference_cfg(data, run_dir, tmp_path / "file"))
 
 
 # ---------------------------------------------------------------------------------------------

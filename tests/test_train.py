@@ -4,9 +4,11 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
 import shlex
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -925,8 +927,88 @@ def test_a_fold_the_split_does_not_have_is_refused_before_a_run_folder_is_made(d
     with pytest.raises(SystemExit, match=f"--fold {fold} is not a fold of this split: give 0..2"):
         train.main(make_cfg(data, tmp_path / "runs", fold=fold))
     assert not (tmp_path / "runs").exists()
-    with pytest.raises(SystemExit, match="val_ratio must be 0"):
-        train.main(make_cfg(data, tmp_path / "runs", val_ratio=1.5))
+    for val_ratio in (1.5, 0.6):  # above 0.5, round(1 / val_ratio) would still make 2 folds of half each
+        with pytest.raises(SystemExit, match="val_ratio must be 0"):
+            train.main(make_cfg(data, tmp_path / "runs", val_ratio=val_ratio))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_output_dir_that_is_a_file_is_refused(data, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match="file is a file; give a folder"):
+        train.main(make_cfg(data, tmp_path / "runs", output_dir=str(tmp_path / "file")))
+
+
+def interrupt_second_epoch(monkeypatch, stop):
+    """Make train_one_epoch call stop() when the second epoch starts."""
+    real, calls = train.train_one_epoch, []
+
+    def second_epoch_stopped(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            stop()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", second_epoch_stopped)
+
+
+def test_resume_refuses_training_data_that_changed_since_the_run_started(data, tmp_path, monkeypatch):
+    """Other people in train.csv would be split into other folds: the epochs trained before the
+    interruption would be validated on people they trained on. Put back, the run resumes."""
+    shutil.copytree(data / "sample", tmp_path / "sample")
+    cfg = make_cfg(data, tmp_path / "runs", data_dir=str(tmp_path / "sample" / "train"), epochs=2)
+
+    def ctrl_c():
+        raise KeyboardInterrupt
+
+    interrupt_second_epoch(monkeypatch, ctrl_c)
+    with pytest.raises(SystemExit):
+        train.main(cfg)
+    monkeypatch.undo()
+    run_dir = tmp_path / "runs" / "exp"
+    train_csv = tmp_path / "sample" / "train" / "train.csv"
+    original = train_csv.read_text()
+    people = pd.read_csv(train_csv, dtype=str)
+    people.iloc[2:].to_csv(train_csv, index=False)  # two people left out
+    split_before = (run_dir / "split.csv").read_text()
+    resume_cfg = {**default_config("train"), "resume": str(run_dir), "num_workers": 0, "device": "cpu"}
+    with pytest.raises(SystemExit, match=r"training data changed since this run started .*split.csv.*2 removed "
+                                         rf"\['{people['id'][0]}', '{people['id'][1]}'\]"):
+        train.main(resume_cfg)
+    assert (run_dir / "split.csv").read_text() == split_before and (run_dir / "last.pt").is_file()
+    train_csv.write_text(original)
+    train.main(resume_cfg)
+    assert pd.read_csv(run_dir / "metrics.csv")["epoch"].tolist() == [1, 2]
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(data, tmp_path, monkeypatch):
+    """kill, timeout and job schedulers send SIGTERM: the run keeps its checkpoint, logs how to
+    resume and exits with 143; the handler that was there before comes back."""
+    before = signal.getsignal(signal.SIGTERM)
+    interrupt_second_epoch(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(SystemExit) as stop:
+        train.main(make_cfg(data, tmp_path / "runs", epochs=2))
+    monkeypatch.undo()
+    run_dir = tmp_path / "runs" / "exp"
+    assert stop.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert "interrupted; continue with: python train.py --resume" in (run_dir / "train.log").read_text()
+    train.main({**default_config("train"), "resume": str(run_dir), "num_workers": 0, "device": "cpu"})
+    assert pd.read_csv(run_dir / "metrics.csv")["epoch"].tolist() == [1, 2]
+
+
+def test_ctrl_c_while_the_report_is_drawn_says_the_run_is_finished(data, tmp_path, monkeypatch):
+    import report
+
+    def ctrl_c(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "write_report", ctrl_c)
+    with pytest.raises(SystemExit) as stop:
+        train.main(make_cfg(data, tmp_path / "runs", report=True))
+    run_dir = tmp_path / "runs" / "exp"
+    assert stop.value.code == 130 and (run_dir / "summary.json").is_file()
+    assert f"the run is finished; draw it with: python report.py --run {run_dir}" in (run_dir / "train.log").read_text()
 
 
 @pytest.mark.filterwarnings("ignore:.*CUDA:UserWarning")  # a machine without a GPU warns, builds them anyway
