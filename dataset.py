@@ -100,7 +100,9 @@ def read_csv(path, columns, numeric=()):
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {list(table.columns)}")
-    check_field_counts(path)
+    lines = check_field_counts(path)
+    # the file line of each row, for messages about it (numbered_rows); counted as pandas does
+    table.attrs["lines"] = lines if len(lines) == len(table) else list(range(2, len(table) + 2))
     for column in numeric:
         values = pd.to_numeric(table[column], errors="coerce")
         if values.isna().any():
@@ -111,16 +113,27 @@ def read_csv(path, columns, numeric=()):
 
 def check_field_counts(path):
     """pandas reads a row with one field too many as a shifted row, which then fails far from its
-    cause (or not at all); every row must have the header's number of fields."""
+    cause (or not at all); every row must have the header's number of fields. Returns the file
+    line of each row pandas reads: it skips empty and whitespace-only lines."""
+    lines = []
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = csv.reader(f)
         try:
             width = len(next(rows, []))
             for row in rows:
-                if any(field.strip() for field in row) and len(row) != width:  # blank lines are skipped, as pandas does
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue
+                lines.append(rows.line_num)
+                if any(field.strip() for field in row) and len(row) != width:
                     raise DataError(f"{path}: line {rows.line_num}: {len(row)} fields, but the header has {width}")
         except csv.Error as e:
             raise DataError(f"{path}: line {rows.line_num}: cannot parse CSV ({e})")
+    return lines
+
+
+def numbered_rows(table):
+    """(file line, row) of each row of a table read_csv read."""
+    return zip(table.attrs["lines"], table.itertuples())
 
 
 def train_root(data_dir):
@@ -141,7 +154,7 @@ def read_people(data_dir):
     people = read_csv(csv_path, ["id", "gender", "race", "age", "path"])
     if people.empty:
         raise DataError(f"{csv_path}: no people (a header and no rows)")
-    for row, rec in enumerate(people.itertuples(), start=2):  # line 1 is the header
+    for row, rec in numbered_rows(people):
         if not rec.age.isdigit():
             raise DataError(f"{csv_path}: line {row}: age '{rec.age}' is not written as whole years in digits (e.g. 29)")
         if rec.gender.lower() not in GENDERS:
@@ -164,7 +177,7 @@ def warn_folder_names(people, csv_path):
     reads train.csv's columns. A folder name that disagrees with its row (a fix applied to one and
     not the other) or is not in that form is logged, naming the rows; the columns are used."""
     disagree = []
-    for row, rec in enumerate(people.itertuples(), start=2):
+    for row, rec in numbered_rows(people):
         parts = rec.path.split("_")
         if len(parts) < 4 or (parts[0], parts[1].lower(), parts[-1]) != (rec.id, rec.gender.lower(), rec.age):
             disagree.append(f"line {row}: {rec.id},{rec.gender},{rec.age} vs folder {rec.path}")
@@ -339,7 +352,7 @@ def apply_corrections(people, files, corrections_csv):
         raise DataError(f"{corrections_csv}: none of its {len(table)} ids is in the data{hint}")
     people = people.set_index("id", drop=False)
     files = {k: dict(v) for k, v in files.items()}
-    for row, rec in enumerate(table.itertuples(), start=2):
+    for row, rec in numbered_rows(table):
         where = f"{corrections_csv}: line {row}"
         if rec.id not in people.index:
             log.warning("%s: id %s is not in the data; correction not applied", where, rec.id)

@@ -853,6 +853,16 @@ def test_bad_value_in_train_csv(fresh, column, value):
     assert str(fresh / "train" / "train.csv") in message and "line 3" in message and f"'{value}'" in message
 
 
+def test_a_bad_row_after_blank_lines_is_named_by_its_line_in_the_file(fresh):
+    """pandas skips empty and whitespace-only lines; the message still counts them."""
+    path = fresh / "train" / "train.csv"
+    header, first, second, *rest = path.read_text().splitlines()
+    second = second.replace(",female,", ",x,").replace(",male,", ",x,")
+    path.write_text("\n".join([header, first, "", "   ", second, *rest]) + "\n")
+    message = error_of(D.read_train_images, fresh / "train")
+    assert "line 5: gender 'x'" in message
+
+
 def test_duplicate_ids(fresh):
     ids = people_table(fresh)["id"].tolist()
     rewrite_train_csv(fresh, id=[ids[0], ids[1], ids[0]])
