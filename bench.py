@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from config import check_value, default_config, load_spec, read_config_file
 from dataset import build_transform, cache_readers, load_training_images, make_dataset, num_folds, open_cache
 from loss import Criterion
 from model import create_model
-from train import autocast_for, build_optimizer, fit, resolve_device, score
+from train import autocast_for, build_optimizer, check_run_settings, fit, resolve_device, score
 
 ROOT = Path(__file__).resolve().parent
 # a budgeted recipe's epochs: the probe's estimate plus this margin (a 20-batch probe has
@@ -105,11 +106,12 @@ def loader_throughput(cfg, table, device, max_images=2000):
     first; its build time is reported apart), for the plain and the light augmentation preset,
     counted from the first batch on; the wait for the first batch (worker start-up) is reported
     apart, as it is paid once per epoch, not per image. Returns {preset: {uncached, cached,
-    speedup, cache_build_s, uncached_startup_s, cached_startup_s, cache_readers}}."""
+    speedup, cache_build_s (None: the cache was there before), uncached_startup_s, cached_startup_s,
+    cache_readers}}."""
     table = table.iloc[:max_images]
     start = time.time()
-    make_dataset(table, cfg, None)  # builds the cache
-    build_s = time.time() - start
+    cache_file, _, _ = open_cache(table["image_path"].tolist(), cfg)  # built now, unless an earlier bench did
+    build_s = time.time() - start if cache_file.stat().st_mtime >= start else None
     result, readers = {}, cache_readers(cfg, device)
     for preset in ("plain", "light"):
         transform, _ = build_transform(preset, cfg["resize"], cfg["mean"], cfg["std"])  # the workers' part
@@ -213,7 +215,7 @@ def recipe_speed(recipe, cfg, table, device, out_dir, images=SPEED_IMAGES):
     training images (an epoch's worth by default), with the cache readers its loader uses here."""
     batches = max(1, images // cfg["batch_size"])
     return {"recipe": recipe, "input": "x".join(str(v) for v in cfg["resize"][::-1]), "batch_size": cfg["batch_size"],
-            "images": batches * cfg["batch_size"], "cache_readers": cache_readers(cfg, device),
+            "images": min(batches * cfg["batch_size"], len(table)), "cache_readers": cache_readers(cfg, device),
             "model_images_per_s": model_throughput(cfg, device),
             "pipeline_images_per_s": pipeline_throughput(cfg, table, device, out_dir, batches=batches)}
 
@@ -299,8 +301,11 @@ def machine():
 
 
 def write_report(args, loader, results, faces, speeds=()):
+    if not (loader or results or speeds):
+        print("bench: nothing was measured, so nothing is recorded")
+        return
     lines = [f"\n## bench {time.strftime('%Y-%m-%d %H:%M')}\n", f"- machine: {machine()}",
-             f"- command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
+             f"- command: `{shlex.join([Path(sys.executable).name, *sys.argv])}`",
              f"- data: maskbench built at {args.size}{f' from {args.limit} people' if args.limit else ''}; "
              "the reader's 18-class counts match build_info.json"]
     if faces:
@@ -315,8 +320,8 @@ def write_report(args, loader, results, faces, speeds=()):
         lines += [f"| {preset} augmentation | {r['uncached']:.0f} | {r['cached']:.0f} | {r['speedup']:.1f}x | "
                   f"{r['uncached_startup_s']:.2f} / {r['cached_startup_s']:.2f} |" for preset, r in loader.items()]
         build_s = next(iter(loader.values()))["cache_build_s"]
-        lines += [f"\nThe cache was built once in {build_s:.0f} s.\n" if build_s >= 1 else
-                  "\nThe cache was already there (built by an earlier bench).\n"]
+        lines += ["\nThe cache was already there (built by an earlier bench).\n" if build_s is None else
+                  f"\nThe cache was built once in {build_s:.1f} s.\n"]
     if speeds:
         lines += ["| recipe | input WxH | batch | cache read by | model-only img/s | training pipeline img/s | "
                   "pipeline / model |", "| --- " * 7 + "|"]
@@ -379,9 +384,15 @@ def main(argv=None):
         parser.error("--speed_only times the recipes' training, which --skip_training leaves out; give one of them")
     if args.size and not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", args.size):
         parser.error(f"--size must be WxH, e.g. 192x256, got {args.size!r}")
+    for flag in ("limit", "num_workers", "epochs", "budget_minutes"):
+        if getattr(args, flag) < 0:
+            parser.error(f"--{flag} must be at least 0, got {getattr(args, flag)}")
+    if args.record and not Path(args.record).parent.is_dir():
+        parser.error(f"--record {args.record}: there is no folder {Path(args.record).parent}")
+    args.out, args.maskbench = args.out.resolve(), args.maskbench.resolve()  # the scripts run in this folder
     check_maskbench(args.maskbench)
-    for recipe in args.recipes:  # a misspelt recipe stops here, not after the build
-        recipe_config(recipe)
+    for recipe in args.recipes:  # a misspelt recipe, or settings train.py refuses, stop here, not after the build
+        check_run_settings({**default_config("train"), **recipe_config(recipe)})
     args.size = args.size or ("384x512" if torch.cuda.is_available() else "192x256")
     args.out.mkdir(parents=True, exist_ok=True)
     args.cache_dir = args.out / "cache"
@@ -407,9 +418,14 @@ def main(argv=None):
             for recipe in args.recipes:
                 results.append(run_recipe(recipe, args, data, args.out / "runs", device))
                 args.budget_minutes = args.budget_minutes or results[0]["train_minutes"]
+    except subprocess.CalledProcessError as e:  # the script printed why
+        raise SystemExit(f"error: {shlex.join(map(str, e.cmd))} stopped (exit {e.returncode}); its message is above")
     finally:
         write_report(args, loader, results, detection_rates(data), speeds)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the recipes finished before it are reported (main's finally)
+        raise SystemExit(130)

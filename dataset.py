@@ -543,7 +543,8 @@ def crop_boxes(paths, cfg):
     """Per image, the box decode_image cuts: with face_crop, the detected face with face_margin
     (images without a detected face get the median face box of their folder's faces.csv, so
     training, validation, inference and report agree, and are counted);
-    otherwise the center_crop fraction. Returns (boxes, {folder: (images, without a face)})."""
+    otherwise the center_crop fraction; a folder whose faces.csv has no face at all is used whole.
+    Returns (boxes, {folder: (images, without a face, whether its faces.csv has any face)})."""
     if not cfg["face_crop"]:
         return [center_box(cfg["center_crop"])] * len(paths), {}
     aspect = cfg["resize"][1] / cfg["resize"][0]
@@ -560,14 +561,18 @@ def crop_boxes(paths, cfg):
         found = [face_box(face, cfg["face_margin"], aspect) for face in rows.values() if face.found]
         typical[folder] = tuple(np.median(found, axis=0)) if found else FULL_IMAGE
         missed = sum(box is None for box, f in zip(boxes, folders) if f == folder)
-        counts[folder] = (folders.count(folder), missed)
+        counts[folder] = (folders.count(folder), missed, bool(found))
     return [box or typical[folder] for box, folder in zip(boxes, folders)], counts
 
 
 def log_face_counts(counts):
-    for folder, (total, missed) in counts.items():
-        log.info("face crop: %s: a face in %d of %d images; %d without one use the folder's median face box",
-                 folder, total - missed, total, missed)
+    for folder, (total, missed, any_face) in counts.items():
+        if any_face:
+            log.info("face crop: %s: a face in %d of %d images; %d without one use the folder's median face box",
+                     folder, total - missed, total, missed)
+        else:
+            log.warning("face crop: %s: its %s has no face in any image, so its %d images are used whole, not "
+                        "cropped; run python detect_faces.py --face_dirs %s again", folder, FACES_CSV, total, folder)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from dataset import (AGE_NAMES, GENDER_NAMES, MASK_NAMES, NUM_CLASSES, PROB_COLU
                      class_name, crop_boxes, decode_class, decode_image)
 from inference import check_folds_finished, find_checkpoints, load_model
 from model import class_probabilities
-from train import write_atomic
+from train import saved_config, write_atomic
 
 TILE = 128  # image height in worst.png and gradcam.png
 WORST = 16  # images in worst.png
@@ -237,11 +237,17 @@ def write_report(run_dir, device="cpu", images_per_class=2):
     returns their paths. Like inference.py, it refuses an unfinished run, and a k-fold run with a
     fold not finished or without its valid_probs.csv, before writing anything."""
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
     if not (run_dir / "valid_probs.csv").is_file():
         probs = sorted(run_dir.glob("fold*/valid_probs.csv"))
         if not probs:
-            raise FileNotFoundError(f"{run_dir}: no valid_probs.csv there or in fold<k>/ folders (not a run folder, "
-                                    f"or a run without validation: --val_ratio 0)")
+            saved = saved_config(run_dir)
+            why = ("a run without validation (--val_ratio 0) has none" if saved.get("val_ratio") == 0 else
+                   "not a run folder (no config.json or summary.json)"
+                   if not any((run_dir / name).is_file() for name in ("config.json", "summary.json")) else
+                   "a run writes it when its first epoch is validated: not yet, or the file was deleted")
+            raise FileNotFoundError(f"{run_dir}: no valid_probs.csv there or in fold<k>/ folders: {why}")
         check_folds_finished(run_dir, probs)  # every fold config.json names has a summary.json
         lost = sorted(p.parent.name for p in run_dir.glob("fold*/summary.json")
                       if not (p.parent / "valid_probs.csv").is_file())
@@ -260,6 +266,8 @@ def write_report(run_dir, device="cpu", images_per_class=2):
         images[f"confusion_{task}"] = heatmap(confusion_matrix(true, pred, labels=range(len(TASK_NAMES[task]))),
                                               list(TASK_NAMES[task]), [f"{task} confusion, {n} validation images",
                                                                   "rows true, columns predicted"])
+    if not (run_dir / "metrics.csv").is_file():
+        raise FileNotFoundError(f"{run_dir / 'metrics.csv'}: not found (a run writes it after every epoch)")
     images["curves"] = curves(pd.read_csv(run_dir / "metrics.csv"))
     images["worst"] = worst_sheet(table, cfg)
     images["gradcam"] = gradcam_sheet(model, cfg, table, device, images_per_class)

@@ -719,6 +719,15 @@ def check_training_settings(cfg):
                          "--val_ratio 0 the run trains on every person already: drop --refit")
 
 
+def check_run_settings(cfg):
+    """Every check of a new run's settings that needs no data (a bad --fold included), before a
+    run folder is made; bench.py makes them before it builds maskbench."""
+    check_training_settings(cfg)
+    folds_to_train(cfg)
+    check_criterion_settings(cfg)
+    check_model_settings(cfg)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, which kill, timeout and job schedulers send, handled as Ctrl-C is."""
 
@@ -746,11 +755,8 @@ def main(cfg, given=None):
         device = resolve_device(cfg["device"])  # the run's own, unless --device was given
     else:
         device = resolve_device(cfg["device"])
-        check_training_settings(cfg)
-        folds_to_train(cfg)  # a bad --fold stops here, before a run folder is made
+        check_run_settings(cfg)
         check_pseudo_settings(cfg)
-        check_criterion_settings(cfg)
-        check_model_settings(cfg)
         run_dir = make_run_dir(cfg)
         write_text_atomic(json.dumps(cfg, indent=2), run_dir / "config.json")
     setup_logging(run_dir / "train.log")

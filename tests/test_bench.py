@@ -43,6 +43,8 @@ def test_a_bad_recipe_or_maskbench_folder_stops_bench_before_it_builds_anything(
         (maskbench / name).write_text("")
     with pytest.raises(SystemExit, match="there is no configs/bset.json"):
         bench.main(["--maskbench", str(maskbench), "--out", str(out), "--recipes", "best", "bset"])
+    with pytest.raises(SystemExit, match="val_ratio must be 0"):  # a value train.py would refuse after the build
+        bench.main(["--maskbench", str(maskbench), "--out", str(out), "--recipes", "baseline+val_ratio=0.6"])
     assert not out.exists()
 
 
@@ -50,6 +52,10 @@ def test_a_bad_recipe_or_maskbench_folder_stops_bench_before_it_builds_anything(
     (["--speed_only", "--skip_training"], "--speed_only times the recipes' training, which --skip_training leaves out"),
     (["--size", "100"], "--size must be WxH, e.g. 192x256, got '100'"),
     (["--tta", "flips"], "invalid choice: 'flips'"),
+    (["--limit", "-5"], "--limit must be at least 0, got -5"),
+    (["--num_workers", "-1"], "--num_workers must be at least 0, got -1"),
+    (["--budget_minutes", "-1"], "--budget_minutes must be at least 0, got -1.0"),
+    (["--record", "/nowhere/B.md"], "--record /nowhere/B.md: there is no folder /nowhere"),
 ])
 def test_bench_options_that_cannot_work_are_refused(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
@@ -79,3 +85,16 @@ def test_speed_only_times_the_model_and_the_whole_pipeline_and_reports_both(trai
     for recipe, readers in [("tiny", "the main process"), ("workers", "4 workers")]:
         assert (f"| {recipe} | 24x32 | 16 | {readers} | {row['model_images_per_s']:.1f} | "
                 f"{row['pipeline_images_per_s']:.1f} |") in report
+
+
+def test_a_bench_that_measured_nothing_records_nothing(tmp_path, capsys):
+    args = argparse.Namespace(size="192x256", limit=0, num_workers=2, record=str(tmp_path / "BENCHMARKS.md"))
+    bench.write_report(args, None, [], "", [])
+    assert not (tmp_path / "BENCHMARKS.md").exists()
+    assert "nothing was measured" in capsys.readouterr().out
+
+
+def test_the_pipeline_speed_counts_the_images_there_are(train_cfg, tmp_path):
+    table = load_training_images(train_cfg)
+    row = bench.recipe_speed("tiny", train_cfg, table, torch.device("cpu"), tmp_path / "probe", images=10 * len(table))
+    assert row["images"] == len(table)

@@ -94,7 +94,7 @@ def test_images_without_a_face_get_the_median_face_box_and_are_counted(data, tmp
     images = D.read_train_images(data / "train")
     paths = images["image_path"].tolist()
     boxes, counts = D.crop_boxes(paths, crop_cfg(data, tmp_path, resize=[40, 32]))
-    assert counts == {data / "train": (len(paths), images["file"].eq("normal").sum())}
+    assert counts == {data / "train": (len(paths), images["file"].eq("normal").sum(), True)}
     expected = {image: D.face_box(face(width=48, height=64, x1=b[0], y1=b[1], x2=b[2], y2=b[3]), 0.0, 32 / 40)
                 for image, b in boxes_given.items()}
     median = np.median(list(expected.values()), axis=0)
@@ -108,6 +108,17 @@ def test_images_without_a_face_get_the_median_face_box_and_are_counted(data, tmp
     with caplog.at_level("INFO", logger="mask"):
         D.log_face_counts(counts)
     assert f"a face in {len(paths) - 18} of {len(paths)} images; 18 without one" in caplog.text
+
+
+def test_a_folder_without_any_face_is_used_whole_and_says_so(data, tmp_path, caplog):
+    write_faces(data / "train", lambda image: None)
+    paths = D.read_train_images(data / "train")["image_path"].tolist()
+    boxes, counts = D.crop_boxes(paths, crop_cfg(data, tmp_path))
+    assert boxes == [D.FULL_IMAGE] * len(paths) and counts == {data / "train": (len(paths), len(paths), False)}
+    with caplog.at_level("INFO", logger="mask"):
+        D.log_face_counts(counts)
+    assert f"no face in any image, so its {len(paths)} images are used whole" in caplog.text
+    assert "median face box" not in caplog.text
 
 
 def test_face_crop_dataset_is_the_same_with_and_without_cache(data, tmp_path):

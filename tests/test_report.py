@@ -104,6 +104,26 @@ def test_folder_without_validation_is_refused_by_name(tmp_path):
     assert not (tmp_path / "report").exists()
 
 
+def test_each_missing_input_is_named_with_its_reason(run_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere: no such run folder"):
+        write_report(tmp_path / "nowhere")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        write_report(tmp_path / "plain")
+    (tmp_path / "no_validation").mkdir()
+    (tmp_path / "no_validation" / "config.json").write_text('{"val_ratio": 0}')
+    with pytest.raises(FileNotFoundError, match=r"without validation \(--val_ratio 0\) has none"):
+        write_report(tmp_path / "no_validation")
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "metrics.csv").unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{copy / 'metrics.csv'}: not found")):
+        write_report(copy)
+    (copy / "valid_probs.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="not yet, or the file was deleted"):
+        write_report(copy)
+
+
 def test_unfinished_run_and_missing_folds_are_refused_by_name(run_dir, tmp_path):
     unfinished = tmp_path / "unfinished"
     shutil.copytree(run_dir, unfinished, ignore=shutil.ignore_patterns("report"))
