@@ -39,9 +39,10 @@ AGE_NAMES = ("<30", "30-59", ">=60")
 NUM_CLASSES = 18
 PROB_COLUMNS = [f"p{c}" for c in range(NUM_CLASSES)]  # class probabilities in CSVs (eval_probs, soft labels)
 # A pseudo-labelled or CSV-listed image knows only its age band: its table row gets this age so
-# that its band comes out right (for any age_threshold from 46 to 65), with age_known False; the
-# loss then leaves it out of the age regression and keeps its age-band target one-hot.
-BAND_AGES = (25, 45, 65)
+# that its band comes out right (for any age_threshold from 31 to 100, the range train.py takes),
+# with age_known False; the loss then leaves it out of the age regression and keeps its age-band
+# target one-hot.
+BAND_AGES = (25, 30, 100)
 
 
 def age_band(age, age_threshold=60):

@@ -293,6 +293,8 @@ def build_scheduler(cfg, optimizer, steps_per_epoch, epochs):
     if name == "cosine_restarts":
         return sched.CosineAnnealingWarmRestarts(optimizer, T_0=steps_per_epoch * cfg["lr_decay_step"])
     if name == "one_cycle":
+        if total < 4:  # too few steps to rise and fall: OneCycleLR would spend them far below the peak
+            return sched.LambdaLR(optimizer, lambda step: 1.0)
         peaks = [group["lr"] for group in optimizer.param_groups]
         # a warm-up of exactly one step (4 steps in all) makes OneCycleLR divide by zero
         return sched.OneCycleLR(optimizer, max_lr=peaks, total_steps=total, pct_start=0.25 if total != 4 else 0.5)
@@ -714,6 +716,9 @@ def check_training_settings(cfg):
         raise SystemExit(f"error: --lr must be above 0, got {cfg['lr']}")
     if not 0 <= cfg["ema_decay"] < 1:
         raise SystemExit(f"error: --ema_decay must be at least 0 and below 1, got {cfg['ema_decay']}")
+    if not 30 < cfg["age_threshold"] <= 100:
+        raise SystemExit(f"error: --age_threshold must be above 30 (where the middle band starts) and at most 100, "
+                         f"got {cfg['age_threshold']}")
     if cfg["refit"] and cfg["val_ratio"] == 0:
         raise SystemExit("error: --refit trains once more on every person after the validated training; with "
                          "--val_ratio 0 the run trains on every person already: drop --refit")

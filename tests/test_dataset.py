@@ -365,6 +365,9 @@ def test_label_csv_rows(tiny):
     assert table["image_path"].tolist() == [str((tiny / "eval" / p).resolve()) for p in labels["path"]]
     assert D.encode_class(table["mask"], table["gender"], D.age_band(table["age"])).tolist() == labels["class"].tolist()
     assert set(table["age"]) <= set(D.BAND_AGES)
+    bands = D.decode_class(labels["class"].to_numpy())[2]
+    for threshold in (31, 45, 58, 100):  # every age_threshold train.py takes keeps each row's band
+        assert (D.add_labels(table, threshold)["age_band"].to_numpy() == bands).all(), threshold
     assert table["id"].str.startswith("extra3:").all() and (table["source"] == "extra3").all()
     aged, aged_labels = write_label_csv(tiny, with_age=True)
     aged_table = D.read_label_csv(aged, "extra0")

@@ -836,6 +836,8 @@ def test_one_cycle_runs_however_few_steps_a_run_has(total_steps):
         optimizer.step()
         scheduler.step()
     assert max(lrs) <= 1e-3 and (total_steps < 4 or lrs[-1] < max(lrs))
+    if total_steps < 4:  # too few to rise and fall: every step at the peak, not far below it
+        assert lrs == [1e-3] * total_steps
 
 
 def test_time_limit_stops_before_an_epoch_that_would_pass_it():
@@ -927,6 +929,9 @@ def test_a_fold_the_split_does_not_have_is_refused_before_a_run_folder_is_made(d
     with pytest.raises(SystemExit, match=f"--fold {fold} is not a fold of this split: give 0..2"):
         train.main(make_cfg(data, tmp_path / "runs", fold=fold))
     assert not (tmp_path / "runs").exists()
+    for threshold in (30, 101):
+        with pytest.raises(SystemExit, match="--age_threshold must be above 30"):
+            train.main(make_cfg(data, tmp_path / "runs", age_threshold=threshold))
     for val_ratio in (1.5, 0.6):  # above 0.5, round(1 / val_ratio) would still make 2 folds of half each
         with pytest.raises(SystemExit, match="val_ratio must be 0"):
             train.main(make_cfg(data, tmp_path / "runs", val_ratio=val_ratio))
