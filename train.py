@@ -737,6 +737,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, which kill, timeout and job schedulers send, handled as Ctrl-C is."""
 
 
+def interrupted_exit_code(interrupt):
+    """The shell's code for a process stopped by the signal: 143 for SIGTERM, 130 for Ctrl-C."""
+    return 128 + (signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt():
     """Within it, SIGTERM raises Terminated, so a stopped run is settled and its resume command
@@ -776,7 +781,7 @@ def main(cfg, given=None):
     except KeyboardInterrupt as e:
         if not settle_run(run_dir, discard_untrained=False):
             log.info("interrupted; continue with: python train.py --resume %s", run_dir)
-        raise SystemExit(143 if isinstance(e, Terminated) else 130)
+        raise SystemExit(interrupted_exit_code(e))
     except (Exception, SystemExit) as e:
         if isinstance(e, DataError):  # bad input: the message names the file and the problem
             log.error("%s", e)
@@ -802,7 +807,7 @@ def write_run_report(run_dir, device):
         log.info("report: %d pictures in %s", len(paths), ", ".join(sorted({str(p.parent) for p in paths})))
     except KeyboardInterrupt as e:
         log.info("report interrupted; the run is finished; draw it with: python report.py --run %s", run_dir)
-        raise SystemExit(143 if isinstance(e, Terminated) else 130)
+        raise SystemExit(interrupted_exit_code(e))
     except Exception as e:
         log.warning("report not written: %s: %s", type(e).__name__, e)
 
