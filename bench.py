@@ -35,7 +35,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from config import check_value, default_config, load_spec, read_config_file
-from dataset import build_transform, cache_readers, load_training_images, make_dataset, num_folds, open_cache
+from dataset import (NUM_CLASSES, build_transform, cache_readers, load_training_images, make_dataset, num_folds,
+                     open_cache)
 from loss import Criterion
 from model import create_model
 from train import autocast_for, build_optimizer, check_run_settings, fit, resolve_device, score
@@ -268,6 +269,8 @@ def run_recipe(recipe, args, data, out, device):
                              "--submission", str(run_dir / "submission.csv"), "--json"],
                             check=True, capture_output=True, text=True)
     metrics = json.loads(scored.stdout)
+    detail = data / "eval" / "answers_detail.csv"  # each image's person; maskbench's build.py writes it
+    metrics["macro_f1_sd"] = people_resampled_sd(detail, run_dir / "submission.csv") if detail.is_file() else math.nan
     histories = {path.parent: csv_rows(path) for path in sorted(run_dir.glob("**/metrics.csv"))}
     history = [row for rows in histories.values() for row in rows]
     pseudo = histories.pop(run_dir / "pseudo", None)  # the pseudo-label stage, after the run's own models
@@ -286,6 +289,32 @@ def run_recipe(recipe, args, data, out, device):
             "valid_f1": valid_f1,
             "valid_images_per_s": float(np.median([float(r["valid_images_per_s"]) for r in history if r.get("valid_images_per_s")])),
             **metrics}
+
+
+def people_resampled_sd(answers_detail, submission, draws=1000, seed=0):
+    """Standard deviation of the 18-class macro F1 over `draws` redraws of the eval people with
+    replacement: how much another set of people built the same way could move the score (0.034
+    for the recommended recipe; BENCHMARKS.md session 20)."""
+    truth = pd.read_csv(answers_detail, usecols=["ImageID", "ans", "person"])
+    table = truth.merge(pd.read_csv(submission).rename(columns={"ans": "pred"}), on="ImageID", validate="1:1")
+    return float(resampled_macro_f1(table["ans"], table["pred"], table["person"], draws, seed).std())
+
+
+def resampled_macro_f1(true, pred, person, draws, seed):
+    """The macro F1 of each redraw of the people (multinomial counts, numpy seed). Each person's
+    true positives, false positives and false negatives per class are counted once, so a redraw
+    is a weighted sum of them."""
+    true, pred, person = np.asarray(true), np.asarray(pred), pd.factorize(np.asarray(person))[0]
+    hit = true == pred
+    counts = np.zeros((3, person.max() + 1, NUM_CLASSES))  # true positives, false positives, false negatives
+    np.add.at(counts[0], (person[hit], true[hit]), 1)
+    np.add.at(counts[1], (person[~hit], pred[~hit]), 1)
+    np.add.at(counts[2], (person[~hit], true[~hit]), 1)
+    people = counts.shape[1]
+    weights = np.random.default_rng(seed).multinomial(people, np.full(people, 1 / people), size=draws)
+    tp, fp, fn = (weights @ c for c in counts)
+    present = tp + fp + fn > 0  # as sklearn's macro average: the classes that are true or predicted
+    return np.where(present, 2 * tp / np.maximum(2 * tp + fp + fn, 1), 0).sum(1) / present.sum(1)
 
 
 def csv_rows(path):
@@ -333,18 +362,21 @@ def write_report(args, loader, results, faces, speeds=()):
         lines += [f"\nmodel-only: random inputs, forward + backward + step; training pipeline: train.py's loop on the "
                   f"first {speeds[0]['images']} training images (second of two epochs, loader start-up included).\n"]
     if results:
-        lines += ["| recipe | input WxH | epochs | train min | macro F1 | accuracy | mask F1 | gender F1 | age F1 | "
-                  "valid F1 | train img/s | model-only img/s | inference img/s |", "| --- " * 13 + "|"]
+        lines += ["| recipe | input WxH | epochs | train min | macro F1 (sd over people) | accuracy | mask F1 | gender F1 "
+                  "| age F1 | valid F1 | train img/s | model-only img/s | inference img/s |", "| --- " * 13 + "|"]
         for r in results:
-            lines.append(f"| {r['recipe']} | {r['input']} | {r['epochs']} | {r['train_minutes']:.1f} | {r['macro_f1']:.4f} | "
-                         f"{r['accuracy']:.4f} | {r['mask_f1']:.4f} | {r['gender_f1']:.4f} | {r['age_f1']:.4f} | "
+            lines.append(f"| {r['recipe']} | {r['input']} | {r['epochs']} | {r['train_minutes']:.1f} | "
+                         f"{r['macro_f1']:.4f} ({r['macro_f1_sd']:.3f}) | {r['accuracy']:.4f} | {r['mask_f1']:.4f} | {r['gender_f1']:.4f} | {r['age_f1']:.4f} | "
                          f"{r['valid_f1']:.4f} | {r['train_images_per_s']:.1f} | {r['model_images_per_s']:.1f} | "
                          f"{r['valid_images_per_s']:.1f} |")
         lines += ["\ntrain min: training time (validation passes not included); valid F1: best epoch on the "
                   "validation fold, or out of fold for a k-fold recipe (epochs 'folds x epochs'), whose eval "
                   "prediction is the mean of its fold models; '+ pseudo N': then N epochs of the pseudo-label stage "
                   "(train min includes them), whose model makes the eval prediction with the first stage's models "
-                  "(first_stage_weight of inference.py); valid F1 is the first stage's."]
+                  "(first_stage_weight of inference.py); valid F1 is the first stage's. sd over people: the standard "
+                  "deviation of the macro F1 when the eval people are drawn again with replacement (1,000 draws), "
+                  "how far another set of people could move it; a difference between recipes well inside it is "
+                  "not resolved by this eval set."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.record:

@@ -3,9 +3,11 @@ not a test)."""
 import argparse
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import f1_score
 
 import bench
 from dataset import load_training_images
@@ -98,3 +100,31 @@ def test_the_pipeline_speed_counts_the_images_there_are(train_cfg, tmp_path):
     table = load_training_images(train_cfg)
     row = bench.recipe_speed("tiny", train_cfg, table, torch.device("cpu"), tmp_path / "probe", images=10 * len(table))
     assert row["images"] == len(table)
+
+
+def test_resampled_people_give_the_macro_f1_of_their_images():
+    """Each redraw scores as sklearn scores the drawn people's images (a person drawn twice counts
+    twice); a person always right or always wrong moves it only through the others."""
+    rng = np.random.default_rng(1)
+    person = np.repeat(np.arange(30), 7)
+    true = rng.integers(0, 18, len(person))
+    pred = np.where(rng.random(len(person)) < 0.6, true, rng.integers(0, 18, len(person)))
+    f1s = bench.resampled_macro_f1(true, pred, person, draws=5, seed=3)
+    weights = np.random.default_rng(3).multinomial(30, np.full(30, 1 / 30), size=5)
+    for f1, w in zip(f1s, weights):
+        rows = np.concatenate([np.flatnonzero(person == k) for k in range(30) for _ in range(w[k])])
+        assert f1 == pytest.approx(f1_score(true[rows], pred[rows], average="macro"))
+    assert bench.resampled_macro_f1(true, true, person, draws=20, seed=0).tolist() == [1.0] * 20
+
+
+def test_the_sd_over_people_is_read_from_the_answers_and_the_submission(tmp_path):
+    person = np.repeat(np.arange(40), 7)
+    true = np.tile(np.arange(7), 40)
+    pred = np.where(person < 20, true, (true + 1) % 18)  # half the people right, half wrong
+    ids = [f"{k}.jpg" for k in range(len(person))]
+    pd.DataFrame({"ImageID": ids, "ans": true, "person": person, "age": 30}).to_csv(tmp_path / "detail.csv", index=False)
+    pd.DataFrame({"ImageID": ids[::-1], "ans": pred[::-1]}).to_csv(tmp_path / "submission.csv", index=False)
+    sd = bench.people_resampled_sd(tmp_path / "detail.csv", tmp_path / "submission.csv")
+    assert 0.03 < sd < 0.2
+    pd.DataFrame({"ImageID": ids, "ans": true}).to_csv(tmp_path / "perfect.csv", index=False)
+    assert bench.people_resampled_sd(tmp_path / "detail.csv", tmp_path / "perfect.csv") == 0
