@@ -48,7 +48,7 @@ def read_labels(faces_dir, faces_csv=""):
     rows, skipped = [], []
     if faces_csv:
         table = read_csv(faces_csv, ["file", "age", "gender"])
-        for line, rec in enumerate(table.to_dict("records"), start=2):
+        for line, rec in zip(table.attrs["lines"], table.to_dict("records")):  # lines as in the file
             gender = GENDERS.get(rec["gender"].lower(), {"0": 0, "1": 1}.get(rec["gender"]))
             if not rec["age"].isdigit() or gender is None:
                 raise DataError(f"{faces_csv}: line {line}: age '{rec['age']}' / gender '{rec['gender']}' "
@@ -59,7 +59,7 @@ def read_labels(faces_dir, faces_csv=""):
                 raise DataError(f"{faces_csv}: line {line}: {faces_dir / rec['file']} not found")
             race = re.sub(r"[\W_]+", "-", rec.get("race") or "Unknown")  # '_' separates the folder name's fields
             rows.append((rec["file"], int(rec["age"]), gender, race))
-        lines = table.index[table["file"].duplicated(keep=False)] + 2
+        lines = [line for line, repeated in zip(table.attrs["lines"], table["file"].duplicated(keep=False)) if repeated]
         if len(lines):
             raise DataError(f"{faces_csv}: lines {', '.join(map(str, lines))}: the same file more than once")
     else:

@@ -291,6 +291,8 @@ def test_read_labels_from_a_csv_cleans_the_race_for_folder_names(tmp_path):
     ("b.jpg,50,1\na.jpg,0,female", r"line 3: age 0 is not between 1 and 120"),
     ("a.jpg,200,female", r"line 2: age 200 is not between 1 and 120"),
     ("a.jpg,50,1\nb.jpg,50,1\na.jpg,50,1", r"lines 2, 4: the same file more than once"),
+    ("b.jpg,50,1\n\n  \na.jpg,old,female", r"line 5: age 'old'"),  # blank lines count, as in the file
+    ("a.jpg,50,1\n\nb.jpg,50,1\na.jpg,50,1", r"lines 2, 5: the same file more than once"),
 ])
 def test_read_labels_from_a_csv_names_the_bad_line(tmp_path, rows, message):
     for name in ("a.jpg", "b.jpg"):
@@ -360,6 +362,15 @@ def test_mask_faces_refuses_to_write_over_a_dataset(tmp_path):
     (tmp_path / "out" / "train" / "train.csv").write_text("id,gender,race,age,path\n")
     with pytest.raises(SystemExit, match="already holds a dataset"):
         mask_faces.main(["--faces_dir", str(tmp_path), "--masked_out", str(tmp_path / "out")])
+
+
+def test_faces_of_an_images_folder_go_beside_it_where_training_reads_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(detect_faces, "FaceDetector", lambda device: FakeDetector())
+    folder, = face_folders(tmp_path, ["train"])
+    detect_faces.main(["--face_dirs", str(Path(folder) / "images")])
+    assert (Path(folder) / D.FACES_CSV).is_file() and not (Path(folder) / "images" / D.FACES_CSV).exists()
+    assert D.dataset_folder(Path(folder) / "images" / "a.png") == Path(folder)
+    assert D.read_faces(Path(folder))[D.image_key(Path(folder) / "images" / "a.png")].found
 
 
 def test_detect_faces_defaults_to_the_train_and_eval_folders(tmp_path):
