@@ -366,7 +366,8 @@ def write_report(args, loader, results, faces, speeds=()):
                   "| age F1 | valid F1 | train img/s | model-only img/s | inference img/s |", "| --- " * 13 + "|"]
         for r in results:
             lines.append(f"| {r['recipe']} | {r['input']} | {r['epochs']} | {r['train_minutes']:.1f} | "
-                         f"{r['macro_f1']:.4f} ({r['macro_f1_sd']:.3f}) | {r['accuracy']:.4f} | {r['mask_f1']:.4f} | {r['gender_f1']:.4f} | {r['age_f1']:.4f} | "
+                         f"{r['macro_f1']:.4f} ({r['macro_f1_sd']:.3f}) | {r['accuracy']:.4f} | {r['mask_f1']:.4f} | "
+                         f"{r['gender_f1']:.4f} | {r['age_f1']:.4f} | "
                          f"{r['valid_f1']:.4f} | {r['train_images_per_s']:.1f} | {r['model_images_per_s']:.1f} | "
                          f"{r['valid_images_per_s']:.1f} |")
         lines += ["\ntrain min: training time (validation passes not included); valid F1: best epoch on the "

@@ -129,16 +129,6 @@ def default_folders(data_dir):
     return [train]
 
 
-def faces_folder(folder):
-    """Where the faces.csv of a --face_dirs folder goes: training reads it beside an images/
-    folder (dataset.dataset_folder), so images/ itself stands for its parent."""
-    folder = Path(folder)
-    if folder.name == "images":
-        log.info("%s: its faces.csv goes beside it, in %s, where training reads it", folder, folder.parent)
-        return folder.parent
-    return folder
-
-
 def main(argv=None):
     cfg = parse_config("detect", argv, description=__doc__)
     setup_logging()
@@ -146,7 +136,8 @@ def main(argv=None):
         raise SystemExit(f"error: --detect_batch_size must be at least 1, got {cfg['detect_batch_size']}")
     written = []
     try:
-        folders = [faces_folder(folder) for folder in cfg["face_dirs"]] or default_folders(cfg["data_dir"])
+        # an images/ folder stands for its parent, beside which training reads faces.csv
+        folders = [train_root(folder) for folder in cfg["face_dirs"]] or default_folders(cfg["data_dir"])
         images = {folder: image_files(folder) for folder in folders}  # a bad folder stops the run before any detection
         for folder in folders:
             if (Path(folder) / FACES_CSV).exists():

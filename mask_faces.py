@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from config import parse_config
-from dataset import GENDERS, IMAGE_EXTENSIONS, MASK_FILES, DataError, read_csv, read_rgb
+from dataset import GENDERS, IMAGE_EXTENSIONS, MASK_FILES, DataError, numbered_rows, read_csv, read_rgb
 from detect_faces import FaceDetector
 from train import resolve_device, setup_logging, write_csv_atomic, write_text_atomic
 
@@ -48,17 +48,17 @@ def read_labels(faces_dir, faces_csv=""):
     rows, skipped = [], []
     if faces_csv:
         table = read_csv(faces_csv, ["file", "age", "gender"])
-        for line, rec in zip(table.attrs["lines"], table.to_dict("records")):  # lines as in the file
-            gender = GENDERS.get(rec["gender"].lower(), {"0": 0, "1": 1}.get(rec["gender"]))
-            if not rec["age"].isdigit() or gender is None:
-                raise DataError(f"{faces_csv}: line {line}: age '{rec['age']}' / gender '{rec['gender']}' "
+        for line, rec in numbered_rows(table):
+            gender = GENDERS.get(rec.gender.lower(), {"0": 0, "1": 1}.get(rec.gender))
+            if not rec.age.isdigit() or gender is None:
+                raise DataError(f"{faces_csv}: line {line}: age '{rec.age}' / gender '{rec.gender}' "
                                 "should be a whole number / male, female, 0 or 1")
-            if not 1 <= int(rec["age"]) <= 120:
-                raise DataError(f"{faces_csv}: line {line}: age {rec['age']} is not between 1 and 120")
-            if not (faces_dir / rec["file"]).is_file():
-                raise DataError(f"{faces_csv}: line {line}: {faces_dir / rec['file']} not found")
-            race = re.sub(r"[\W_]+", "-", rec.get("race") or "Unknown")  # '_' separates the folder name's fields
-            rows.append((rec["file"], int(rec["age"]), gender, race))
+            if not 1 <= int(rec.age) <= 120:
+                raise DataError(f"{faces_csv}: line {line}: age {rec.age} is not between 1 and 120")
+            if not (faces_dir / rec.file).is_file():
+                raise DataError(f"{faces_csv}: line {line}: {faces_dir / rec.file} not found")
+            race = re.sub(r"[\W_]+", "-", getattr(rec, "race", "") or "Unknown")  # "_" splits the folder name
+            rows.append((rec.file, int(rec.age), gender, race))
         lines = [line for line, repeated in zip(table.attrs["lines"], table["file"].duplicated(keep=False)) if repeated]
         if len(lines):
             raise DataError(f"{faces_csv}: lines {', '.join(map(str, lines))}: the same file more than once")

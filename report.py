@@ -255,6 +255,8 @@ def write_report(run_dir, device="cpu", images_per_class=2):
             raise FileNotFoundError(f"{run_dir}: no valid_probs.csv in the finished fold(s) {', '.join(lost)}; "
                                     f"pass the other fold<k> folders to --run one at a time")
         return [path for p in probs for path in write_report(p.parent, device, images_per_class)]
+    if not (run_dir / "metrics.csv").is_file():
+        raise FileNotFoundError(f"{run_dir / 'metrics.csv'}: not found (a run writes it after every epoch)")
     model, cfg = load_model(find_checkpoints(run_dir)[0], device)  # refuses an unfinished run
     table = pd.read_csv(run_dir / "valid_probs.csv")
     n = len(table)
@@ -266,8 +268,6 @@ def write_report(run_dir, device="cpu", images_per_class=2):
         images[f"confusion_{task}"] = heatmap(confusion_matrix(true, pred, labels=range(len(TASK_NAMES[task]))),
                                               list(TASK_NAMES[task]), [f"{task} confusion, {n} validation images",
                                                                   "rows true, columns predicted"])
-    if not (run_dir / "metrics.csv").is_file():
-        raise FileNotFoundError(f"{run_dir / 'metrics.csv'}: not found (a run writes it after every epoch)")
     images["curves"] = curves(pd.read_csv(run_dir / "metrics.csv"))
     images["worst"] = worst_sheet(table, cfg)
     images["gradcam"] = gradcam_sheet(model, cfg, table, device, images_per_class)

@@ -561,9 +561,9 @@ def train(cfg, run_dir, device):
     write_csv_atomic(people, run_dir / "split.csv")
     cache = open_cache(images["image_path"].tolist(), cfg) if cfg["cache_dir"] else None
     folds = folds_to_train(cfg)
-    if folds != [None] and abs(1 / num_folds(cfg["val_ratio"]) - cfg["val_ratio"]) > 0.01:
-        log.info("val_ratio %g makes %d folds: each validates on 1/%d of the people",
-                 cfg["val_ratio"], num_folds(cfg["val_ratio"]), num_folds(cfg["val_ratio"]))
+    k = num_folds(cfg["val_ratio"]) if folds != [None] else 0
+    if k and abs(1 / k - cfg["val_ratio"]) > 0.01:
+        log.info("val_ratio %g makes %d folds: each validates on 1/%d of the people", cfg["val_ratio"], k, k)
     summaries = {}
     for fold in folds:
         out_dir = run_dir / f"fold{fold}" if cfg["fold"] == "all" and fold is not None else run_dir
