@@ -551,19 +551,42 @@ def crop_boxes(paths, cfg):
     aspect = cfg["resize"][1] / cfg["resize"][0]
     folders = [dataset_folder(p) for p in paths]
     faces = {folder: read_faces(folder) for folder in dict.fromkeys(folders)}
-    boxes = []
-    for path, folder in zip(paths, folders):
-        face = faces[folder].get(image_key(path))
+    rows = [faces[folder].get(image_key(path)) for path, folder in zip(paths, folders)]
+    for path, folder, face in zip(paths, folders, rows):
         if face is None:
             raise DataError(f"{folder / FACES_CSV}: no row for {path}; run python detect_faces.py --face_dirs {folder} again")
-        boxes.append(face_box(face, cfg["face_margin"], aspect) if face.found else None)
+    check_faces_current(paths, rows, folders)
+    boxes = [face_box(face, cfg["face_margin"], aspect) if face.found else None for face in rows]
     counts, typical = {}, {}
-    for folder, rows in faces.items():  # the median over the whole folder: the same for any subset of it
-        found = [face_box(face, cfg["face_margin"], aspect) for face in rows.values() if face.found]
+    for folder, folder_rows in faces.items():  # the median over the whole folder: the same for any subset of it
+        found = [face_box(face, cfg["face_margin"], aspect) for face in folder_rows.values() if face.found]
         typical[folder] = tuple(np.median(found, axis=0)) if found else FULL_IMAGE
         missed = sum(box is None for box, f in zip(boxes, folders) if f == folder)
         counts[folder] = (folders.count(folder), missed, bool(found))
     return [box or typical[folder] for box, folder in zip(boxes, folders)], counts
+
+
+def check_faces_current(paths, rows, folders):
+    """faces.csv boxes are pixels of the image detect_faces.py saw, kept as fractions of its size.
+    An image replaced since by one of another size would be cut in the wrong place, silently,
+    so each image's size is compared with the one its row recorded (an image that could not be
+    read then must still fail to decode). A replacement of the same size cannot be told apart."""
+    stale = []
+    for path, face, folder in zip(paths, rows, folders):
+        size = upright_size(path)
+        if size is None:
+            continue  # unreadable: decoding names it
+        if pd.isna(face.width):
+            if is_readable(path):
+                stale.append((folder, f"{path} ({size[0]}x{size[1]}, unreadable then)"))
+        elif size != (face.width, face.height):
+            stale.append((folder, f"{path} ({size[0]}x{size[1]}, was {face.width:.0f}x{face.height:.0f})"))
+    if stale:
+        folder = stale[0][0]
+        images = [image for f, image in stale if f == folder]
+        raise DataError(f"{folder / FACES_CSV}: {len(images)} image(s) changed since detect_faces.py found their faces, "
+                        f"e.g. {'; '.join(images[:3])}, so their face boxes would cut the wrong place; run python "
+                        f"detect_faces.py --face_dirs {folder} again")
 
 
 def log_face_counts(counts):
@@ -593,6 +616,26 @@ def read_rgb(path):
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: unreadable, truncated or oversized image ({e})")
+
+
+def upright_size(path):
+    """An image's (width, height) as read_rgb turns it upright (EXIF rotation), read from its
+    header only (about 30 microseconds); None when it cannot be opened."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # the four that swap the sides
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+    return (height, width) if turned else (width, height)
+
+
+def is_readable(path):
+    try:
+        read_rgb(path)
+    except DataError:
+        return False
+    return True
 
 
 def decode_image(path, size, box=FULL_IMAGE):

@@ -148,6 +148,39 @@ def test_face_crop_without_faces_csv_names_the_file_and_the_fix(tmp_path):
         D.crop_boxes(paths, crop_cfg(root, tmp_path))
 
 
+def test_images_changed_since_their_faces_were_found_are_refused(tmp_path):
+    """faces.csv boxes are fractions of the size detection saw: a replaced image of another size
+    would be cut in the wrong place, so it stops the run, naming the image, both sizes and the fix."""
+    root = tmp_path / "d"
+    make_sample_dataset(root, n_train_people=2, n_eval_people=1, size=(24, 32), seed=1)
+    paths = D.read_train_images(root / "train")["image_path"].tolist()
+    turned, replaced, broken = paths[0], paths[1], paths[2]
+    exif = Image.Exif()
+    exif[D.EXIF_ORIENTATION] = 6  # stored on its side, 32 x 24, shown (and detected) 24 x 32
+    Image.open(turned).transpose(Image.Transpose.ROTATE_90).save(turned, exif=exif)
+    write_faces(root / "train", lambda image: (2.0, 2.0, 20.0, 24.0))
+    data = Path(broken).read_bytes()
+    Path(broken).write_bytes(data[:len(data) * 3 // 4])  # truncated: unreadable then and now
+    assert D.upright_size(broken) == (24, 32) and not D.is_readable(broken)  # its header is whole
+    table = pd.read_csv(root / "train" / "faces.csv")
+    table.loc[table["image"].str.endswith(Path(turned).name) & table["image"].str.contains(Path(turned).parent.name),
+              ["width", "height"]] = [24, 32]  # as detect_faces.py records it: upright
+    broken_row = table["image"].str.endswith(Path(broken).name) & table["image"].str.contains(Path(broken).parent.name)
+    table.loc[broken_row, ["width", "height", "found"]] = [None, None, 0]
+    table.to_csv(root / "train" / "faces.csv", index=False)
+    D.crop_boxes(paths, crop_cfg(root, tmp_path))  # the turned image and the broken one pass here
+
+    Image.open(replaced).resize((48, 64)).save(replaced)
+    message = (rf"train/faces.csv: 1 image\(s\) changed since detect_faces.py found their faces, e.g. "
+               rf"{re.escape(str(replaced))} \(48x64, was 24x32\).*detect_faces.py --face_dirs .*train again")
+    with pytest.raises(D.DataError, match=message):
+        D.crop_boxes(paths, crop_cfg(root, tmp_path))
+    Image.open(replaced).resize((24, 32)).save(replaced)
+    Image.new("RGB", (24, 32)).save(broken, format="JPEG")  # readable now, but detection saw it unreadable
+    with pytest.raises(D.DataError, match=rf"1 image\(s\) changed .*{re.escape(str(broken))} \(24x32, unreadable then\)"):
+        D.crop_boxes(paths, crop_cfg(root, tmp_path))
+
+
 def test_train_and_inference_crop_train_and_eval_faces(data, tmp_path):
     """A face-crop run trains, reports and predicts; inference reads eval/faces.csv."""
     write_faces(data / "train", lambda image: (6.0, 8.0, 42.0, 50.0))

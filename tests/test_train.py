@@ -347,7 +347,7 @@ def test_a_damaged_faces_csv_is_an_error_naming_its_line_and_the_old_run_stays(d
     shutil.copytree(data / "sample" / "train", train_dir)
     rows = [{"image": p.relative_to(train_dir).as_posix(), "width": 48, "height": 64, "found": 1, "score": 0.99,
              "x1": 6.0, "y1": 8.0, "x2": 40.0, "y2": 50.0} for p in sorted(train_dir.glob("images/*/*.jpg"))]
-    rows[6] = {"image": rows[6]["image"], "found": 0}  # as detect_faces.py writes an unreadable image's row
+    rows[6] = {key: rows[6][key] for key in ("image", "width", "height")} | {"found": 0}  # no face found
     faces = pd.DataFrame(rows).reindex(columns=FACE_COLUMNS)
     faces.to_csv(train_dir / "faces.csv", index=False)
     cfg = make_cfg(data, tmp_path / "runs", data_dir=str(train_dir), face_crop=True, cache_dir="",
