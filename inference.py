@@ -156,10 +156,10 @@ def predict_eval(checkpoints, cfg, device, weights=None):
     default equal), and the info table. The eval table and dataset are built once and shared by
     checkpoints with the same preprocessing (the folds of a k-fold run)."""
     weights = np.full(len(checkpoints), 1 / len(checkpoints)) if weights is None else np.asarray(weights) / sum(weights)
-    autocast, _ = autocast_for(device, True)
     total, inputs = 0, {}
     for path, weight in zip(checkpoints, weights):
         model, train_cfg = load_model(path, device)
+        autocast, _ = autocast_for(device, train_cfg["amp"])  # as it was validated: --no-amp stays in float32
         eval_dir = cfg["eval_dir"] or eval_folder(train_cfg)
         key = (eval_dir, *(tuple(train_cfg[k]) for k in ("resize", "center_crop", "mean", "std")),
                train_cfg["face_crop"], train_cfg["face_margin"])

@@ -297,7 +297,10 @@ def build_scheduler(cfg, optimizer, steps_per_epoch, epochs):
             return sched.LambdaLR(optimizer, lambda step: 1.0)
         peaks = [group["lr"] for group in optimizer.param_groups]
         # a warm-up of exactly one step (4 steps in all) makes OneCycleLR divide by zero
-        return sched.OneCycleLR(optimizer, max_lr=peaks, total_steps=total, pct_start=0.25 if total != 4 else 0.5)
+        # Adam's beta1 cycles 0.95 -> 0.85 -> 0.95 against the learning rate (the 1cycle policy; the
+        # recommended recipe was measured with it); SGD keeps the --momentum it was given
+        return sched.OneCycleLR(optimizer, max_lr=peaks, total_steps=total, pct_start=0.25 if total != 4 else 0.5,
+                                cycle_momentum=cfg["optimizer"] != "SGD")
     raise ValueError(f"scheduler '{name}' is not none, step, cosine, cosine_restarts or one_cycle")
 
 
@@ -478,6 +481,9 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
             log.info("stopping after epoch %d of %d: another epoch would pass max_train_minutes %s",
                      epoch, cfg["epochs"], cfg["max_train_minutes"])
             break
+        if cfg["patience"] and state["bad_epochs"] >= cfg["patience"]:  # here, not after saving: a resumed run stops too
+            log.info("early stop: no better validation macro F1 for %d epochs", cfg["patience"])
+            break
         seed_everything(cfg["seed"] * 1000 + epoch)  # dropout, mixing: a function of (seed, epoch)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         row.update(train_one_epoch(model, make_loader(train_set, cfg, epoch, device), train_batch_transform,
@@ -516,9 +522,6 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
         if writer is not None:
             for key, value in row.items():
                 writer.add_scalar(key, value, epoch + 1)
-        if cfg["patience"] and state["bad_epochs"] >= cfg["patience"]:
-            log.info("early stop: no better validation macro F1 for %d epochs", cfg["patience"])
-            break
     summary = {"best_epoch": state["best_epoch"], "best_valid_f1": state["best_f1"], "epochs_run": state["epoch"],
                **{k: v for k, v in state["history"][state["best_epoch"] - 1].items() if k.startswith("valid_")}}
     write_text_atomic(json.dumps(summary, indent=2), out_dir / "summary.json")
@@ -580,13 +583,18 @@ def train(cfg, run_dir, device):
         oof_score = score(oof["label"], oof["pred"])
         log.info("out-of-fold macro F1 %.4f accuracy %.4f (%s)", oof_score["f1"], oof_score["accuracy"], run_dir / "oof_probs.csv")
     if cfg["refit"] and folds != [None]:
-        epochs = int(np.median([s["best_epoch"] for s in summaries.values()]))
+        epochs = refit_epochs(summaries.values())
         log.info("refit: training on every person for %d epochs into %s", epochs, run_dir / "refit")
         all_train, _ = split_train_valid(images, None, cfg["drop_ages"])
         fit({**cfg, "epochs": epochs}, run_dir / "refit", all_train, None, device, cache)
     if cfg["pseudo_threshold"] > 0:
         pseudo_stage(cfg, run_dir, device)
     return summaries
+
+
+def refit_epochs(summaries):
+    """The refit's epoch count: the folds' median best epoch, a half rounded up (2 and 3 give 3)."""
+    return math.floor(np.median([summary["best_epoch"] for summary in summaries]) + 0.5)
 
 
 def check_same_split(split_csv, people):
@@ -700,7 +708,12 @@ def resumed_config(cfg, given, saved):
 # the smallest value of each number that a loader, training or inference needs, checked by check_at_least
 LOADER_MINIMUMS = {"valid_batch_size": 1, "num_workers": 0, "cache_workers": -1}
 TRAINING_MINIMUMS = {"epochs": 1, "batch_size": 1, "seed": 0, "weight_decay": 0, "max_train_minutes": 0,
-                     "patience": 0, **LOADER_MINIMUMS}
+                     "patience": 0, "lr_decay_step": 1, "age_sigma": 0, "focal_gamma": 0, "mix_alpha": 0,
+                     "age_regression": 0, "f1_weight": 0, "mask_weight": 0, "gender_weight": 0, "age_weight": 0,
+                     "backbone_lr_scale": 0, "grad_clip": 0, **LOADER_MINIMUMS}
+FRACTIONS = [("ema_decay", 0, 1), ("label_smoothing", 0, 1), ("age_smoothing", 0, 1), ("mix_prob", 0, 1),
+             ("dropout", 0, 1), ("momentum", 0, 1)]
+BELOW_ONE = {"ema_decay", "label_smoothing", "dropout"}  # at 1 the average never moves, the target is flat, nothing passes
 
 
 def check_at_least(cfg, minimums):
@@ -714,8 +727,10 @@ def check_training_settings(cfg):
     check_at_least(cfg, TRAINING_MINIMUMS)
     if not cfg["lr"] > 0:
         raise SystemExit(f"error: --lr must be above 0, got {cfg['lr']}")
-    if not 0 <= cfg["ema_decay"] < 1:
-        raise SystemExit(f"error: --ema_decay must be at least 0 and below 1, got {cfg['ema_decay']}")
+    for key, low, high in FRACTIONS:
+        if not low <= cfg[key] <= high or (key in BELOW_ONE and cfg[key] == 1):
+            raise SystemExit(f"error: --{key} must be at least {low} and {'below' if key in BELOW_ONE else 'at most'} "
+                             f"{high}, got {cfg[key]}")
     if not 30 < cfg["age_threshold"] <= 100:
         raise SystemExit(f"error: --age_threshold must be above 30 (where the middle band starts) and at most 100, "
                          f"got {cfg['age_threshold']}")

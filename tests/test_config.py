@@ -248,7 +248,10 @@ def test_documented_command_lines_parse():
 
 
 def test_readme_documents_every_key():
-    """The README's table of args.json keys stays complete."""
+    """The README's table of args.json keys stays complete, and says what args.json says."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [key for key in SPEC if f"| `{key}` |" not in readme]
     assert not missing, f"README.md lacks rows for {missing}"
+    rows = {line.split("`")[1]: line for line in readme.splitlines() if line.startswith("| `")}
+    stale = [key for key in SPEC if not rows[key].endswith(f"| {SPEC[key]['help']} |")]
+    assert not stale, f"README.md rows whose help differs from args.json: {stale}"

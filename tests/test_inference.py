@@ -77,6 +77,19 @@ def info_ids(data):
 
 # ---------------------------------------------------------------------------------------------
 # Submission and eval probabilities
+def test_each_checkpoint_predicts_with_the_mixed_precision_it_was_trained_with(data, run_dir, tmp_path, monkeypatch):
+    """A --no-amp run was validated in float32; its eval and pseudo-label probabilities must be too."""
+    checkpoint = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
+    paths = []
+    for amp in (True, False):
+        paths.append(tmp_path / f"amp_{amp}.pt")
+        torch.save({**checkpoint, "config": {**checkpoint["config"], "amp": amp}}, paths[-1])
+    real, enabled = inference.autocast_for, []
+    monkeypatch.setattr(inference, "autocast_for", lambda device, on: enabled.append(on) or real(device, on))
+    inference.predict_eval(paths, make_inference_cfg(data, paths, tmp_path), torch.device("cpu"))
+    assert enabled == [True, False]
+
+
 def test_submission_matches_info_csv(data, predicted):
     path, out = predicted
     assert path == out / "submission.csv"

@@ -294,6 +294,14 @@ def test_overwrite_never_deletes_a_folder_that_only_holds_a_config_file(data, tm
     (dict(seed=-1), "--seed must be at least 0"),
     (dict(lr=-1.0), "--lr must be above 0"),
     (dict(ema_decay=1.0), "--ema_decay must be at least 0 and below 1, got 1.0"),
+    (dict(label_smoothing=1.5), "--label_smoothing must be at least 0 and below 1, got 1.5"),
+    (dict(age_smoothing=-0.1), "--age_smoothing must be at least 0 and at most 1"),
+    (dict(dropout=1.0), "--dropout must be at least 0 and below 1"),
+    (dict(mix_prob=1.2), "--mix_prob must be at least 0 and at most 1"),
+    (dict(momentum=-0.5), "--momentum must be at least 0"),
+    (dict(age_sigma=-3.0), "--age_sigma must be at least 0, got -3.0"),
+    (dict(lr_decay_step=0), "--lr_decay_step must be at least 1"),
+    (dict(age_weight=-1.0), "--age_weight must be at least 0"),
     (dict(cache_workers=-2), "--cache_workers must be at least -1, got -2"),
     (dict(refit=True, val_ratio=0.0), "--refit trains once more .* with --val_ratio 0 .*: drop --refit"),
     (dict(device="cuda:0" if not torch.cuda.is_available() else "tpu"), "--device"),
@@ -838,6 +846,41 @@ def test_one_cycle_runs_however_few_steps_a_run_has(total_steps):
     assert max(lrs) <= 1e-3 and (total_steps < 4 or lrs[-1] < max(lrs))
     if total_steps < 4:  # too few to rise and fall: every step at the peak, not far below it
         assert lrs == [1e-3] * total_steps
+
+
+def test_one_cycle_keeps_sgd_momentum_and_cycles_adam_beta1():
+    """SGD's --momentum is used as given; Adam's beta1 follows the 1cycle policy, as args.json says."""
+    for optimizer_name, read, expected in [("SGD", lambda g: g["momentum"], {0.5}),
+                                           ("AdamW", lambda g: g["betas"][0], {0.95, 0.85})]:
+        cfg = {**default_config("train"), "optimizer": optimizer_name, "momentum": 0.5, "scheduler": "one_cycle"}
+        optimizer = train.build_optimizer(cfg, torch.nn.Linear(2, 2))
+        scheduler = train.build_scheduler(cfg, optimizer, steps_per_epoch=10, epochs=2)
+        seen = []
+        for _ in range(20):
+            seen.append(round(read(optimizer.param_groups[0]), 6))
+            optimizer.step()
+            scheduler.step()
+        assert {seen[0], min(seen)} == expected and set(seen) >= expected
+
+
+def test_refit_trains_for_the_folds_median_best_epoch_a_half_rounded_up():
+    assert [train.refit_epochs([{"best_epoch": e} for e in best]) for best in ([2, 3], [3, 4, 5, 6], [4, 4, 5], [1])] \
+        == [3, 5, 4, 1]
+
+
+def test_patience_stops_the_run_and_a_resumed_run_stops_there_too(data, tmp_path):
+    """A run interrupted after its last checkpoint but before summary.json (the patience already
+    run out) resumes to the same end, instead of training on."""
+    cfg = make_cfg(data, tmp_path / "runs", epochs=8, patience=1, lr=0.05, report=False)
+    run_dir, summaries = train.main(cfg)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs_run"] == summary["best_epoch"] + 1 < 8
+    assert len(pd.read_csv(run_dir / "metrics.csv")) == summary["epochs_run"]
+    assert "early stop: no better validation macro F1 for 1 epochs" in (run_dir / "train.log").read_text()
+    (run_dir / "summary.json").unlink()
+    train.main({**default_config("train"), "resume": str(run_dir), "num_workers": 0, "device": "cpu"})
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert resumed["epochs_run"] == summary["epochs_run"] and resumed["best_valid_f1"] == summary["best_valid_f1"]
 
 
 def test_time_limit_stops_before_an_epoch_that_would_pass_it():
