@@ -35,8 +35,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from config import check_value, default_config, load_spec, read_config_file
-from dataset import (NUM_CLASSES, build_transform, cache_readers, load_training_images, make_dataset, num_folds,
-                     open_cache)
+from dataset import (NUM_CLASSES, DataError, build_transform, cache_readers, load_training_images, make_dataset,
+                     num_folds, open_cache, read_valid_probs)
 from loss import Criterion
 from model import create_model
 from train import autocast_for, build_optimizer, check_run_settings, fit, resolve_device, score
@@ -233,26 +233,33 @@ def run_recipe(recipe, args, data, out, device):
     model_ips = model_throughput(cfg, device)
     folds = num_folds(cfg["val_ratio"]) if cfg["fold"] == "all" else 1
     epochs = train_overrides.get("epochs") or args.epochs
-    if not epochs:  # trained for the budget: the time limit stops it, the probe sizes its schedule
+    run_dir = out / run_name(recipe)
+    config_file = out / f"{run_dir.name}.json"
+    budget = args.budget_minutes or 30  # 30 minutes when the first recipe has no epochs of its own
+    sized = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if not epochs and sized == {**train_overrides, "max_train_minutes": round(budget / folds, 3),
+                                "epochs": sized.get("epochs")}:
+        # sized by an earlier bench's probe: its epochs again, so its finished run is reused, not retrained
+        epochs, train_overrides["max_train_minutes"] = sized["epochs"], sized["max_train_minutes"]
+    elif not epochs:  # trained for the budget: the time limit stops it, the probe sizes its schedule
         table = load_training_images(cfg)
         n_train = round(len(table) * (1 - cfg["val_ratio"]))  # per fold
         pipeline_ips = pipeline_throughput(cfg, table, device, out / "probes" / run_name(recipe))
-        budget = args.budget_minutes or 30  # 30 minutes when the first recipe has no epochs of its own
         headroom = 1.0 if cfg["scheduler"] in WHOLE_RUN_SCHEDULES else EPOCH_HEADROOM
         epochs = max(1, math.ceil(headroom * budget * 60 * pipeline_ips / (n_train * folds)))
         train_overrides["max_train_minutes"] = round(budget / folds, 3)
         print(f"{recipe}: training pipeline {pipeline_ips:.1f} images/s -> up to {epochs} epoch(s) of {n_train} "
               f"images x {folds} fold(s), stopped at {budget:.1f} min")
-    run_dir = out / run_name(recipe)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    config_file = out / f"{run_dir.name}.json"
     recipe_cfg = {**train_overrides, "epochs": epochs}
     config_file.write_text(json.dumps(recipe_cfg, indent=2))
     common = ["--cache_dir", str(args.cache_dir), "--num_workers", str(args.num_workers)]
     finished = (run_dir / "pseudo" / "summary.json" if recipe_cfg.get("pseudo_threshold")
                 else run_dir / ("oof_probs.csv" if folds > 1 else "summary.json"))
+    # the same settings on the same maskbench build (another --size or --limit is another build)
+    identity = {**recipe_cfg, "data_dir": str(data / "train")}
     same_recipe = ((run_dir / "config.json").is_file()
-                   and recipe_cfg.items() <= json.loads((run_dir / "config.json").read_text()).items())
+                   and identity.items() <= json.loads((run_dir / "config.json").read_text()).items())
     done = same_recipe and finished.is_file()
     # a finished run of the same recipe settings is reused, an unfinished one continued (its finished
     # folds kept), so an interrupted bench resumes
@@ -262,12 +269,12 @@ def run_recipe(recipe, args, data, out, device):
     elif not done:
         subprocess.run([sys.executable, "train.py", "--config", str(config_file), "--data_dir", str(data / "train"),
                         "--output_dir", str(run_dir), "--overwrite", *common], check=True, cwd=ROOT)
-    if not (done and (run_dir / "submission.csv").is_file()):
+    if not (done and predicted_with(run_dir, tta)):
         subprocess.run([sys.executable, "inference.py", "--run", str(run_dir), "--eval_dir", str(data / "eval"),
                         "--tta", tta, *common], check=True, cwd=ROOT)
     scored = subprocess.run([sys.executable, str(args.maskbench / "score.py"), "--answers", str(data / "eval" / "answers.csv"),
                              "--submission", str(run_dir / "submission.csv"), "--json"],
-                            check=True, capture_output=True, text=True)
+                            check=True, stdout=subprocess.PIPE, text=True)  # its errors reach the terminal
     metrics = json.loads(scored.stdout)
     detail = data / "eval" / "answers_detail.csv"  # each image's person; maskbench's build.py writes it
     metrics["macro_f1_sd"] = people_resampled_sd(detail, run_dir / "submission.csv") if detail.is_file() else math.nan
@@ -278,7 +285,7 @@ def run_recipe(recipe, args, data, out, device):
     if pseudo:
         epochs_run += f" + pseudo {len(pseudo)}"
     if folds > 1:
-        oof = pd.read_csv(run_dir / "oof_probs.csv")
+        oof = read_valid_probs(run_dir / "oof_probs.csv")
         valid_f1 = score(oof["label"], oof["pred"])["f1"]
     else:
         valid_f1 = json.loads((run_dir / "summary.json").read_text())["best_valid_f1"]
@@ -289,6 +296,14 @@ def run_recipe(recipe, args, data, out, device):
             "valid_f1": valid_f1,
             "valid_images_per_s": float(np.median([float(r["valid_images_per_s"]) for r in history if r.get("valid_images_per_s")])),
             **metrics}
+
+
+def predicted_with(run_dir, tta):
+    """Whether the run's submission.csv was predicted with this test-time augmentation
+    (inference.json, written beside it, records it)."""
+    record = run_dir / "inference.json"
+    return ((run_dir / "submission.csv").is_file() and record.is_file()
+            and json.loads(record.read_text())["config"]["tta"] == tta)
 
 
 def people_resampled_sd(answers_detail, submission, draws=1000, seed=0):
@@ -462,3 +477,5 @@ if __name__ == "__main__":
         main()
     except KeyboardInterrupt:  # the recipes finished before it are reported (main's finally)
         raise SystemExit(130)
+    except DataError as e:  # bad input (e.g. a --limit too small to split): the message names the file
+        raise SystemExit(f"error: {e}")

@@ -112,6 +112,21 @@ def read_csv(path, columns, numeric=()):
     return table
 
 
+def read_valid_probs(path):
+    """A validation probability table train.py wrote (valid_probs.csv, oof_probs.csv: image_path,
+    p0..p17, pred, label), or a DataError naming the file: a damaged one would otherwise be
+    scored, ensembled or drawn wrong, or stop with a pandas traceback."""
+    numbers = [*PROB_COLUMNS, "pred", "label"]
+    table = read_csv(path, ["image_path", *numbers], numeric=numbers)
+    if table.empty:
+        raise DataError(f"{path}: no rows")
+    bad = ~(is_class(table["pred"]).to_numpy() & is_class(table["label"]).to_numpy())
+    if bad.any():
+        lines = np.asarray(table.attrs["lines"])[bad].tolist()
+        raise DataError(f"{path}: line(s) {lines[:5]}: pred and label must be classes 0 to {NUM_CLASSES - 1}")
+    return table
+
+
 def check_field_counts(path):
     """pandas reads a row with one field too many as a shifted row, which then fails far from its
     cause (or not at all); every row must have the header's number of fields. Returns the file
@@ -394,6 +409,10 @@ def assign_folds(images, n_folds, seed):
     """Fold of every person: stratified group k-fold over images, stratified on gender x age
     band (the competition's bands, so the folds do not move with age_threshold), grouped by
     person, so all of a person's images fall in one fold."""
+    people = images["id"].nunique()
+    if people < n_folds:
+        raise DataError(f"{people} training people, fewer than the {n_folds} validation folds (one person at least "
+                        f"in each): give --val_ratio 0.5 (2 folds) or more people, or --val_ratio 0 to train on all")
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     strata = images["gender"] * 3 + age_band(images["age"])
     fold_of = {}

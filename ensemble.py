@@ -16,11 +16,10 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from config import parse_config
-from dataset import NUM_CLASSES, PROB_COLUMNS, DataError, encode_class, image_key, read_csv
-from train import score, setup_logging
+from dataset import NUM_CLASSES, PROB_COLUMNS, DataError, encode_class, image_key, read_csv, read_valid_probs
+from train import score, setup_logging, write_text_atomic
 from inference import write_submission
 
 log = logging.getLogger("mask")
@@ -44,20 +43,25 @@ class Member:
         try:
             self.eval = read_csv(eval_file, ["ImageID", *PROB_COLUMNS], numeric=PROB_COLUMNS)
             check_member_table(self.eval, eval_file)
+            self.valid = self.read_validation(path)
         except DataError as e:  # the message names the file and the problem
             raise SystemExit(f"error: {e}")
+        self.valid_f1 = score(self.valid["label"], self.valid["pred"])["f1"] if self.valid is not None else None
+
+    @staticmethod
+    def read_validation(path):
+        """The member's validation probabilities keyed by image (runs may name one file two
+        ways), or None when it has none that describe the models that predicted its eval images."""
         run_dir = path if path.is_dir() else path.parent
-        self.valid = None
         unvalidated = unvalidated_predictions(run_dir)
         if unvalidated:
             log.info("%s: no validation F1: %s", path, unvalidated)
-        else:
-            for name in ("oof_probs.csv", "valid_probs.csv"):
-                if (run_dir / name).is_file():
-                    valid = pd.read_csv(run_dir / name)  # keyed like every table: runs may name one file two ways
-                    self.valid = valid.set_index(valid["image_path"].map(image_key))
-                    break
-        self.valid_f1 = score(self.valid["label"], self.valid["pred"])["f1"] if self.valid is not None else None
+            return None
+        for name in ("oof_probs.csv", "valid_probs.csv"):
+            if (run_dir / name).is_file():
+                valid = read_valid_probs(run_dir / name)
+                return valid.set_index(valid["image_path"].map(image_key))
+        return None
 
     @property
     def probs(self):
@@ -203,7 +207,7 @@ def main(cfg):
     }
     replaced = out.exists()
     write_submission(members[0].eval["ImageID"], preds, out.parent, out.name)
-    Path(f"{out}.report.json").write_text(json.dumps(report, indent=2))
+    write_text_atomic(json.dumps(report, indent=2), Path(f"{out}.report.json"))
     for name, f1, agree in zip(report["members"], report["member_valid_f1"], report["agreement_with_ensemble"]):
         log.info("member %s: validation F1 %s, agrees with the ensemble on %.1f%%", name,
                  "n/a" if f1 is None else f"{f1:.4f}", 100 * agree)

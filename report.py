@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sklearn.metrics import confusion_matrix
 
 from dataset import (AGE_NAMES, GENDER_NAMES, MASK_NAMES, NUM_CLASSES, PROB_COLUMNS, DataError, build_transform,
-                     class_name, crop_boxes, decode_class, decode_image)
+                     class_name, crop_boxes, decode_class, decode_image, read_csv, read_valid_probs)
 from inference import check_folds_finished, find_checkpoints, load_model
 from model import class_probabilities
 from train import saved_config, write_atomic
@@ -154,10 +154,15 @@ def line_plot(series, title, y_range, best=None):
     return titled(img, [title])
 
 
+CURVE_COLUMNS = ["epoch", "train_loss", "valid_f1", "valid_mask_f1", "valid_gender_f1", "valid_age_f1"]
+
+
 def curves(metrics):
+    """Training losses (the total and each head's) and validation F1s by epoch, from metrics.csv."""
     epochs = metrics["epoch"].to_numpy()
-    losses = {"total" if c == "train_loss" else f"{c[6:]} head": (epochs, metrics[c].to_numpy()) for c in metrics
-              if c.startswith("train_") and c not in ("train_images_per_s", "train_seconds")}
+    loss_columns = [c for c in metrics if c.startswith("train_") and c not in ("train_images_per_s", "train_seconds")]
+    losses = {"total" if c == "train_loss" else f"{c[6:]} head":
+              (epochs, pd.to_numeric(metrics[c], errors="coerce").to_numpy()) for c in loss_columns}
     f1 = {name: (epochs, metrics[c].to_numpy()) for c, name in [("valid_f1", "macro F1 (18 classes)"),
           ("valid_mask_f1", "mask F1"), ("valid_gender_f1", "gender F1"), ("valid_age_f1", "age F1")]}
     best = int(metrics.loc[metrics["valid_f1"].idxmax(), "epoch"])
@@ -258,7 +263,7 @@ def write_report(run_dir, device="cpu", images_per_class=2):
     if not (run_dir / "metrics.csv").is_file():
         raise FileNotFoundError(f"{run_dir / 'metrics.csv'}: not found (a run writes it after every epoch)")
     model, cfg = load_model(find_checkpoints(run_dir)[0], device)  # refuses an unfinished run
-    table = pd.read_csv(run_dir / "valid_probs.csv")
+    table = read_valid_probs(run_dir / "valid_probs.csv")
     n = len(table)
     images = {"confusion_18": heatmap(confusion_matrix(table["label"], table["pred"], labels=range(NUM_CLASSES)),
                                       [short_label(c) for c in range(NUM_CLASSES)],
@@ -268,7 +273,7 @@ def write_report(run_dir, device="cpu", images_per_class=2):
         images[f"confusion_{task}"] = heatmap(confusion_matrix(true, pred, labels=range(len(TASK_NAMES[task]))),
                                               list(TASK_NAMES[task]), [f"{task} confusion, {n} validation images",
                                                                   "rows true, columns predicted"])
-    images["curves"] = curves(pd.read_csv(run_dir / "metrics.csv"))
+    images["curves"] = curves(read_csv(run_dir / "metrics.csv", CURVE_COLUMNS, numeric=CURVE_COLUMNS))
     images["worst"] = worst_sheet(table, cfg)
     images["gradcam"] = gradcam_sheet(model, cfg, table, device, images_per_class)
     out = run_dir / "report"

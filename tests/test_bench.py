@@ -2,6 +2,9 @@
 not a test)."""
 import argparse
 import json
+import shutil
+import types
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,6 +13,7 @@ import torch
 from sklearn.metrics import f1_score
 
 import bench
+from config import default_config
 from dataset import load_training_images
 
 
@@ -74,7 +78,7 @@ def test_a_maskbench_build_cut_short_is_refused_not_measured(tmp_path):
         bench.build_maskbench(tmp_path / "maskbench", "192x256", out)
 
 
-def test_speed_only_times_the_model_and_the_whole_pipeline_and_reports_both(train_cfg, tmp_path):
+def test_speed_only_times_the_model_and_the_whole_pipeline_and_reports_both(train_cfg, tmp_path, monkeypatch):
     cfg = {**train_cfg, "cache_workers": -1}
     row = bench.recipe_speed("tiny", cfg, load_training_images(cfg), torch.device("cpu"), tmp_path / "probe", images=64)
     assert (row["input"], row["batch_size"], row["cache_readers"]) == ("24x32", 16, 0)  # the CPU reads in the main process
@@ -87,6 +91,9 @@ def test_speed_only_times_the_model_and_the_whole_pipeline_and_reports_both(trai
     for recipe, readers in [("tiny", "the main process"), ("workers", "4 workers")]:
         assert (f"| {recipe} | 24x32 | 16 | {readers} | {row['model_images_per_s']:.1f} | "
                 f"{row['pipeline_images_per_s']:.1f} |") in report
+    clock = iter(range(100))  # every reading one second after the last: the timed steps take 1 s
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(time=lambda: float(next(clock))))
+    assert bench.model_throughput(cfg, torch.device("cpu")) == 6 * 16  # 6 timed steps of batch 16 on a CPU
 
 
 def test_a_bench_that_measured_nothing_records_nothing(tmp_path, capsys):
@@ -128,3 +135,60 @@ def test_the_sd_over_people_is_read_from_the_answers_and_the_submission(tmp_path
     assert 0.03 < sd < 0.2
     pd.DataFrame({"ImageID": ids, "ans": true}).to_csv(tmp_path / "perfect.csv", index=False)
     assert bench.people_resampled_sd(tmp_path / "detail.csv", tmp_path / "perfect.csv") == 0
+
+
+class FakeScripts:
+    """subprocess.run for run_recipe: records each script it runs and writes what the script
+    would (a finished run's config.json and summary.json; a submission with its inference.json;
+    score.py's JSON), without training anything."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, cmd, **kwargs):
+        cmd = [str(c) for c in cmd]
+        script, flags = Path(cmd[1]).name, dict(zip(cmd[2::2], cmd[3::2]))
+        self.calls.append(script if "--resume" not in flags else "train.py --resume")
+        if script == "train.py":
+            run = Path(flags["--output_dir"])
+            run.mkdir(parents=True, exist_ok=True)
+            config = {**default_config("train"), **json.loads(Path(flags["--config"]).read_text()),
+                      "data_dir": flags["--data_dir"]}
+            (run / "config.json").write_text(json.dumps(config))
+            (run / "summary.json").write_text(json.dumps({"best_valid_f1": 0.5}))
+            pd.DataFrame({"train_seconds": [6.0], "train_images_per_s": [50.0], "valid_images_per_s": [90.0]}).to_csv(
+                run / "metrics.csv", index=False)
+        elif script == "inference.py":
+            run = Path(flags["--run"])
+            (run / "submission.csv").write_text("ImageID,ans\n")
+            (run / "inference.json").write_text(json.dumps({"config": {"tta": flags["--tta"]}}))
+        return types.SimpleNamespace(stdout=json.dumps({"macro_f1": 0.5}))
+
+
+def test_a_finished_recipe_is_reused_only_on_the_same_data_and_tta(sample_dir, tmp_path, monkeypatch):
+    """A budgeted recipe's epochs come from a speed probe, which differs from one bench to the
+    next: the second bench reuses the first's sizing, so its finished run too; another maskbench
+    build (another --size or --limit) retrains, and another --tta predicts again."""
+    scripts, probes = FakeScripts(), iter([50.0, 80.0])
+    monkeypatch.setattr(bench.subprocess, "run", scripts)
+    monkeypatch.setattr(bench, "model_throughput", lambda cfg, device: 100.0)
+    monkeypatch.setattr(bench, "pipeline_throughput", lambda *a, **k: next(probes))
+    data = tmp_path / "data_a"
+    shutil.copytree(sample_dir, data)
+    args = argparse.Namespace(epochs=0, budget_minutes=0.1, tta="none", cuda_input="", cache_dir=tmp_path / "cache",
+                              num_workers=0, maskbench=tmp_path / "maskbench")
+    recipe = "baseline+resize=[32,24]+batch_size=16"
+    cpu = torch.device("cpu")
+    first = bench.run_recipe(recipe, args, data, tmp_path / "runs", cpu)
+    assert scripts.calls == ["train.py", "inference.py", "score.py"]
+    again = bench.run_recipe(recipe, args, data, tmp_path / "runs", cpu)
+    assert scripts.calls[3:] == ["score.py"] and again["epochs"] == first["epochs"]
+    run_dir = tmp_path / "runs" / bench.run_name(recipe)
+    (run_dir / "inference.json").write_text(json.dumps({"config": {"tta": "flip"}}))  # predicted another way
+    bench.run_recipe(recipe, args, data, tmp_path / "runs", cpu)
+    assert scripts.calls[4:] == ["inference.py", "score.py"]
+    other = tmp_path / "data_b"
+    shutil.copytree(sample_dir, other)
+    bench.run_recipe(recipe, args, other, tmp_path / "runs", cpu)
+    assert scripts.calls[6:] == ["train.py", "inference.py", "score.py"]
+    assert json.loads((run_dir / "config.json").read_text())["data_dir"] == str(other / "train")

@@ -546,6 +546,10 @@ def test_assign_folds_on_a_plain_table():
     assert (per_person == 1).all()
     counts = folds.groupby(images["id"]).first().value_counts()
     assert sorted(counts.index) == [0, 1, 2, 3, 4] and counts.min() >= 4
+    few = images[images["id"].isin(["p0", "p1", "p2", "p3"])]  # 4 people cannot fill 5 folds
+    with pytest.raises(D.DataError, match=r"4 training people, fewer than the 5 validation folds.*--val_ratio 0"):
+        D.assign_folds(few, 5, seed=1)
+    assert D.assign_folds(few, 4, seed=1).nunique() == 4
 
 
 def test_same_seed_same_folds_other_seed_may_differ(thirty, tmp_path):

@@ -81,7 +81,7 @@ def test_soft_vote_with_weights():
     assert ensemble.combine([a, b], ens_cfg(member_weights=[1.0, 1.0])).tolist() == [1]
 
 
-@pytest.mark.parametrize("weights", [[1.0], [1.0, 1.0, 1.0], [1.0, -1.0], [0.0, 0.0]])
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 1.0, 1.0], [2.0, -1.0], [0.0, 0.0]])  # 2 - 1: a sum above 0
 def test_soft_vote_needs_one_weight_per_member(weights):
     with pytest.raises(SystemExit, match="one weight per member"):
         ensemble.combine([random_probs(3, k) for k in range(2)], ens_cfg(member_weights=weights))
@@ -256,6 +256,21 @@ def test_a_member_given_twice_is_refused(tmp_path):
     a = write_probs(tmp_path / "a" / "eval_probs.csv", IDS, random_probs(len(IDS), 0))
     with pytest.raises(SystemExit, match="given more than once.*--member_weights"):
         ensemble.main(ens_cfg(members=[str(a.parent), str(a)], submission=str(tmp_path / "ens.csv")))
+    assert not (tmp_path / "ens.csv").exists()
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda path: path.write_text(""), "cannot parse CSV"),
+    (lambda path: path.write_text(path.read_text().replace(",0\n", ",18\n", 1)), r"line\(s\) \[\d+\]: pred and label"),
+    (lambda path: path.write_text(path.read_text().splitlines()[0] + "\n"), "no rows"),
+])
+def test_a_damaged_validation_table_is_named(tmp_path, damage, message):
+    probs = random_probs(len(IDS), 0)
+    a = write_run(tmp_path / "a", IDS, probs, [f"img/{i}" for i in IDS], probs, np.arange(NUM_CLASSES))
+    b = write_probs(tmp_path / "b" / "eval_probs.csv", IDS, random_probs(len(IDS), 1))
+    damage(a / "valid_probs.csv")
+    with pytest.raises(SystemExit, match=f"error: {re.escape(str(a / 'valid_probs.csv'))}: {message}"):
+        ensemble.main(ens_cfg(members=[str(a), str(b)], submission=str(tmp_path / "ens.csv")))
     assert not (tmp_path / "ens.csv").exists()
 
 

@@ -247,6 +247,24 @@ def test_mtcnn_runs_on_a_batch():
     assert detector(images) == [None, None]  # flat images hold no face
 
 
+MASKBENCH_FACES = Path(__file__).resolve().parents[2] / "shared" / "maskbench" / "faces"
+
+
+@pytest.mark.skipif(not MASKBENCH_FACES.is_dir(), reason="needs ../shared/maskbench beside the project (read in place)")
+def test_mtcnn_finds_a_real_face_and_its_landmarks():
+    """A real face photo (UTKFace, 200x200, face centred), batched with a flat image: a box
+    around the middle, eyes above the nose above the mouth, the left eye on the left. The other
+    detector tests could pass with a detector that never finds anything."""
+    photo = np.asarray(D.read_rgb(sorted(MASKBENCH_FACES.glob("*.jpg"))[0]))
+    flat, found = detect_faces.FaceDetector("cpu")([np.full_like(photo, 128), photo])
+    assert flat is None and found is not None
+    (x1, y1, x2, y2), score, points = found
+    h, w = photo.shape[:2]
+    assert score > 0.9 and x1 < w / 2 < x2 and y1 < h / 2 < y2 and x2 - x1 > w / 3  # it may reach past the edge
+    (lx, ly), (rx, ry), (nx, ny), (mlx, mly), (mrx, mry) = points
+    assert lx < nx < rx and max(ly, ry) < ny < min(mly, mry) and mlx < mrx
+
+
 def test_mtcnn_finds_no_face_in_an_image_too_small_to_search():
     detector = detect_faces.FaceDetector("cpu")
     for size in ((5, 5), (11, 11), (8, 400)):
@@ -372,9 +390,14 @@ def test_masked_people_are_written_in_the_competition_layout(tmp_path):
     folder = out / "train" / "images" / images.loc[images["age"] == 65, "image_path"].map(lambda p: Path(p).parent.name).iloc[0]
     shots = {p.stem: np.asarray(Image.open(p), np.float32) for p in folder.iterdir()}
     assert all(s.shape == (80, 60, 3) for s in shots.values())
+    top_row = {}  # the first row changed by over half its mask's strongest change: the mask's upper edge
     for name in ("mask1", "mask2", "mask3", "mask4", "mask5", "incorrect_mask"):
         change = np.abs(shots[name] - shots["normal"]).mean(axis=2)
         assert change[5:15].mean() < 6 < change[45:55].mean(), name  # forehead untouched, chin covered
+        rows = change.mean(axis=1)
+        top_row[name] = int(np.flatnonzero(rows > rows.max() / 2)[0])
+    worn = [top_row[f"mask{k}"] for k in range(1, 6)]
+    assert top_row["incorrect_mask"] > max(worn) + 2, top_row  # below the nose or on the chin, not over it
     extra = D.read_extra([str(out / "train")])[0]  # plugs into --extra_data
     assert len(extra) == 14 and extra["id"].str.startswith("extra0:").all()
 

@@ -4,12 +4,16 @@ without validation is refused by name."""
 import re
 import shutil
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from sklearn.metrics import confusion_matrix
 
 import report
 import train
+from dataset import PROB_COLUMNS, class_name, decode_class
 from model import MaskModel, class_probabilities, create_model
 from report import grad_cam, write_report
 
@@ -44,6 +48,44 @@ def test_report_writes_every_picture(run_dir):
     # Grad-CAM: one tile per class per image; twice the images per class make a different sheet
     again = open_png(write_report(run_dir, images_per_class=2)[-1])
     assert again.size != images["gradcam"].size
+
+
+def test_report_draws_the_confusions_the_worst_images_and_the_best_epoch_of_the_run(run_dir, monkeypatch):
+    """What the pictures show comes from valid_probs.csv and metrics.csv: rows the true class,
+    the images least sure of their true class, the epoch of the best validation macro F1."""
+    table = pd.read_csv(run_dir / "valid_probs.csv")
+    n = len(table)
+    label = np.arange(n) % 18
+    pred = np.where(np.arange(n) % 2 == 0, (label + 1) % 18, label)  # every other image one class off
+    p_true = np.where(pred == label, 0.9, np.linspace(0.01, 0.09, n))
+    probs = np.full((n, 18), 0.0)
+    probs[np.arange(n), pred] = 0.9
+    probs[np.arange(n), label] = p_true
+    table[PROB_COLUMNS], table["pred"], table["label"] = probs, pred, label
+    table.to_csv(run_dir / "valid_probs.csv", index=False)
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    metrics["valid_f1"] = [0.6, 0.4]  # the best epoch is the first
+    metrics.to_csv(run_dir / "metrics.csv", index=False)
+    drawn = {"matrices": [], "best": [], "tiles": []}
+
+    def record(name, real, pick):
+        def wrapper(*args, **kwargs):
+            drawn[name].append(pick(*args, **kwargs))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(report, real.__name__, wrapper)
+
+    record("matrices", report.heatmap, lambda matrix, labels, title: matrix)
+    record("best", report.line_plot, lambda series, title, y_range, best=None: best)
+    record("tiles", report.tile, lambda image, lines: lines[0])
+    write_report(run_dir, images_per_class=1)
+    expected = [confusion_matrix(label, pred, labels=range(18))]
+    expected += [confusion_matrix(t, p, labels=range(k)) for t, p, k in zip(decode_class(label), decode_class(pred), (3, 2, 3))]
+    assert len(drawn["matrices"]) == 4
+    for got, want in zip(drawn["matrices"], expected):
+        np.testing.assert_array_equal(got, want)
+    assert drawn["best"] == [None, 1]  # the loss panel has no best epoch; the F1 panel marks epoch 1
+    worst = np.argsort(p_true, kind="stable")[:report.WORST]
+    assert drawn["tiles"][:report.WORST] == [f"true: {class_name(label[i])} (p={p_true[i]:.2f})" for i in worst]
 
 
 def test_grad_cam_is_a_heat_map_of_the_predicted_class(train_cfg):
@@ -122,6 +164,18 @@ def test_each_missing_input_is_named_with_its_reason(run_dir, tmp_path):
     (copy / "valid_probs.csv").unlink()
     with pytest.raises(FileNotFoundError, match="not yet, or the file was deleted"):
         write_report(copy)
+
+
+@pytest.mark.parametrize("name, damage, message", [
+    ("valid_probs.csv", lambda text: "", "cannot parse CSV"),
+    ("valid_probs.csv", lambda text: text[:len(text) // 2], r"line \d+: \d+ fields, but the header has 21"),
+    ("metrics.csv", lambda text: text.replace("valid_f1", "f1"), r"missing column\(s\) \['valid_f1'\]"),
+])
+def test_a_damaged_table_is_named_in_one_line(run_dir, name, damage, message):
+    path = run_dir / name
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(SystemExit, match=f"error: {re.escape(str(path))}: {message}"):
+        report.main(["--run", str(run_dir)])
 
 
 def test_unfinished_run_and_missing_folds_are_refused_by_name(run_dir, tmp_path):
