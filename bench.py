@@ -401,7 +401,8 @@ def write_report(args, loader, results, faces, speeds=()):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--maskbench", type=Path, default=ROOT.parent / "shared" / "maskbench", help="maskbench folder (build.py, faces/, score.py)")
     parser.add_argument("--size", default="", help="maskbench image size WxH to build; default 384x512 (full size) "
                                                    "on a CUDA GPU, 192x256 on the CPU")
@@ -416,7 +417,9 @@ def main(argv=None):
                         help="training time of a recipe that does not fix its epochs; 0: the measured training time "
                              "of the first recipe (30 if it has no epochs of its own), so the default baseline gets "
                              "the time the recommended recipe took")
-    parser.add_argument("--epochs", type=int, default=0, help="fixed epochs instead of the time budget")
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="fixed epochs instead of the time budget, for the recipes that set none (best.json sets "
+                             "4: give best+epochs=N to change it)")
     parser.add_argument("--tta", default=default_config("inference")["tta"], choices=load_spec()["tta"]["choices"],
                         help="test-time augmentation of a recipe that sets none (configs/best.json and baseline.json "
                              "set their own)")

@@ -153,9 +153,12 @@ def numbered_rows(table):
 
 
 def train_root(data_dir):
-    """Accept the train folder or its images/ folder (the starter code pointed at images/)."""
+    """Accept the train folder or its images/ folder (the starter code pointed at images/). A
+    root written "." or ending in ".." is made absolute: its eval/ sibling is found through
+    .parent, and the parent of "." is "." again."""
     data_dir = Path(data_dir)
-    return data_dir.parent if data_dir.name == "images" and not (data_dir / "train.csv").exists() else data_dir
+    root = data_dir.parent if data_dir.name == "images" and not (data_dir / "train.csv").exists() else data_dir
+    return root.resolve() if root.name in ("", "..") else root
 
 
 def eval_folder(cfg):
@@ -633,6 +636,9 @@ def read_rgb(path):
             if img.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: convert("RGB") would clip it to white
                 img = Image.fromarray(np.clip(np.asarray(img, dtype=np.int64) >> 8, 0, 255).astype(np.uint8))
             return img.convert("RGB")
+    except FileNotFoundError:
+        where = "" if Path(path).is_absolute() else f" (a relative path, read from {Path.cwd()})"
+        raise DataError(f"{path}: image not found{where}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: unreadable, truncated or oversized image ({e})")
 

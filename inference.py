@@ -160,7 +160,10 @@ def predict_eval(checkpoints, cfg, device, weights=None):
     for path, weight in zip(checkpoints, weights):
         model, train_cfg = load_model(path, device)
         autocast, _ = autocast_for(device, train_cfg["amp"])  # as it was validated: --no-amp stays in float32
-        eval_dir = cfg["eval_dir"] or eval_folder(train_cfg)
+        eval_dir = str(Path(cfg["eval_dir"] or eval_folder(train_cfg)).resolve())  # one folder, however written
+        if inputs and eval_dir not in {k[0] for k in inputs}:
+            raise SystemExit(f"error: the runs predict different eval folders {sorted({k[0] for k in inputs} | {eval_dir})}; "
+                             "give --eval_dir")
         key = (eval_dir, *(tuple(train_cfg[k]) for k in ("resize", "center_crop", "mean", "std")),
                train_cfg["face_crop"], train_cfg["face_margin"])
         if key not in inputs:
@@ -173,8 +176,6 @@ def predict_eval(checkpoints, cfg, device, weights=None):
                                 num_workers=dataset.loader_workers(cfg, device))
             inputs[key] = images, loader, batch_transform
         images, loader, batch_transform = inputs[key]
-        if len({k[0] for k in inputs}) > 1:
-            raise SystemExit(f"error: the runs predict different eval folders {sorted({k[0] for k in inputs})}")
         channels_last = train_cfg["channels_last"]
         if channels_last:
             model = model.to(memory_format=torch.channels_last)

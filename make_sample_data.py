@@ -224,7 +224,7 @@ def _parse_size(text):
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     p.add_argument("--out", default="data/sample")
     p.add_argument("--train_people", type=int, default=60)
     p.add_argument("--eval_people", type=int, default=20)

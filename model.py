@@ -92,12 +92,25 @@ def _offline_message(model, url, weights):
             + (f" (the weights file given was {weights})" if weights else ""))
 
 
+def _read_weights(path):
+    """A weights file as a state dict, or a RuntimeError naming the file and what is wrong with it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError (not a tensor file, a pickled whole model), EOFError, zip errors
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]
+        raise RuntimeError(f"{path}: not a readable weights file ({type(e).__name__}: {first_line})") from None
+    if not isinstance(state, dict):
+        raise RuntimeError(f"{path}: holds a {type(state).__name__}, not a state dict of weights "
+                           "(save them with torch.save(model.state_dict(), FILE))")
+    return state
+
+
 def _load_state_dict(model, url, weights):
     """The ImageNet weights from a local file if given, else downloaded into torch's hub cache."""
     if weights:
-        if not Path(weights).is_file():
-            raise FileNotFoundError(f"weights file not found: {weights}")
-        return torch.load(weights, map_location="cpu", weights_only=True)
+        return _read_weights(weights)
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True)
     except Exception as e:  # URLError, socket errors, HTTP errors: all mean "could not download"
@@ -144,7 +157,7 @@ def create_backbone(model, pretrained, weights=""):
         net = EfficientNet.from_name(model)
         if pretrained:
             path = weights or _lite_weights_file(model)
-            _load_weights(net, torch.load(path, map_location="cpu", weights_only=True), model, path)
+            _load_weights(net, _read_weights(path), model, path)
         return EfficientNetTrunk(net)
     if model in TORCHVISION:
         import torchvision

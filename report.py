@@ -248,7 +248,10 @@ def write_report(run_dir, device="cpu", images_per_class=2):
         probs = sorted(run_dir.glob("fold*/valid_probs.csv"))
         if not probs:
             saved = saved_config(run_dir)
-            why = ("a run without validation (--val_ratio 0) has none" if saved.get("val_ratio") == 0 else
+            stage = run_dir.name in ("refit", "pseudo") and (run_dir.parent / "config.json").is_file()
+            why = (f"its {run_dir.name}/ model trains on every person, so nothing is left to validate it on; "
+                   f"report on the run itself: --run {run_dir.parent}" if stage else
+                   "a run without validation (--val_ratio 0) has none" if saved.get("val_ratio") == 0 else
                    "not a run folder (no config.json or summary.json)"
                    if not any((run_dir / name).is_file() for name in ("config.json", "summary.json")) else
                    "a run writes it when its first epoch is validated: not yet, or the file was deleted")
@@ -284,7 +287,8 @@ def write_report(run_dir, device="cpu", images_per_class=2):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--run", required=True, help="run folder, or a k-fold run folder (one report per fold)")
     parser.add_argument("--images_per_class", type=int, default=2, help="Grad-CAM images per true class (default: 2)")
     args = parser.parse_args(argv)

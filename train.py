@@ -734,6 +734,10 @@ def check_training_settings(cfg):
     if not 30 < cfg["age_threshold"] <= 100:
         raise SystemExit(f"error: --age_threshold must be above 30 (where the middle band starts) and at most 100, "
                          f"got {cfg['age_threshold']}")
+    if cfg["overwrite"] and not cfg["output_dir"]:
+        raise SystemExit(f"error: --overwrite replaces the run in --output_dir, and none was given (a run named by "
+                         f"--name never replaces one: it gets {cfg['name']}2, {cfg['name']}3...); give --output_dir "
+                         f"{Path(cfg['model_dir']) / cfg['name']} to replace that run")
     if cfg["refit"] and cfg["val_ratio"] == 0:
         raise SystemExit("error: --refit trains once more on every person after the validated training; with "
                          "--val_ratio 0 the run trains on every person already: drop --refit")

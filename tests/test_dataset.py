@@ -125,6 +125,15 @@ def test_images_folder_is_accepted_as_data_dir(tiny):
     pd.testing.assert_frame_equal(a, b)
 
 
+def test_the_eval_folder_beside_a_training_folder_given_from_inside_it(tiny, monkeypatch):
+    """--data_dir . (or images, or train/..-style paths) from inside the training folder still
+    finds eval/ beside it: Path('.').parent is '.' again."""
+    monkeypatch.chdir(tiny / "train")
+    for data_dir in (".", "images", "images/.."):
+        assert Path(D.eval_folder({"eval_dir": "", "data_dir": data_dir})).resolve() == (tiny / "eval").resolve()
+    assert len(D.read_train_images(".")) == len(D.read_train_images(tiny / "train"))
+
+
 def test_read_eval_images_keeps_info_order(tiny):
     info = pd.read_csv(tiny / "eval" / "info.csv", dtype=str)
     table = D.read_eval_images(tiny / "eval")
@@ -978,6 +987,12 @@ def test_info_csv_row_without_image(fresh):
 def truncate(path):
     data = Path(path).read_bytes()
     Path(path).write_bytes(data[:len(data) // 2])
+
+
+def test_a_missing_image_is_named_as_missing_with_where_a_relative_path_was_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert error_of(D.read_rgb, tmp_path / "gone.jpg") == f"{tmp_path / 'gone.jpg'}: image not found"
+    assert error_of(D.read_rgb, "runs/gone.jpg") == f"runs/gone.jpg: image not found (a relative path, read from {tmp_path})"
 
 
 def test_truncated_image_raises_with_the_file_named(fresh, tmp_path):

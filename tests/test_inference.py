@@ -90,6 +90,22 @@ def test_each_checkpoint_predicts_with_the_mixed_precision_it_was_trained_with(d
     assert enabled == [True, False]
 
 
+def test_runs_predict_one_eval_folder_however_their_paths_are_written(data, run_dir, tmp_path, monkeypatch):
+    checkpoint = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
+    other = tmp_path / "other"
+    shutil.copytree(data / "sample" / "eval", other / "eval")
+    paths = []
+    for name, data_dir in [("relative", "sample/train"), ("absolute", str(data / "sample" / "train")),
+                           ("other", str(other / "train"))]:
+        paths.append(tmp_path / f"{name}.pt")
+        torch.save({**checkpoint, "config": {**checkpoint["config"], "data_dir": data_dir}}, paths[-1])
+    monkeypatch.chdir(data)
+    probs, _ = inference.predict_eval(paths[:2], make_inference_cfg(data, paths[:2], tmp_path), torch.device("cpu"))
+    assert probs.shape == (len(info_ids(data)), NUM_CLASSES)
+    with pytest.raises(SystemExit, match=r"the runs predict different eval folders .*other/eval.*give --eval_dir"):
+        inference.predict_eval(paths, make_inference_cfg(data, paths, tmp_path), torch.device("cpu"))
+
+
 def test_submission_matches_info_csv(data, predicted):
     path, out = predicted
     assert path == out / "submission.csv"

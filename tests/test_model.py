@@ -1,5 +1,6 @@
 """model.py: backbones x heads, gradients, class / task probabilities, offline weight loading."""
 import itertools
+import re
 import urllib.error
 
 import numpy as np
@@ -173,6 +174,20 @@ def test_pretrained_without_internet_or_weights_file_says_use_weights(name, no_i
     assert len(no_internet) == 1 and no_internet[0].startswith("http")
     with pytest.raises(RuntimeError, match="--weights"):
         create_model(model_cfg(model=name, pretrained=True))
+
+
+@pytest.mark.parametrize("write, message", [
+    (lambda path: path.write_text("not weights"), r"not a readable weights file \(UnpicklingError"),
+    (lambda path: path.write_bytes(b""), r"not a readable weights file \(EOFError"),
+    (lambda path: torch.save(torch.nn.Linear(2, 2), path), r"not a readable weights file \(UnpicklingError"),
+    (lambda path: torch.save([torch.zeros(1)], path), r"holds a list, not a state dict"),
+])
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "resnet18"])
+def test_a_weights_file_that_is_not_a_state_dict_is_named_in_one_line(name, write, message, tmp_path, no_internet):
+    path = tmp_path / "imagenet.pth"
+    write(path)
+    with pytest.raises(SystemExit, match=f"error: {re.escape(str(path))}: {message}"):
+        model_lib.check_model_settings(model_cfg(model=name, pretrained=True, weights=str(path), resize=[64, 48]))
 
 
 @pytest.mark.parametrize("name", ["efficientnet-b0", "resnet18"])

@@ -164,6 +164,10 @@ def test_each_missing_input_is_named_with_its_reason(run_dir, tmp_path):
     (copy / "valid_probs.csv").unlink()
     with pytest.raises(FileNotFoundError, match="not yet, or the file was deleted"):
         write_report(copy)
+    (copy / "pseudo").mkdir()
+    (copy / "pseudo" / "summary.json").write_text("{}")  # a stage folder: no config.json, no validation
+    with pytest.raises(FileNotFoundError, match=f"its pseudo/ model trains on every person.*--run {re.escape(str(copy))}$"):
+        write_report(copy / "pseudo")
 
 
 @pytest.mark.parametrize("name, damage, message", [

@@ -304,6 +304,7 @@ def test_overwrite_never_deletes_a_folder_that_only_holds_a_config_file(data, tm
     (dict(age_weight=-1.0), "--age_weight must be at least 0"),
     (dict(cache_workers=-2), "--cache_workers must be at least -1, got -2"),
     (dict(refit=True, val_ratio=0.0), "--refit trains once more .* with --val_ratio 0 .*: drop --refit"),
+    (dict(overwrite=True), r"--overwrite replaces the run in --output_dir, and none was given .*exp2.*--output_dir .*exp"),
     (dict(device="cuda:0" if not torch.cuda.is_available() else "tpu"), "--device"),
 ])
 def test_settings_that_cannot_work_are_refused_before_a_run_folder_is_made(data, tmp_path, setting, message):
