@@ -238,7 +238,7 @@ def run_recipe(recipe, args, data, out, device):
     budget = args.budget_minutes or 30  # 30 minutes when the first recipe has no epochs of its own
     sized = json.loads(config_file.read_text()) if config_file.is_file() else {}
     if not epochs and sized == {**train_overrides, "max_train_minutes": round(budget / folds, 3),
-                                "epochs": sized.get("epochs")}:
+                                "epochs": sized.get("epochs"), "data_dir": str(data / "train")}:
         # sized by an earlier bench's probe: its epochs again, so its finished run is reused, not retrained
         epochs, train_overrides["max_train_minutes"] = sized["epochs"], sized["max_train_minutes"]
     elif not epochs:  # trained for the budget: the time limit stops it, the probe sizes its schedule
@@ -251,15 +251,14 @@ def run_recipe(recipe, args, data, out, device):
         print(f"{recipe}: training pipeline {pipeline_ips:.1f} images/s -> up to {epochs} epoch(s) of {n_train} "
               f"images x {folds} fold(s), stopped at {budget:.1f} min")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    recipe_cfg = {**train_overrides, "epochs": epochs}
+    recipe_cfg = {**train_overrides, "epochs": epochs, "data_dir": str(data / "train")}  # one maskbench build
     config_file.write_text(json.dumps(recipe_cfg, indent=2))
     common = ["--cache_dir", str(args.cache_dir), "--num_workers", str(args.num_workers)]
     finished = (run_dir / "pseudo" / "summary.json" if recipe_cfg.get("pseudo_threshold")
                 else run_dir / ("oof_probs.csv" if folds > 1 else "summary.json"))
     # the same settings on the same maskbench build (another --size or --limit is another build)
-    identity = {**recipe_cfg, "data_dir": str(data / "train")}
     same_recipe = ((run_dir / "config.json").is_file()
-                   and identity.items() <= json.loads((run_dir / "config.json").read_text()).items())
+                   and recipe_cfg.items() <= json.loads((run_dir / "config.json").read_text()).items())
     done = same_recipe and finished.is_file()
     # a finished run of the same recipe settings is reused, an unfinished one continued (its finished
     # folds kept), so an interrupted bench resumes

@@ -36,7 +36,7 @@ from config import default_config, parse_config
 from dataset import (NUM_CLASSES, PROB_COLUMNS, DataError, build_transform, check_decode_errors,
                      class_balanced_weights, count_people, decode_class, decode_errors, eval_folder, image_key,
                      load_training_images, make_dataset, mix_batch, num_folds, open_cache, read_eval_images,
-                     read_extra, split_train_valid)
+                     read_extra, read_valid_probs, split_train_valid)
 from loss import Criterion, check_criterion_settings
 from model import check_model_settings, class_probabilities, create_model
 
@@ -578,15 +578,18 @@ def train(cfg, run_dir, device):
         log.info("fold %s: best validation macro F1 %s at epoch %d", fold, summaries[fold]["best_valid_f1"],
                  summaries[fold]["best_epoch"])
     if len(folds) > 1:
-        oof = pd.concat([pd.read_csv(run_dir / f"fold{k}" / "valid_probs.csv") for k in folds], ignore_index=True)
+        oof = pd.concat([read_valid_probs(run_dir / f"fold{k}" / "valid_probs.csv") for k in folds], ignore_index=True)
         write_csv_atomic(oof, run_dir / "oof_probs.csv")
         oof_score = score(oof["label"], oof["pred"])
         log.info("out-of-fold macro F1 %.4f accuracy %.4f (%s)", oof_score["f1"], oof_score["accuracy"], run_dir / "oof_probs.csv")
-    if cfg["refit"] and folds != [None]:
-        epochs = refit_epochs(summaries.values())
-        log.info("refit: training on every person for %d epochs into %s", epochs, run_dir / "refit")
+    refit_dir = run_dir / "refit"
+    if cfg["refit"] and folds != [None] and not (refit_dir / "summary.json").exists():  # not finished before
+        # a refit interrupted mid-way continues with the epoch count it started with
+        epochs = (load_checkpoint(refit_dir / "last.pt")["config"]["epochs"] if (refit_dir / "last.pt").exists()
+                  else refit_epochs(summaries.values()))
+        log.info("refit: training on every person for %d epochs into %s", epochs, refit_dir)
         all_train, _ = split_train_valid(images, None, cfg["drop_ages"])
-        fit({**cfg, "epochs": epochs}, run_dir / "refit", all_train, None, device, cache)
+        fit({**cfg, "epochs": epochs}, refit_dir, all_train, None, device, cache)
     if cfg["pseudo_threshold"] > 0:
         pseudo_stage(cfg, run_dir, device)
     return summaries

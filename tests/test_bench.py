@@ -169,26 +169,30 @@ def test_a_finished_recipe_is_reused_only_on_the_same_data_and_tta(sample_dir, t
     """A budgeted recipe's epochs come from a speed probe, which differs from one bench to the
     next: the second bench reuses the first's sizing, so its finished run too; another maskbench
     build (another --size or --limit) retrains, and another --tta predicts again."""
-    scripts, probes = FakeScripts(), iter([50.0, 80.0])
+    scripts, probes = FakeScripts(), [50.0, 80.0]  # images/s: 5 and then 8 epochs fit the 0.1-minute budget
     monkeypatch.setattr(bench.subprocess, "run", scripts)
     monkeypatch.setattr(bench, "model_throughput", lambda cfg, device: 100.0)
-    monkeypatch.setattr(bench, "pipeline_throughput", lambda *a, **k: next(probes))
+    monkeypatch.setattr(bench, "pipeline_throughput", lambda *a, **k: probes.pop(0))
     data = tmp_path / "data_a"
     shutil.copytree(sample_dir, data)
     args = argparse.Namespace(epochs=0, budget_minutes=0.1, tta="none", cuda_input="", cache_dir=tmp_path / "cache",
                               num_workers=0, maskbench=tmp_path / "maskbench")
     recipe = "baseline+resize=[32,24]+batch_size=16"
     cpu = torch.device("cpu")
-    first = bench.run_recipe(recipe, args, data, tmp_path / "runs", cpu)
-    assert scripts.calls == ["train.py", "inference.py", "score.py"]
-    again = bench.run_recipe(recipe, args, data, tmp_path / "runs", cpu)
-    assert scripts.calls[3:] == ["score.py"] and again["epochs"] == first["epochs"]
     run_dir = tmp_path / "runs" / bench.run_name(recipe)
+    sized = tmp_path / "runs" / f"{run_dir.name}.json"  # the epochs and budget it is trained with
+
+    bench.run_recipe(recipe, args, data, tmp_path / "runs", cpu)
+    assert scripts.calls == ["train.py", "inference.py", "score.py"] and json.loads(sized.read_text())["epochs"] == 5
+    bench.run_recipe(recipe, args, data, tmp_path / "runs", cpu)
+    assert scripts.calls[3:] == ["score.py"] and probes == [80.0]  # no second probe: its sizing is reused
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 5
     (run_dir / "inference.json").write_text(json.dumps({"config": {"tta": "flip"}}))  # predicted another way
     bench.run_recipe(recipe, args, data, tmp_path / "runs", cpu)
     assert scripts.calls[4:] == ["inference.py", "score.py"]
     other = tmp_path / "data_b"
     shutil.copytree(sample_dir, other)
     bench.run_recipe(recipe, args, other, tmp_path / "runs", cpu)
-    assert scripts.calls[6:] == ["train.py", "inference.py", "score.py"]
-    assert json.loads((run_dir / "config.json").read_text())["data_dir"] == str(other / "train")
+    assert scripts.calls[6:] == ["train.py", "inference.py", "score.py"] and probes == []  # probed on the new build
+    trained = json.loads((run_dir / "config.json").read_text())
+    assert trained["data_dir"] == str(other / "train") and trained["epochs"] == 8

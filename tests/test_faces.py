@@ -148,6 +148,17 @@ def test_face_crop_without_faces_csv_names_the_file_and_the_fix(tmp_path):
         D.crop_boxes(paths, crop_cfg(root, tmp_path))
 
 
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_the_header_size_is_the_size_read_rgb_gives(tmp_path, suffix, orientation):
+    """upright_size reads the EXIF rotation from the header, as read_rgb applies it."""
+    path = tmp_path / f"a{suffix}"
+    exif = Image.Exif()
+    exif[D.EXIF_ORIENTATION] = orientation
+    Image.new("RGB", (30, 20)).save(path, exif=exif)
+    assert D.upright_size(path) == D.read_rgb(path).size == ((20, 30) if orientation in (6, 8) else (30, 20))
+
+
 def test_images_changed_since_their_faces_were_found_are_refused(tmp_path):
     """faces.csv boxes are fractions of the size detection saw: a replaced image of another size
     would be cut in the wrong place, so it stops the run, naming the image, both sizes and the fix."""

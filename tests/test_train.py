@@ -533,12 +533,34 @@ def test_fold_all_writes_every_fold_and_out_of_fold_probabilities(kfold_run, dat
     pd.testing.assert_frame_equal(oof, folds)
 
 
+def test_a_resumed_refit_keeps_its_epoch_count_and_a_damaged_fold_table_is_named(kfold_run, tmp_path):
+    """A refit interrupted before its summary.json resumes with the epochs it started with, even
+    where the folds' best epochs now give another count (as an older rounding did); a fold's
+    validation table damaged since is named when the out-of-fold table is rebuilt."""
+    run_dir = tmp_path / "kfold"
+    shutil.copytree(kfold_run[0], run_dir)
+    for k, best in ((0, 2), (1, 3)):  # their median rounds to 3, the refit started with 1
+        path = run_dir / f"fold{k}" / "summary.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "best_epoch": best}))
+    (run_dir / "refit" / "summary.json").unlink()
+    resume_cfg = {**default_config("train"), "resume": str(run_dir), "num_workers": 0, "device": "cpu"}
+    train.main(resume_cfg)
+    assert len(pd.read_csv(run_dir / "refit" / "metrics.csv")) == 1
+    assert json.loads((run_dir / "refit" / "summary.json").read_text())["epochs_run"] == 1
+
+    table = run_dir / "fold1" / "valid_probs.csv"
+    table.write_text(table.read_text()[:len(table.read_text()) // 2])
+    (run_dir / "oof_probs.csv").unlink()
+    with pytest.raises(SystemExit, match=f"error: {re.escape(str(table))}: line \\d+: \\d+ fields, but the header has 21"):
+        train.main(resume_cfg)
+
+
 def test_refit_trains_on_everybody(kfold_run):
     run_dir, cfg, summaries = kfold_run
     refit = run_dir / "refit"
     assert (refit / "best.pt").is_file() and (refit / "last.pt").is_file()
     assert not (refit / "valid_probs.csv").exists()
-    epochs = int(np.median([s["best_epoch"] for s in summaries.values()]))
+    epochs = train.refit_epochs(summaries.values())
     assert len(pd.read_csv(refit / "metrics.csv")) == epochs
     assert torch.load(refit / "best.pt", map_location="cpu", weights_only=True)["config"]["epochs"] == epochs
     assert training_images_logged(run_dir, refit) == (7 * N_PEOPLE, N_PEOPLE, 0)
