@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # tcmalloc (apt-get install libtcmalloc-minimal4) is preloaded when installed: it sped up the
-# channels-first CPU step 1.25x, and the channels-last one 1.0-1.12x (BENCHMARKS.md)
+# channels-first CPU step 1.25x, and the channels-last one 1.0-1.12x (BENCHMARKS.md). Without it,
+# glibc keeps the large blocks it frees, on huge pages, instead of faulting them in every batch:
+# inference 1.67x, training 1.08x faster (BENCHMARKS.md, session 21)
 TCMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4))
-RUN := $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC) )$(PY)
+GLIBC_MALLOC := GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296
+RUN := $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC),$(GLIBC_MALLOC)) $(PY)
 
 RUNS ?=
 METHOD ?= soft
