@@ -6,9 +6,13 @@ PY := $(VENV)/bin/python
 # channels-first CPU step 1.25x, and the channels-last one 1.0-1.12x (BENCHMARKS.md). Without it,
 # glibc keeps the large blocks it frees, on huge pages, instead of faulting them in every batch:
 # inference 1.67x, training 1.08x faster (BENCHMARKS.md, session 21)
+# (only from glibc 2.36, where it was measured: older ones cap the mmap threshold at 32 MiB,
+# refuse the setting and keep only the trim threshold, which would make things worse)
 TCMALLOC := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 /usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4))
-GLIBC_MALLOC := GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296
-RUN := $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC),$(GLIBC_MALLOC)) $(PY)
+GLIBC_VERSION := $(shell getconf GNU_LIBC_VERSION 2>/dev/null | sed -n 's/^glibc //p')
+GLIBC_2_36 := $(shell printf '2.36\n%s\n' '$(GLIBC_VERSION)' | sort -V -C 2>/dev/null && echo yes)
+GLIBC_MALLOC := $(if $(GLIBC_2_36),GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296)
+RUN := $(strip $(if $(TCMALLOC),LD_PRELOAD=$(TCMALLOC),$(GLIBC_MALLOC)) $(PY))
 
 RUNS ?=
 METHOD ?= soft

@@ -339,8 +339,10 @@ def csv_rows(path):
 def machine():
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    preload = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "default allocator"
-    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, {preload}"
+    allocator = ("tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else
+                 f"glibc with GLIBC_TUNABLES={os.environ['GLIBC_TUNABLES']}" if os.environ.get("GLIBC_TUNABLES") else
+                 "default allocator")  # 1.1-2.6x apart in speed (BENCHMARKS.md, session 21)
+    return f"{os.cpu_count()} CPU cores ({cpu}), {gpu}, torch {torch.__version__}, {allocator}"
 
 
 def write_report(args, loader, results, faces, speeds=()):

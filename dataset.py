@@ -599,14 +599,15 @@ def check_faces_current(paths, rows, folders):
     read then must still fail to decode). A replacement of the same size cannot be told apart."""
     stale = []
     for path, face, folder in zip(paths, rows, folders):
-        size = upright_size(path)
-        if size is None:
+        sizes = header_sizes(path)
+        if sizes is None:
             continue  # unreadable: decoding names it
+        (width, height) = sizes[0]
         if pd.isna(face.width):
             if is_readable(path):
-                stale.append((folder, f"{path} ({size[0]}x{size[1]}, unreadable then)"))
-        elif size != (face.width, face.height):
-            stale.append((folder, f"{path} ({size[0]}x{size[1]}, was {face.width:.0f}x{face.height:.0f})"))
+                stale.append((folder, f"{path} ({width}x{height}, unreadable then)"))
+        elif (face.width, face.height) not in sizes:
+            stale.append((folder, f"{path} ({width}x{height}, was {face.width:.0f}x{face.height:.0f})"))
     if stale:
         folder = stale[0][0]
         images = [image for f, image in stale if f == folder]
@@ -647,20 +648,21 @@ def read_rgb(path):
         raise DataError(f"{path}: unreadable, truncated or oversized image ({e})")
 
 
-def upright_size(path):
-    """An image's (width, height) as read_rgb turns it upright (EXIF rotation), read from its
-    header only (30-50 microseconds; getexif() would decode a whole PNG for it, 4 ms at 384x512);
-    None when it cannot be opened."""
+def header_sizes(path):
+    """The (width, height) read_rgb can give an image, from its header alone (about 30
+    microseconds): the upright size where the EXIF rotation can be read there (JPEG, including
+    XMP; a PNG whose EXIF comes before its pixels), else both orientations, stored size first
+    (a PNG's getexif() decodes the whole image to look for EXIF after the pixels, 4 ms at
+    384x512). None when the image cannot be opened."""
     try:
         with Image.open(path) as img:
             width, height = img.size
-            exif = Image.Exif()
-            if img.info.get("exif"):
-                exif.load(img.info["exif"])
+            if img.format == "PNG" and "exif" not in img.info:
+                return [(width, height), (height, width)]
+            turned = img.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # the four that swap the sides
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
-    turned = exif.get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)  # the four orientations that swap the sides
-    return (height, width) if turned else (width, height)
+    return [(height, width) if turned else (width, height)]
 
 
 def is_readable(path):

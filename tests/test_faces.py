@@ -1,13 +1,16 @@
 """Face crop (detect_faces.py, dataset crop boxes and their fallback) and the synthetic-mask
 external-data writer (mask_faces.py)."""
+import io
 import re
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 import dataset as D
 import detect_faces
@@ -148,15 +151,49 @@ def test_face_crop_without_faces_csv_names_the_file_and_the_fix(tmp_path):
         D.crop_boxes(paths, crop_cfg(root, tmp_path))
 
 
-@pytest.mark.parametrize("suffix", [".jpg", ".png"])
-@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
-def test_the_header_size_is_the_size_read_rgb_gives(tmp_path, suffix, orientation):
-    """upright_size reads the EXIF rotation from the header, as read_rgb applies it."""
-    path = tmp_path / f"a{suffix}"
+XMP_TURNED = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+              '<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+
+
+def save_turned(path, how):
+    """A 30 x 20 image whose rotation tag (orientation 6: shown 20 x 30) is stored as `how` says."""
+    image = Image.new("RGB", (30, 20))
     exif = Image.Exif()
-    exif[D.EXIF_ORIENTATION] = orientation
-    Image.new("RGB", (30, 20)).save(path, exif=exif)
-    assert D.upright_size(path) == D.read_rgb(path).size == ((20, 30) if orientation in (6, 8) else (30, 20))
+    exif[D.EXIF_ORIENTATION] = 6
+    if how == "exif":
+        image.save(path, exif=exif)
+    elif how == "xmp" and path.suffix == ".jpg":
+        image.save(path, xmp=XMP_TURNED.encode())
+    elif how == "xmp":
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", XMP_TURNED)
+        image.save(path, pnginfo=info)
+    elif how == "imagemagick":  # a PNG text chunk holding the EXIF in hex
+        raw = exif.tobytes()
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Raw profile type exif", f"\nexif\n{len(raw):8d}\n{raw.hex()}\n", zip=True)
+        image.save(path, pnginfo=info)
+    else:  # after the pixels, where only decoding the PNG finds it
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        data, body = buffer.getvalue(), exif.tobytes()[6:]  # without the "Exif\0\0" header
+        chunk = struct.pack(">I", len(body)) + b"eXIf" + body + struct.pack(">I", zlib.crc32(b"eXIf" + body))
+        end = data.rindex(b"IEND") - 4
+        path.write_bytes(data[:end] + chunk + data[end:])
+
+
+@pytest.mark.parametrize("name, how", [("a.jpg", "exif"), ("a.png", "exif"), ("a.jpg", "xmp"), ("a.png", "xmp"),
+                                       ("a.png", "imagemagick"), ("a.png", "late")])
+def test_the_size_read_rgb_gives_is_one_the_header_allows(tmp_path, name, how):
+    """header_sizes reads the rotation where the header holds it, as read_rgb applies it, and
+    allows both orientations where only decoding the PNG would tell."""
+    path = tmp_path / name
+    save_turned(path, how)
+    assert D.read_rgb(path).size == (20, 30)
+    sizes = D.header_sizes(path)
+    assert (20, 30) in sizes and len(sizes) == (1 if name.endswith(".jpg") or how == "exif" else 2)
+    Image.new("RGB", (30, 20)).save(path)  # no rotation at all
+    assert D.header_sizes(path)[0] == D.read_rgb(path).size == (30, 20)
 
 
 def test_images_changed_since_their_faces_were_found_are_refused(tmp_path):
@@ -172,7 +209,7 @@ def test_images_changed_since_their_faces_were_found_are_refused(tmp_path):
     write_faces(root / "train", lambda image: (2.0, 2.0, 20.0, 24.0))
     data = Path(broken).read_bytes()
     Path(broken).write_bytes(data[:len(data) * 3 // 4])  # truncated: unreadable then and now
-    assert D.upright_size(broken) == (24, 32) and not D.is_readable(broken)  # its header is whole
+    assert D.header_sizes(broken) == [(24, 32)] and not D.is_readable(broken)  # its header is whole
     table = pd.read_csv(root / "train" / "faces.csv")
     table.loc[table["image"].str.endswith(Path(turned).name) & table["image"].str.contains(Path(turned).parent.name),
               ["width", "height"]] = [24, 32]  # as detect_faces.py records it: upright
