@@ -234,24 +234,24 @@ def run_recipe(recipe, args, data, out, device):
     folds = num_folds(cfg["val_ratio"]) if cfg["fold"] == "all" else 1
     epochs = train_overrides.get("epochs") or args.epochs
     run_dir = out / run_name(recipe)
-    config_file = out / f"{run_dir.name}.json"
-    budget = args.budget_minutes or 30  # 30 minutes when the first recipe has no epochs of its own
-    sized = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    if not epochs and sized == {**train_overrides, "max_train_minutes": round(budget / folds, 3),
-                                "epochs": sized.get("epochs"), "data_dir": str(data / "train")}:
-        # sized by an earlier bench's probe: its epochs again, so its finished run is reused, not retrained
-        epochs, train_overrides["max_train_minutes"] = sized["epochs"], sized["max_train_minutes"]
-    elif not epochs:  # trained for the budget: the time limit stops it, the probe sizes its schedule
-        table = load_training_images(cfg)
-        n_train = round(len(table) * (1 - cfg["val_ratio"]))  # per fold
-        pipeline_ips = pipeline_throughput(cfg, table, device, out / "probes" / run_name(recipe))
-        headroom = 1.0 if cfg["scheduler"] in WHOLE_RUN_SCHEDULES else EPOCH_HEADROOM
-        epochs = max(1, math.ceil(headroom * budget * 60 * pipeline_ips / (n_train * folds)))
+    config_file = out / f"{run_dir.name}.json"  # what it is trained with: the recipe on one maskbench build
+    data_dir = cfg["data_dir"]
+    if not epochs:  # trained for the budget: the time limit stops it, the probe sizes its schedule
+        budget = args.budget_minutes or 30  # 30 minutes when the first recipe has no epochs of its own
         train_overrides["max_train_minutes"] = round(budget / folds, 3)
-        print(f"{recipe}: training pipeline {pipeline_ips:.1f} images/s -> up to {epochs} epoch(s) of {n_train} "
-              f"images x {folds} fold(s), stopped at {budget:.1f} min")
+        sized = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        if sized.get("epochs") and sized == {**train_overrides, "epochs": sized["epochs"], "data_dir": data_dir}:
+            epochs = sized["epochs"]  # sized by an earlier bench's probe: its finished run is reused, not retrained
+        else:
+            table = load_training_images(cfg)
+            n_train = round(len(table) * (1 - cfg["val_ratio"]))  # per fold
+            pipeline_ips = pipeline_throughput(cfg, table, device, out / "probes" / run_name(recipe))
+            headroom = 1.0 if cfg["scheduler"] in WHOLE_RUN_SCHEDULES else EPOCH_HEADROOM
+            epochs = max(1, math.ceil(headroom * budget * 60 * pipeline_ips / (n_train * folds)))
+            print(f"{recipe}: training pipeline {pipeline_ips:.1f} images/s -> up to {epochs} epoch(s) of {n_train} "
+                  f"images x {folds} fold(s), stopped at {budget:.1f} min")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    recipe_cfg = {**train_overrides, "epochs": epochs, "data_dir": str(data / "train")}  # one maskbench build
+    recipe_cfg = {**train_overrides, "epochs": epochs, "data_dir": data_dir}
     config_file.write_text(json.dumps(recipe_cfg, indent=2))
     common = ["--cache_dir", str(args.cache_dir), "--num_workers", str(args.num_workers)]
     finished = (run_dir / "pseudo" / "summary.json" if recipe_cfg.get("pseudo_threshold")
@@ -266,7 +266,7 @@ def run_recipe(recipe, args, data, out, device):
         subprocess.run([sys.executable, "train.py", "--resume", str(run_dir), "--num_workers", str(args.num_workers)],
                        check=True, cwd=ROOT)
     elif not done:
-        subprocess.run([sys.executable, "train.py", "--config", str(config_file), "--data_dir", str(data / "train"),
+        subprocess.run([sys.executable, "train.py", "--config", str(config_file), "--data_dir", data_dir,
                         "--output_dir", str(run_dir), "--overwrite", *common], check=True, cwd=ROOT)
     if not (done and predicted_with(run_dir, tta)):
         subprocess.run([sys.executable, "inference.py", "--run", str(run_dir), "--eval_dir", str(data / "eval"),

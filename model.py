@@ -6,13 +6,12 @@ Every model returns a dict of outputs; `class_probabilities` turns any of them i
 answer, so training, inference and ensembling never care which head a model has.
 """
 import importlib
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dataset import NUM_CLASSES, decode_class
+from dataset import NUM_CLASSES, DataError, decode_class
 
 EFFICIENTNETS = [f"efficientnet-b{i}" for i in range(8)]
 LITES = [f"efficientnet-lite{i}" for i in range(3)]
@@ -92,18 +91,25 @@ def _offline_message(model, url, weights):
             + (f" (the weights file given was {weights})" if weights else ""))
 
 
-def _read_weights(path):
-    """A weights file as a state dict, or a RuntimeError naming the file and what is wrong with it."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+def load_torch_file(path, what, map_location="cpu"):
+    """A file torch.save wrote (tensors and plain containers only), or a DataError naming it and
+    what is wrong: missing, empty, cut short by a full disk or a copy, not a torch file, or a
+    pickled object (torch raises EOFError, RuntimeError or UnpicklingError depending on the damage)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # UnpicklingError (not a tensor file, a pickled whole model), EOFError, zip errors
-        first_line = (str(e).strip().splitlines() or [""])[0][:200]
-        raise RuntimeError(f"{path}: not a readable weights file ({type(e).__name__}: {first_line})") from None
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} not found") from None
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [""])[0][:200]  # an empty file gives EOFError('')
+        raise DataError(f"{path}: not a readable {what} ({type(e).__name__}: {first_line})") from None
+
+
+def _read_weights(path):
+    """A weights file as a state dict, or a DataError naming the file and what is wrong with it."""
+    state = load_torch_file(path, "weights file")
     if not isinstance(state, dict):
-        raise RuntimeError(f"{path}: holds a {type(state).__name__}, not a state dict of weights "
-                           "(save them with torch.save(model.state_dict(), FILE))")
+        raise DataError(f"{path}: holds a {type(state).__name__}, not a state dict of weights "
+                        "(save them with torch.save(model.state_dict(), FILE))")
     return state
 
 

@@ -38,7 +38,7 @@ from dataset import (NUM_CLASSES, PROB_COLUMNS, DataError, build_transform, chec
                      load_training_images, make_dataset, mix_batch, num_folds, open_cache, read_eval_images,
                      read_extra, read_valid_probs, split_train_valid)
 from loss import Criterion, check_criterion_settings
-from model import check_model_settings, class_probabilities, create_model
+from model import check_model_settings, class_probabilities, create_model, load_torch_file
 
 log = logging.getLogger("mask")
 
@@ -188,14 +188,8 @@ def write_atomic(write, path):
 
 def load_checkpoint(path, map_location="cpu", keys=("model", "config")):
     """A checkpoint this kit saved, or a DataError naming the file and what is wrong with it
-    (empty, cut short by a full disk or a copy, not a checkpoint, or lacking `keys`)."""
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise DataError(f"{path}: checkpoint not found")
-    except Exception as e:  # torch raises EOFError, RuntimeError or UnpicklingError depending on the damage
-        first_line = (str(e).splitlines() or [""])[0][:200]  # an empty file gives EOFError('')
-        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__}: {first_line})")
+    (unreadable as load_torch_file says, or lacking `keys`)."""
+    ckpt = load_torch_file(path, "checkpoint", map_location)
     missing = [key for key in keys if not isinstance(ckpt, dict) or key not in ckpt]
     if missing:
         raise DataError(f"{path}: not a checkpoint written by train.py (it has no {', '.join(missing)})")
@@ -714,9 +708,8 @@ TRAINING_MINIMUMS = {"epochs": 1, "batch_size": 1, "seed": 0, "weight_decay": 0,
                      "patience": 0, "lr_decay_step": 1, "age_sigma": 0, "focal_gamma": 0, "mix_alpha": 0,
                      "age_regression": 0, "f1_weight": 0, "mask_weight": 0, "gender_weight": 0, "age_weight": 0,
                      "backbone_lr_scale": 0, "grad_clip": 0, **LOADER_MINIMUMS}
-FRACTIONS = [("ema_decay", 0, 1), ("label_smoothing", 0, 1), ("age_smoothing", 0, 1), ("mix_prob", 0, 1),
-             ("dropout", 0, 1), ("momentum", 0, 1)]
-BELOW_ONE = {"ema_decay", "label_smoothing", "dropout"}  # at 1 the average never moves, the target is flat, nothing passes
+FRACTIONS = ("age_smoothing", "mix_prob", "momentum")  # 0 to 1
+BELOW_ONE = ("ema_decay", "label_smoothing", "dropout")  # 0 to below 1: at 1 the average never moves, the target is flat, nothing passes
 
 
 def check_at_least(cfg, minimums):
@@ -730,10 +723,10 @@ def check_training_settings(cfg):
     check_at_least(cfg, TRAINING_MINIMUMS)
     if not cfg["lr"] > 0:
         raise SystemExit(f"error: --lr must be above 0, got {cfg['lr']}")
-    for key, low, high in FRACTIONS:
-        if not low <= cfg[key] <= high or (key in BELOW_ONE and cfg[key] == 1):
-            raise SystemExit(f"error: --{key} must be at least {low} and {'below' if key in BELOW_ONE else 'at most'} "
-                             f"{high}, got {cfg[key]}")
+    for key in (*FRACTIONS, *BELOW_ONE):
+        below = key in BELOW_ONE
+        if not (0 <= cfg[key] < 1 if below else 0 <= cfg[key] <= 1):
+            raise SystemExit(f"error: --{key} must be at least 0 and {'below' if below else 'at most'} 1, got {cfg[key]}")
     if not 30 < cfg["age_threshold"] <= 100:
         raise SystemExit(f"error: --age_threshold must be above 30 (where the middle band starts) and at most 100, "
                          f"got {cfg['age_threshold']}")

@@ -10,7 +10,7 @@ import torchvision
 
 import model as model_lib
 from config import default_config
-from dataset import NUM_CLASSES, decode_class, encode_class
+from dataset import NUM_CLASSES, DataError, decode_class, encode_class
 from loss import Criterion
 from model import MaskModel, class_probabilities, create_backbone, create_model, task_probabilities
 
@@ -249,7 +249,7 @@ def test_resnet_trunk_keeps_the_state_dict_keys_of_older_checkpoints():
 
 
 def test_local_weights_file_missing_is_an_error(tmp_path, no_internet):
-    with pytest.raises(FileNotFoundError, match="not_there.pth"):
+    with pytest.raises(DataError, match="not_there.pth: weights file not found"):
         create_backbone("efficientnet-b0", pretrained=True, weights=str(tmp_path / "not_there.pth"))
     assert not no_internet
 
