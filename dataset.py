@@ -488,6 +488,7 @@ FACES_CSV = "faces.csv"
 LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")  # as seen in the photo
 FACE_COLUMNS = ["image", "width", "height", "found", "score", "x1", "y1", "x2", "y2",
                 *(f"{name}_{axis}" for name in LANDMARKS for axis in "xy")]
+FILE_BYTES = "bytes"  # the image file's size when its face was found; optional (older faces.csv lack it)
 
 
 def center_box(center_crop):
@@ -545,6 +546,8 @@ def check_faces_table(table, csv_path):
         raise DataError(f"{csv_path}: line(s) {(np.flatnonzero(bad) + 2).tolist()[:5]}: found must be 0 or 1, and a "
                         f"found face needs width and height above 0 and a box with x1 < x2 and y1 < y2; {rerun}")
     table[columns] = values
+    if FILE_BYTES in table.columns:
+        table[FILE_BYTES] = pd.to_numeric(table[FILE_BYTES], errors="coerce")
 
 
 def face_box(face, margin, aspect):
@@ -594,11 +597,16 @@ def crop_boxes(paths, cfg):
 
 def check_faces_current(paths, rows, folders):
     """faces.csv boxes are pixels of the image detect_faces.py saw, kept as fractions of its size.
-    An image replaced since by one of another size would be cut in the wrong place, silently,
-    so each image's size is compared with the one its row recorded (an image that could not be
-    read then must still fail to decode). A replacement of the same size cannot be told apart."""
+    An image replaced since would be cut in the wrong place, silently, so each image's file size
+    in bytes (where its row recorded one: a replacement of the same pixel size is a different
+    file) and its pixel size are compared with its row (an image that could not be read then
+    must still fail to decode)."""
     stale = []
     for path, face, folder in zip(paths, rows, folders):
+        recorded = getattr(face, FILE_BYTES, None)
+        if recorded is not None and not pd.isna(recorded) and (now := os.stat(path).st_size) != recorded:
+            stale.append((folder, f"{path} (a file of {now} bytes, was {recorded:.0f})"))
+            continue
         sizes = header_sizes(path)
         if sizes is None:
             continue  # unreadable: decoding names it

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from config import parse_config
-from dataset import FACE_COLUMNS, FACES_CSV, IMAGE_EXTENSIONS, DataError, read_rgb, train_root
+from dataset import FACE_COLUMNS, FACES_CSV, FILE_BYTES, IMAGE_EXTENSIONS, DataError, read_rgb, train_root
 from train import resolve_device, setup_logging, write_csv_atomic
 
 log = logging.getLogger("mask")
@@ -83,8 +83,9 @@ def image_files(folder):
     return paths
 
 
-def face_row(image, width, height, face):
-    row = {"image": image, "width": width, "height": height, "found": int(face is not None)}
+def face_row(folder, path, width, height, face):
+    row = {"image": path.relative_to(folder).as_posix(), "width": width, "height": height,
+           "found": int(face is not None), FILE_BYTES: path.stat().st_size}
     if face is not None:
         box, score, points = face
         row.update(score=round(score, 4), **dict(zip(("x1", "y1", "x2", "y2"), box.round(1))))
@@ -107,13 +108,13 @@ def detect_folder(folder, detector, batch_size=32, num_workers=0, paths=None):
         for i, img, error in batch:
             if error:
                 errors.append(error)
-                rows[i] = face_row(paths[i].relative_to(folder).as_posix(), None, None, None)
+                rows[i] = face_row(folder, paths[i], None, None, None)
             else:
                 by_size.setdefault(img.shape, []).append((i, img))
         for group in by_size.values():
             for (i, img), face in zip(group, detector([img for _, img in group])):
-                rows[i] = face_row(paths[i].relative_to(folder).as_posix(), img.shape[1], img.shape[0], face)
-    table = pd.DataFrame(rows, columns=FACE_COLUMNS)  # an unreadable image has no size: whole numbers kept
+                rows[i] = face_row(folder, paths[i], img.shape[1], img.shape[0], face)
+    table = pd.DataFrame(rows, columns=[*FACE_COLUMNS, FILE_BYTES])  # an unreadable image has no size: whole numbers kept
     return table.astype({"width": "Int64", "height": "Int64"}), errors
 
 

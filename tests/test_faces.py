@@ -229,6 +229,28 @@ def test_images_changed_since_their_faces_were_found_are_refused(tmp_path):
         D.crop_boxes(paths, crop_cfg(root, tmp_path))
 
 
+def test_a_replaced_image_of_the_same_size_is_refused_by_its_file_size(tmp_path):
+    """detect_faces.py records each file's size in bytes, so an image replaced by another of the
+    same pixel size (which the header check cannot see) stops the run too; a faces.csv written
+    before that column existed is still read, with the pixel-size check alone."""
+    root = tmp_path / "d"
+    make_sample_dataset(root, n_train_people=2, n_eval_people=1, size=(24, 32), seed=1)
+    paths = D.read_train_images(root / "train")["image_path"].tolist()
+    table, _ = detect_faces.detect_folder(root / "train", FakeDetector())
+    assert table[D.FILE_BYTES].tolist() == [Path(root / "train", image).stat().st_size for image in table["image"]]
+    table.to_csv(root / "train" / D.FACES_CSV, index=False)
+    D.crop_boxes(paths, crop_cfg(root, tmp_path))
+    before = Path(paths[3]).stat().st_size
+    Image.open(paths[3]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(paths[3], quality=60)  # same 24x32
+    after = Path(paths[3]).stat().st_size
+    assert D.header_sizes(paths[3]) == [(24, 32)] and after != before
+    with pytest.raises(D.DataError, match=rf"1 image\(s\) changed .*{re.escape(str(paths[3]))} \(a file of {after} "
+                                          rf"bytes, was {before}\).*detect_faces.py --face_dirs .*train again"):
+        D.crop_boxes(paths, crop_cfg(root, tmp_path))
+    table.drop(columns=D.FILE_BYTES).to_csv(root / "train" / D.FACES_CSV, index=False)  # an older faces.csv
+    D.crop_boxes(paths, crop_cfg(root, tmp_path))
+
+
 def test_train_and_inference_crop_train_and_eval_faces(data, tmp_path):
     """A face-crop run trains, reports and predicts; inference reads eval/faces.csv."""
     write_faces(data / "train", lambda image: (6.0, 8.0, 42.0, 50.0))
