@@ -13,6 +13,7 @@ where validation probabilities of the same images exist, each member's and the e
 """
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -76,9 +77,34 @@ def unvalidated_predictions(run_dir):
     if (run_dir / "refit").is_dir():
         return "its refit model predicted eval, and was trained on the validation people"
     record = run_dir / "inference.json"
-    if record.is_file() and json.loads(record.read_text())["config"]["checkpoint"] != "best":
+    if not record.is_file():
+        return None
+    try:
+        inference = json.loads(record.read_text())
+        checkpoint, models = inference["config"]["checkpoint"], inference.get("models", [])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise DataError(f"{record}: not an inference.json that inference.py wrote ({type(e).__name__}: {e}); "
+                        f"predict again with inference.py --run {run_dir}")
+    if checkpoint != "best":
         return "eval was predicted with last.pt, and validation with best.pt"
+    others = [model["checkpoint"] for model in models
+              if not is_validated_checkpoint(Path(model["checkpoint"]), run_dir)]
+    if others:
+        return f"eval was predicted with {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, not only its own best.pt"
     return None
+
+
+def is_validated_checkpoint(checkpoint, run_dir):
+    """Whether a checkpoint is one whose validation the run folder holds: its best.pt or a
+    fold's. Folders are compared as paths and, for a run folder moved since or predicted from
+    another directory, by name."""
+    if checkpoint.name != "best.pt":
+        return False
+    run = Path(run_dir).resolve()
+    home = checkpoint.parent
+    if re.fullmatch(r"fold\d+", home.name):
+        home = home.parent
+    return home.resolve() == run or home.name == run.name
 
 
 def check_member_table(table, path):

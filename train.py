@@ -707,7 +707,7 @@ LOADER_MINIMUMS = {"valid_batch_size": 1, "num_workers": 0, "cache_workers": -1}
 TRAINING_MINIMUMS = {"epochs": 1, "batch_size": 1, "seed": 0, "weight_decay": 0, "max_train_minutes": 0,
                      "patience": 0, "lr_decay_step": 1, "age_sigma": 0, "focal_gamma": 0, "mix_alpha": 0,
                      "age_regression": 0, "f1_weight": 0, "mask_weight": 0, "gender_weight": 0, "age_weight": 0,
-                     "backbone_lr_scale": 0, "grad_clip": 0, **LOADER_MINIMUMS}
+                     "backbone_lr_scale": 0, "grad_clip": 0, "log_interval": 1, **LOADER_MINIMUMS}
 FRACTIONS = ("age_smoothing", "mix_prob", "momentum")  # 0 to 1
 BELOW_ONE = ("ema_decay", "label_smoothing", "dropout")  # 0 to below 1: at 1 the average never moves, the target is flat, nothing passes
 

@@ -1,6 +1,7 @@
 """ensemble.py (soft / hard / per-task voting, member checks, main) and score.py, on
 probability tables written by hand."""
 import json
+import logging
 import re
 
 import numpy as np
@@ -430,6 +431,36 @@ def test_validation_of_other_models_than_the_ones_that_predicted_eval_is_not_rep
         (run / "inference.json").write_text(json.dumps({"config": {"checkpoint": "last"}}))
     member = ensemble.Member(run)
     assert member.valid is None and member.valid_f1 is None
+
+
+@pytest.mark.parametrize("models, validated", [
+    (["RUN/best.pt"], True),
+    (["/elsewhere/moved/run/fold0/best.pt", "/elsewhere/moved/run/fold1/best.pt"], True),  # the folder moved since
+    (["RUN/last.pt"], False),  # --run RUN/last.pt, written into the run folder
+    (["RUN/best.pt", "runs/other/pseudo/best.pt"], False),  # a blend written there with --output_dir RUN
+])
+def test_validation_is_reported_only_for_the_run_s_own_best_models(tmp_path, models, validated, caplog):
+    """inference.json names the checkpoints that predicted eval: the run's validation describes
+    them only when they are its own best.pt models."""
+    labels = np.arange(8)
+    run = write_run(tmp_path / "run", IDS[:6], peaked([0, 1, 2, 3, 4, 5]), [f"/t/{k}.jpg" for k in range(8)],
+                    peaked(labels), labels)
+    models = [{"checkpoint": m.replace("RUN", str(run)), "weight": 1.0} for m in models]
+    (run / "inference.json").write_text(json.dumps({"config": {"checkpoint": "best"}, "models": models}))
+    with caplog.at_level(logging.INFO):
+        member = ensemble.Member(run)
+    assert (member.valid_f1 == 1.0) if validated else (member.valid is None and member.valid_f1 is None)
+    assert validated or f"eval was predicted with {models[-1]['checkpoint']}" in caplog.text
+
+
+def test_a_damaged_inference_json_is_named(tmp_path):
+    labels = np.arange(8)
+    run = write_run(tmp_path / "run", IDS[:6], peaked([0, 1, 2, 3, 4, 5]), [f"/t/{k}.jpg" for k in range(8)],
+                    peaked(labels), labels)
+    (run / "inference.json").write_text('{"config": {"checkp')
+    with pytest.raises(SystemExit, match=r"run/inference.json: not an inference.json that inference.py wrote "
+                                         r"\(JSONDecodeError.*predict again with inference.py --run"):
+        ensemble.Member(run)
 
 
 def test_validation_matches_one_image_named_two_ways(tmp_path, monkeypatch, capsys):

@@ -292,6 +292,7 @@ def test_overwrite_never_deletes_a_folder_that_only_holds_a_config_file(data, tm
     (dict(batch_size=0), "--batch_size must be at least 1"),
     (dict(valid_batch_size=0), "--valid_batch_size must be at least 1"),
     (dict(seed=-1), "--seed must be at least 0"),
+    (dict(log_interval=0), "--log_interval must be at least 1, got 0"),
     (dict(lr=-1.0), "--lr must be above 0"),
     (dict(ema_decay=1.0), "--ema_decay must be at least 0 and below 1, got 1.0"),
     (dict(label_smoothing=1.5), "--label_smoothing must be at least 0 and below 1, got 1.5"),
