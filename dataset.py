@@ -43,6 +43,13 @@ PROB_COLUMNS = [f"p{c}" for c in range(NUM_CLASSES)]  # class probabilities in C
 # with age_known False; the loss then leaves it out of the age regression and keeps its age-band
 # target one-hot.
 BAND_AGES = (25, 30, 100)
+AGES = range(1, 121)  # a labelled age outside it is a typo (290 for 29), not a person of 290
+
+
+def whole_age(text):
+    """An age written in ASCII digits within AGES as an int, else None."""
+    text = str(text)
+    return int(text) if text.isascii() and text.isdigit() and int(text) in AGES else None
 
 
 def age_band(age, age_threshold=60):
@@ -174,12 +181,17 @@ def read_people(data_dir):
     if people.empty:
         raise DataError(f"{csv_path}: no people (a header and no rows)")
     for row, rec in numbered_rows(people):
-        if not rec.age.isdigit():
-            raise DataError(f"{csv_path}: line {row}: age '{rec.age}' is not written as whole years in digits (e.g. 29)")
+        if whole_age(rec.age) is None:
+            raise DataError(f"{csv_path}: line {row}: age '{rec.age}' is not whole years from {AGES[0]} to {AGES[-1]} "
+                            "in digits (e.g. 29)")
         if rec.gender.lower() not in GENDERS:
             raise DataError(f"{csv_path}: line {row}: gender '{rec.gender}' is not male or female")
-    for column in ("id", "path"):  # two rows reading one folder would put its images on both sides of a split
-        duplicated = people[column][people[column].duplicated()].tolist()
+        if not rec.id.strip() or not rec.path.strip():
+            raise DataError(f"{csv_path}: line {row}: empty id or path")
+    # two rows reading one folder (however written: 'a/' and 'a') would put its images on both sides of a split
+    folders = people["path"].map(lambda path: (csv_path.parent / "images" / path).resolve())
+    for column, values in (("id", people["id"]), ("path", folders)):
+        duplicated = people[column][values.duplicated(keep=False)].tolist()
         if duplicated:
             raise DataError(f"{csv_path}: duplicate {column}(s) {duplicated[:10]}")
     warn_folder_names(people, csv_path)
@@ -229,6 +241,8 @@ def person_images(folder):
         stem, ext = path.stem, path.suffix.lower()
         if stem not in MASK_FILES or ext not in IMAGE_EXTENSIONS:
             raise DataError(f"{path}: unexpected file (expected {sorted(MASK_FILES)} as .jpg/.jpeg/.png)")
+        if not path.is_file():
+            raise DataError(f"{path}: not a file (a folder, or a link to nothing)")
         if stem in found:
             raise DataError(f"{folder}: two files for {stem}: {found[stem].name} and {path.name}")
         found[stem] = path
@@ -306,11 +320,11 @@ def read_label_csv(csv_path, source):
     labels = labels.astype(int).to_numpy()
     mask, gender, band = decode_class(labels)
     given = table["age"] if "age" in table else pd.Series("", index=table.index)
-    bad_ages = [a for a in given if a and not a.isdigit()]
+    bad_ages = [a for a in given if a and whole_age(a) is None]
     if bad_ages:
-        raise DataError(f"{csv_path}: age value(s) {bad_ages[:5]} are not whole numbers")
+        raise DataError(f"{csv_path}: age value(s) {bad_ages[:5]} are not whole years from {AGES[0]} to {AGES[-1]}")
     age_known = (given != "").to_numpy()
-    ages = np.where(age_known, pd.to_numeric(given, errors="coerce").fillna(0).astype(int), np.take(BAND_AGES, band))
+    ages = np.array([whole_age(a) if known else BAND_AGES[b] for a, known, b in zip(given, age_known, band)], dtype=int)
     wrong_band = table["path"][age_known & (age_band(ages) != band)].tolist()
     if wrong_band:
         raise DataError(f"{csv_path}: the age of {wrong_band[:3]} is not in the age band of its class")
@@ -371,8 +385,14 @@ def apply_corrections(people, files, corrections_csv):
         raise DataError(f"{corrections_csv}: none of its {len(table)} ids is in the data{hint}")
     people = people.set_index("id", drop=False)
     files = {k: dict(v) for k, v in files.items()}
+    first_line = {}
     for row, rec in numbered_rows(table):
         where = f"{corrections_csv}: line {row}"
+        # a second flip or swap would undo the first, a second gender or age contradict it
+        key = (rec.id, rec.field, frozenset(rec.value.split()) if rec.field == "swap" else None)
+        if key in first_line:
+            raise DataError(f"{where}: a second {rec.field} correction of id {rec.id} (line {first_line[key]}); keep one")
+        first_line[key] = row
         if rec.id not in people.index:
             log.warning("%s: id %s is not in the data; correction not applied", where, rec.id)
             continue
@@ -384,10 +404,10 @@ def apply_corrections(people, files, corrections_csv):
             people.at[rec.id, "gender"] = new
             log.info("correction %s: gender %s -> %s", rec.id, GENDER_NAMES[old], GENDER_NAMES[new])
         elif rec.field == "age":
-            if not rec.value.isdigit():
-                raise DataError(f"{where}: age value '{rec.value}' is not a whole number")
+            if whole_age(rec.value) is None:
+                raise DataError(f"{where}: age value '{rec.value}' is not whole years from {AGES[0]} to {AGES[-1]}")
             log.info("correction %s: age %s -> %s", rec.id, people.at[rec.id, "age"], rec.value)
-            people.at[rec.id, "age"] = int(rec.value)
+            people.at[rec.id, "age"] = whole_age(rec.value)
         elif rec.field == "swap":
             stems = rec.value.split()
             if len(stems) != 2 or not set(stems) <= set(MASK_FILES):

@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from config import parse_config
-from dataset import GENDERS, IMAGE_EXTENSIONS, MASK_FILES, DataError, numbered_rows, read_csv, read_rgb
+from dataset import AGES, GENDERS, IMAGE_EXTENSIONS, MASK_FILES, DataError, numbered_rows, read_csv, read_rgb, whole_age
 from detect_faces import FaceDetector
 from train import resolve_device, setup_logging, write_csv_atomic, write_text_atomic
 
@@ -53,8 +53,8 @@ def read_labels(faces_dir, faces_csv=""):
             if not rec.age.isdigit() or gender is None:
                 raise DataError(f"{faces_csv}: line {line}: age '{rec.age}' / gender '{rec.gender}' "
                                 "should be a whole number / male, female, 0 or 1")
-            if not 1 <= int(rec.age) <= 120:
-                raise DataError(f"{faces_csv}: line {line}: age {rec.age} is not between 1 and 120")
+            if whole_age(rec.age) is None:
+                raise DataError(f"{faces_csv}: line {line}: age {rec.age} is not between {AGES[0]} and {AGES[-1]}")
             if not (faces_dir / rec.file).is_file():
                 raise DataError(f"{faces_csv}: line {line}: {faces_dir / rec.file} not found")
             race = re.sub(r"[\W_]+", "-", getattr(rec, "race", "") or "Unknown")  # "_" splits the folder name
@@ -70,8 +70,8 @@ def read_labels(faces_dir, faces_csv=""):
             if len(parts) < 4 or not (parts[0].isdigit() and parts[1] in ("0", "1") and parts[2] in ("0", "1", "2", "3", "4")):
                 skipped.append((path.name, "name is not {age}_{gender}_{race}_*"))
                 continue
-            if not 1 <= int(parts[0]) <= 120:
-                skipped.append((path.name, f"age {int(parts[0])} is not between 1 and 120"))
+            if whole_age(parts[0]) is None:
+                skipped.append((path.name, f"age {int(parts[0])} is not between {AGES[0]} and {AGES[-1]}"))
                 continue
             rows.append((path.name, int(parts[0]), int(parts[1]), UTKFACE_RACES[int(parts[2])]))
     if not rows:

@@ -289,6 +289,38 @@ def test_bad_corrections_are_errors_naming_file_and_line(fresh, tmp_path, row, w
         assert word in str(exc.value)
 
 
+@pytest.mark.parametrize("rows", [
+    [["gender", "flip"], ["gender", "flip"]],  # the second undoes the first
+    [["gender", "male"], ["gender", "female"]],
+    [["age", "33"], ["age", "45"]],
+    [["swap", "incorrect_mask normal"], ["swap", "normal incorrect_mask"]],
+])
+def test_a_second_correction_of_one_label_is_an_error(fresh, tmp_path, rows):
+    pid = people_table(fresh)["id"][0]
+    corrections = write_corrections(tmp_path / "fix.csv", [[pid, *row] for row in rows])
+    message = error_of(D.read_train_images, fresh / "train", corrections)
+    assert f"fix.csv: line 3: a second {rows[0][0]} correction of id {pid} (line 2); keep one" in message
+
+
+def test_two_different_swaps_of_one_person_are_both_applied(fresh, tmp_path):
+    pid = people_table(fresh)["id"][0]
+    corrections = write_corrections(tmp_path / "fix.csv", [[pid, "swap", "incorrect_mask normal"],
+                                                           [pid, "swap", "mask1 mask2"], [pid, "age", "70"]])
+    before = D.read_train_images(fresh / "train").set_index(["id", "file"])
+    after = D.read_train_images(fresh / "train", corrections).set_index(["id", "file"])
+    assert after.at[(pid, "normal"), "image_path"] == before.at[(pid, "incorrect_mask"), "image_path"]
+    assert after.at[(pid, "mask1"), "image_path"] == before.at[(pid, "mask2"), "image_path"]
+    assert (after.loc[pid, "age"] == 70).all()
+
+
+@pytest.mark.parametrize("age", ["250", "0", "\u2460"])  # a typo, no age, a circled 1
+def test_a_correction_to_an_impossible_age_is_an_error(fresh, tmp_path, age):
+    pid = people_table(fresh)["id"][0]
+    corrections = write_corrections(tmp_path / "fix.csv", [[pid, "age", age]])
+    assert f"fix.csv: line 2: age value '{age}' is not whole years from 1 to 120" in error_of(
+        D.read_train_images, fresh / "train", corrections)
+
+
 def test_shipped_competition_corrections(tmp_path, caplog):
     shipped = ROOT / "corrections" / "competition.csv"
     if not shipped.is_file():
@@ -436,6 +468,14 @@ def test_label_csv_with_an_age_outside_its_class_band_is_refused(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
     (tmp_path / "labels.csv").write_text("path,class,age\na.png,0,45\n")  # class 0 is under 30
     with pytest.raises(D.DataError, match=r"labels.csv: the age of \['a.png'\] is not in the age band of its class"):
+        D.read_label_csv(tmp_path / "labels.csv", "extra0")
+
+
+@pytest.mark.parametrize("age", ["290", "\u2460"])
+def test_label_csv_with_an_impossible_age_is_refused(tmp_path, age):
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / "labels.csv").write_text(f"path,class,age\na.png,2,{age}\n", encoding="utf-8")
+    with pytest.raises(D.DataError, match=rf"labels.csv: age value\(s\) \['{age}'\] are not whole years from 1 to 120"):
         D.read_label_csv(tmp_path / "labels.csv", "extra0")
 
 
@@ -867,7 +907,8 @@ def test_missing_column(fresh):
     assert "train.csv" in message and "'age'" in message
 
 
-@pytest.mark.parametrize("column, value", [("age", "abc"), ("age", "31.5"), ("age", ""), ("gender", "x")])
+@pytest.mark.parametrize("column, value", [("age", "abc"), ("age", "31.5"), ("age", ""), ("gender", "x"),
+                                           ("age", "290"), ("age", "0"), ("age", "\u00b2")])  # a typo, a superscript 2
 def test_bad_value_in_train_csv(fresh, column, value):
     table = people_table(fresh)
     table.loc[1, column] = value
@@ -898,6 +939,30 @@ def test_two_rows_reading_one_folder_are_an_error(fresh):
     rewrite_train_csv(fresh, path=[paths[0], paths[1], paths[0]])
     message = error_of(D.read_train_images, fresh / "train")
     assert "train.csv" in message and "duplicate path" in message and paths[0] in message
+
+
+def test_one_folder_written_two_ways_is_a_duplicate_path(fresh):
+    """'a/' and 'a' read one folder: its images would land in two folds."""
+    paths = people_table(fresh)["path"].tolist()
+    rewrite_train_csv(fresh, path=[paths[0], paths[1], paths[0] + "/"])
+    message = error_of(D.read_train_images, fresh / "train")
+    assert "train.csv" in message and "duplicate path" in message and paths[0] in message
+
+
+@pytest.mark.parametrize("column", ["id", "path"])
+def test_an_empty_id_or_path_names_its_line(fresh, column):
+    table = people_table(fresh)
+    table.loc[1, column] = " "
+    table.to_csv(fresh / "train" / "train.csv", index=False)
+    assert "train.csv: line 3: empty id or path" in error_of(D.read_train_images, fresh / "train")
+
+
+def test_a_link_to_nothing_in_a_person_folder_is_named(fresh):
+    folder = fresh / "train" / "images" / people_table(fresh)["path"][0]
+    image = next(folder.glob("mask1.*"))
+    image.unlink()
+    image.symlink_to(fresh / "nowhere.jpg")
+    assert f"{image}: not a file (a folder, or a link to nothing)" in error_of(D.read_train_images, fresh / "train")
 
 
 def test_a_folder_name_that_disagrees_with_its_row_is_logged(fresh, caplog):
