@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
-from config import check_value, default_config, load_spec, read_config_file
+from config import check_value, default_config, load_spec, read_config_file, suggest
 from dataset import (NUM_CLASSES, DataError, build_transform, cache_readers, load_training_images, make_dataset,
                      num_folds, open_cache, read_valid_probs)
 from loss import Criterion
@@ -186,7 +186,7 @@ def recipe_config(recipe):
             raise SystemExit(f"error: recipe {recipe}: override {item!r} is not key=value")
         key, value = item.split("=", 1)
         if key not in spec:
-            raise SystemExit(f"error: recipe {recipe}: unknown key {key}")
+            raise SystemExit(f"error: recipe {recipe}: unknown key {key}{suggest(key, list(spec))}")
         if isinstance(spec[key]["default"], str):  # fold=0 stays the string "0"
             cfg[key] = value
         else:

@@ -78,14 +78,16 @@ class _Parser(argparse.ArgumentParser):
         # argparse says "unrecognized arguments: --lrr 0.1"; add the closest known flag.
         if message.startswith("unrecognized arguments:"):
             flags = [a for a in message.split(":", 1)[1].split() if a.startswith("--")]
-            hints = [_suggest(f[2:].split("=")[0], self.known_keys) for f in flags]
+            hints = [suggest(f[2:].split("=")[0], self.known_keys) for f in flags]
             message += "".join(h for h in hints if h)
         super().error(message)
 
 
-def _suggest(key, known):
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-    return f" (did you mean --{close[0]}?)" if close else ""
+def suggest(key, known):
+    """' (did you mean --x?)' for a mistyped key: the keys it begins (--ep: --epochs), else the
+    closest spelling (--lrr: --lr); '' when none is near."""
+    close = sorted(k for k in known if k.startswith(key))[:3] or difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return f" (did you mean {', '.join('--' + k for k in close)}?)" if close else ""
 
 
 def build_parser(script, description=None):
@@ -138,7 +140,7 @@ def read_config_file(path, known_keys):
     spec = load_spec()
     for key, value in values.items():
         if key not in spec:
-            raise SystemExit(f"error: unknown key '{key}' in config file {path}{_suggest(key, list(spec))}")
+            raise SystemExit(f"error: unknown key '{key}' in config file {path}{suggest(key, list(spec))}")
         if isinstance(spec[key]["default"], str) and type(value) is int:  # "fold": 0, as --fold 0 reads
             values[key] = value = str(value)
         check_value(key, value, spec[key], f"config file {path}")

@@ -257,7 +257,9 @@ def read_train_images(data_dir, corrections="", source="train"):
     root = train_root(data_dir)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; give the training folder (train.csv and images/) with --data_dir "
-                        "(python make_sample_data.py writes a small sample to data/sample)")
+                        "(python make_sample_data.py writes a small sample, whose training folder is data/sample/train)")
+    if not (root / "train.csv").is_file() and (root / "train" / "train.csv").is_file():
+        raise DataError(f"{root}: no train.csv here; the training folder is {root / 'train'}: --data_dir {root / 'train'}")
     people = read_people(root)
     files = {rec.id: person_images(root / "images" / rec.path) for rec in people.itertuples()}
     warn_unlisted(root / "images", set(people["path"]), root / "train.csv", "person folder")
@@ -274,6 +276,8 @@ def read_train_images(data_dir, corrections="", source="train"):
 def read_eval_images(eval_dir):
     """info.csv in its order, with the path of every image (missing images are an error)."""
     eval_dir = Path(eval_dir)
+    if not eval_dir.is_dir():
+        raise DataError(f"{eval_dir}: no such folder; the eval folder holds info.csv and images/ (--eval_dir)")
     info = read_csv(eval_dir / "info.csv", ["ImageID", "ans"])
     if info.empty:
         raise DataError(f"{eval_dir / 'info.csv'}: no images listed (a header and no rows)")

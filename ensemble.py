@@ -32,29 +32,34 @@ def member_file(path):
 
 
 class Member:
-    """One ensemble member: eval probabilities (ImageID order kept) and, when the run has them,
-    validation probabilities keyed by image (dataset.image_key) with true labels."""
+    """One ensemble member: eval probabilities (ImageID order kept), the eval images folder its
+    inference.json names, and, when the run has them, validation probabilities keyed by image
+    (dataset.image_key) with true labels."""
 
     def __init__(self, path):
         path = Path(path)
         self.name = str(path)
+        if not path.exists():
+            raise SystemExit(f"error: --members {path}: no such run folder or file")
         eval_file = member_file(path)
         if not eval_file.is_file():
             raise SystemExit(f"error: {eval_file} not found (run inference.py --run {path} first)")
+        run_dir = path if path.is_dir() else path.parent
         try:
             self.eval = read_csv(eval_file, ["ImageID", *PROB_COLUMNS], numeric=PROB_COLUMNS)
             check_member_table(self.eval, eval_file)
-            self.valid = self.read_validation(path)
+            inference = read_inference_record(run_dir)
+            self.valid = self.read_validation(path, run_dir, inference)
         except DataError as e:  # the message names the file and the problem
             raise SystemExit(f"error: {e}")
+        self.eval_images = inference.get("eval_images") if inference else None
         self.valid_f1 = score(self.valid["label"], self.valid["pred"])["f1"] if self.valid is not None else None
 
     @staticmethod
-    def read_validation(path):
+    def read_validation(path, run_dir, inference):
         """The member's validation probabilities keyed by image (runs may name one file two
         ways), or None when it has none that describe the models that predicted its eval images."""
-        run_dir = path if path.is_dir() else path.parent
-        unvalidated = unvalidated_predictions(run_dir)
+        unvalidated = unvalidated_predictions(run_dir, inference)
         if unvalidated:
             log.info("%s: no validation F1: %s", path, unvalidated)
             return None
@@ -69,25 +74,32 @@ class Member:
         return self.eval[PROB_COLUMNS].to_numpy()
 
 
-def unvalidated_predictions(run_dir):
-    """Why a run's validation probabilities do not describe the models that predicted its eval
-    images (inference.json names them), or None when they do."""
-    if (run_dir / "pseudo").is_dir():
-        return "its pseudo-label stage predicted eval, and has no validation"
-    if (run_dir / "refit").is_dir():
-        return "its refit model predicted eval, and was trained on the validation people"
+def read_inference_record(run_dir):
+    """The inference.json inference.py wrote beside a run's eval predictions, or None."""
     record = run_dir / "inference.json"
     if not record.is_file():
         return None
     try:
         inference = json.loads(record.read_text())
-        checkpoint, models = inference["config"]["checkpoint"], inference.get("models", [])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        inference["config"]["checkpoint"], inference.get("models", [])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise DataError(f"{record}: not an inference.json that inference.py wrote ({type(e).__name__}: {e}); "
                         f"predict again with inference.py --run {run_dir}")
-    if checkpoint != "best":
+    return inference
+
+
+def unvalidated_predictions(run_dir, inference):
+    """Why a run's validation probabilities do not describe the models that predicted its eval
+    images (its inference.json names them), or None when they do."""
+    if (run_dir / "pseudo").is_dir():
+        return "its pseudo-label stage predicted eval, and has no validation"
+    if (run_dir / "refit").is_dir():
+        return "its refit model predicted eval, and was trained on the validation people"
+    if inference is None:
+        return None
+    if inference["config"]["checkpoint"] != "best":
         return "eval was predicted with last.pt, and validation with best.pt"
-    others = [model["checkpoint"] for model in models
+    others = [model["checkpoint"] for model in inference.get("models", [])
               if not is_validated_checkpoint(Path(model["checkpoint"]), run_dir)]
     if others:
         return f"eval was predicted with {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, not only its own best.pt"
@@ -135,6 +147,20 @@ def check_same_ids(members):
             only_a, only_b = sorted(a - b)[:5], sorted(b - a)[:5]
             detail = f"only in {reference.name}: {only_a}; only in {m.name}: {only_b}" if a != b else "same ids in another order"
             raise SystemExit(f"error: members {reference.name} and {m.name} have different ImageIDs ({detail})")
+
+
+def warn_other_eval_folders(members):
+    """Members with the same ImageIDs predicted from different eval folders (their inference.json
+    says which) are combined, as a copy of eval/ on another machine should be; a re-encoded or
+    other copy would not be, so the folders are named."""
+    folders = {}
+    for m in members:
+        if m.eval_images:
+            folders.setdefault(str(Path(m.eval_images).resolve()), []).append(m.name)
+    if len(folders) > 1:
+        log.warning("the members predicted eval images from %d folders: %s; combined by ImageID, which assumes "
+                    "they hold the same images", len(folders),
+                    "; ".join(f"{folder} ({', '.join(names)})" for folder, names in folders.items()))
 
 
 def soft_vote(probs, weights=None):
@@ -221,6 +247,7 @@ def main(cfg):
         raise SystemExit(f"error: member(s) given more than once: {repeated}; to count one more, use --member_weights")
     members = [Member(p) for p in cfg["members"]]
     check_same_ids(members)
+    warn_other_eval_folders(members)
     probs = [m.probs for m in members]
     preds = combine(probs, cfg, [m.valid_f1 for m in members])
     member_preds = [p.argmax(1) for p in probs]

@@ -46,11 +46,16 @@ def final_stage(run_dir):
     stage = Path(run_dir) / "pseudo"
     if not has_pseudo_stage(run_dir):
         return first_stage(run_dir)
+    alone = f"predict with the first stage's models alone: python inference.py {first_stage_args(run_dir)}"
+    if not stage.is_dir():  # interrupted before it, or no eval image reached the threshold: resuming stops there again
+        raise SystemExit(f"error: the pseudo-label stage {stage} of a run trained with --pseudo_threshold was not "
+                         f"started; its train.log says why: if it was interrupted, python train.py --resume {run_dir}; "
+                         f"if no eval image reached the threshold, {alone} (add --pseudo_threshold P to label them "
+                         f"at a lower one)")
     if not (stage / "summary.json").is_file():
-        raise SystemExit(f"error: the pseudo-label stage {stage} of a run trained with --pseudo_threshold "
-                         f"{'is not finished' if stage.is_dir() else 'was not trained'}; finish it with python train.py "
-                         f"--resume {run_dir} (its train.log says why it stopped), or predict with the first stage's "
-                         f"models alone: python inference.py {first_stage_args(run_dir)}")
+        raise SystemExit(f"error: the pseudo-label stage {stage} of a run trained with --pseudo_threshold is not "
+                         f"finished; finish it with python train.py --resume {run_dir} (its train.log says why it "
+                         f"stopped), or {alone}")
     return stage
 
 

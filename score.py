@@ -3,6 +3,8 @@ ImageID,ans file): 18-class macro F1 (the competition metric), accuracy and per-
 
     python score.py --answers data/sample/eval/answers.csv --submission runs/exp/submission.csv
 """
+import sys
+
 from config import parse_config
 from dataset import NUM_CLASSES, DataError, is_class, read_csv
 from train import score
@@ -26,6 +28,9 @@ def score_files(answers_csv, submission_csv):
     if missing or extra:
         raise SystemExit(f"error: {submission_csv} does not hold exactly the ImageIDs of {answers_csv}: {len(missing)} "
                          f"missing (e.g. {missing[:3]}), {len(extra)} not in the answers (e.g. {extra[:3]})")
+    if len(answers) > 1 and answers["ans"].nunique() == 1:
+        print(f"warning: every answer in {answers_csv} is class {answers['ans'].iloc[0]}, so this macro F1 says little; "
+              "the competition's eval/info.csv holds 0 in every row, a placeholder, not the answers", file=sys.stderr)
     merged = answers.merge(submission, on="ImageID", suffixes=("_true", "_pred"))
     return score(merged["ans_true"], merged["ans_pred"].astype(int))
 

@@ -463,8 +463,8 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         state = ckpt["state"]
-        log.info("resuming %s after epoch %d (best macro F1 %s at epoch %d)", out_dir, state["epoch"],
-                 state["best_f1"], state["best_epoch"])
+        log.info("resuming %s after epoch %d%s", out_dir, state["epoch"], "" if state["best_f1"] is None else
+                 f" (best macro F1 {state['best_f1']:.4f} at epoch {state['best_epoch']})")
     writer = tensorboard_writer(out_dir)
     valid_loader = (DataLoader(valid_set, batch_size=cfg["valid_batch_size"],
                                num_workers=valid_set.loader_workers(cfg, device),
@@ -798,10 +798,11 @@ def main(cfg, given=None):
             log.info("interrupted; continue with: python train.py --resume %s", run_dir)
         raise SystemExit(interrupted_exit_code(e))
     except (Exception, SystemExit) as e:
+        # in train.log, if the run is kept (the console gets the error once, from SystemExit)
         if isinstance(e, DataError):  # bad input: the message names the file and the problem
-            log.error("%s", e)
+            log.debug("stopped: %s", e)
         else:
-            log.debug("training stopped", exc_info=True)  # the traceback in train.log, if the run is kept
+            log.debug("training stopped", exc_info=True)
         settle_run(run_dir, discard_untrained=not cfg["resume"])  # a new run that trained nothing leaves nothing
         if isinstance(e, DataError):
             raise SystemExit(f"error: {e}")

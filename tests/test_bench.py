@@ -29,7 +29,7 @@ def test_a_recipe_is_a_config_file_with_typed_overrides():
 @pytest.mark.parametrize("recipe, message", [
     ("bset", r"there is no configs/bset\.json \(there are: .*best"),
     ("best+head", "override 'head' is not key=value"),
-    ("best+haed=single", "unknown key haed"),
+    ("best+haed=single", r"unknown key haed \(did you mean --head\?\)"),
     ("best+epochs=abc", "'epochs' should look like 6, got 'abc'"),
     ("best+resize=160,120", r"'resize' should look like \[128, 96\], got '160,120'"),
     ("best+head=singel", "'head' is 'singel', not one of"),

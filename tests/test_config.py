@@ -112,6 +112,8 @@ def test_unknown_command_line_flag_names_the_closest_key(capsys):
     assert "did you mean --lr?" in err
     err = parse_error(capsys, "train", ["--epoch=3"])
     assert "did you mean --epochs?" in err
+    assert "did you mean --epochs?" in parse_error(capsys, "train", ["--ep", "1"])  # the key it begins, not --report
+    assert "did you mean --age_sigma, --age_smoothing?" in parse_error(capsys, "train", ["--age_s", "1"])
 
 
 def test_flags_of_another_script_are_unknown(capsys):

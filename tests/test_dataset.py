@@ -895,6 +895,12 @@ def test_missing_train_csv(fresh):
     assert str(fresh / "train" / "train.csv") in message and "not found" in message
 
 
+def test_the_dataset_root_or_a_missing_eval_folder_is_named_with_the_fix(fresh):
+    assert error_of(D.read_train_images, fresh) == (f"{fresh}: no train.csv here; the training folder is "
+                                                     f"{fresh / 'train'}: --data_dir {fresh / 'train'}")
+    assert error_of(D.read_eval_images, fresh / "nope").startswith(f"{fresh / 'nope'}: no such folder")
+
+
 def test_missing_info_csv(fresh):
     (fresh / "eval" / "info.csv").unlink()
     message = error_of(D.read_eval_images, fresh / "eval")

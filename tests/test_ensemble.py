@@ -179,7 +179,7 @@ def test_members_in_another_order_are_refused(tmp_path):
 
 
 def test_member_files_are_checked(tmp_path):
-    with pytest.raises(SystemExit, match="not found"):
+    with pytest.raises(SystemExit, match="--members .*missing.csv: no such run folder or file"):
         ensemble.Member(tmp_path / "missing.csv")
     with pytest.raises(SystemExit, match="not found"):
         ensemble.Member(tmp_path)  # a folder without eval_probs.csv
@@ -352,6 +352,16 @@ def test_score_of_the_answers_is_perfect(tmp_path, answers):
     assert result["mask_f1"] == result["gender_f1"] == result["age_f1"] == 1.0
 
 
+def test_scoring_against_answers_of_one_class_warns(tmp_path, answers, capsys):
+    """info.csv's ans column is a placeholder (all 0): scoring against it is a likely mistake."""
+    answers.to_csv(tmp_path / "submission.csv", index=False)
+    score.score_files(tmp_path / "answers.csv", tmp_path / "submission.csv")
+    assert capsys.readouterr().err == ""
+    answers.assign(ans=0).to_csv(tmp_path / "info.csv", index=False)
+    score.score_files(tmp_path / "info.csv", tmp_path / "submission.csv")
+    assert "warning: every answer in " in capsys.readouterr().err
+
+
 def test_score_of_a_wrong_submission(tmp_path, answers):
     wrong = answers.assign(ans=(answers["ans"] + 1) % NUM_CLASSES)
     wrong.to_csv(tmp_path / "submission.csv", index=False)
@@ -451,6 +461,17 @@ def test_validation_is_reported_only_for_the_run_s_own_best_models(tmp_path, mod
         member = ensemble.Member(run)
     assert (member.valid_f1 == 1.0) if validated else (member.valid is None and member.valid_f1 is None)
     assert validated or f"eval was predicted with {models[-1]['checkpoint']}" in caplog.text
+
+
+def test_members_predicted_from_different_eval_folders_are_named_in_a_warning(tmp_path, capsys):
+    runs = [write_run(tmp_path / name, IDS[:6], peaked([0, 1, 2, 3, 4, 5])) for name in ("a", "b", "c")]
+    for run, folder in zip(runs, ["data/eval/images", "data/eval/images", "copy/eval/images"]):
+        (run / "inference.json").write_text(json.dumps({"config": {"checkpoint": "best"}, "eval_images": folder}))
+    ensemble.main(ens_cfg(tmp_path, members=[str(r) for r in runs[:2]]))
+    assert "folders" not in capsys.readouterr().out
+    ensemble.main(ens_cfg(tmp_path, members=[str(r) for r in runs]))
+    out = capsys.readouterr().out
+    assert "the members predicted eval images from 2 folders" in out and "copy/eval/images" in out
 
 
 def test_a_damaged_inference_json_is_named(tmp_path):

@@ -711,7 +711,7 @@ def test_a_pseudo_threshold_no_eval_image_reaches_stops_with_the_first_stage_kep
     assert "reaches --pseudo_threshold" in (tmp_path / "run" / "train.log").read_text()
     # inference does not pass the missing stage over for the first stage, and says how to ask for that
     inference_cfg = {**default_config("inference"), "device": "cpu", "num_workers": 0, "cache_dir": cfg["cache_dir"]}
-    with pytest.raises(SystemExit, match=r"pseudo-label stage .*pseudo of a run trained with --pseudo_threshold was not trained.*"
+    with pytest.raises(SystemExit, match=r"pseudo-label stage .*pseudo of a run trained with --pseudo_threshold was not started; its train.log says why.*"
                                          r"first stage's models alone: python inference.py --run .*run/best.pt --output_dir DIR"):
         inference.main({**inference_cfg, "run": [str(tmp_path / "run")]})
     with pytest.raises(SystemExit, match="give --output_dir: by default the predictions of .*best.pt would be written to "
