@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shlex
 import shutil
@@ -1092,3 +1093,141 @@ def test_mixed_precision_is_bf16_only_on_gpus_with_native_bf16(monkeypatch, capa
     assert (scaler is not None) == scaled
     assert autocast().fast_dtype == dtype
     assert train.autocast_for(torch.device("cpu"), True) == (contextlib.nullcontext, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The best epoch, seeds per epoch, TTA
+def test_the_best_epoch_is_the_first_with_the_top_f1_and_its_outputs_are_kept(data, tmp_path, monkeypatch):
+    """Validation macro F1s of 0.5, 0.7, 0.7 (a tie), 0.6, 0.9 with patience 2: the best epoch is
+    2, the first of the tie (a tie is no improvement and counts towards patience, so epoch 5
+    never runs); best.pt, valid_probs.csv and summary.json's valid_* metrics are epoch 2's,
+    not the last epoch's."""
+    f1s, epoch_probs = iter([0.5, 0.7, 0.7, 0.6, 0.9]), []
+    real_score, real_predict = train.score, train.predict
+
+    def scripted_score(labels, preds):
+        return {**real_score(labels, preds), "f1": next(f1s)}
+
+    def recording_predict(*args, **kwargs):
+        epoch_probs.append(real_predict(*args, **kwargs))
+        return epoch_probs[-1]
+
+    monkeypatch.setattr(train, "score", scripted_score)
+    monkeypatch.setattr(train, "predict", recording_predict)
+    cfg = make_cfg(data, tmp_path / "runs", epochs=5, patience=2, lr=0.05, report=False)
+    run_dir, summaries = train.main(cfg)
+    monkeypatch.undo()
+
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert metrics["valid_f1"].tolist() == [0.5, 0.7, 0.7, 0.6] and len(epoch_probs) == 4
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["best_epoch"], summary["best_valid_f1"], summary["epochs_run"]) == (2, 0.7, 4)
+    assert summaries == {0: summary}
+    best_row = metrics.drop(columns=TIMING).iloc[1]
+    for key, value in best_row.items():
+        if key.startswith("valid_"):
+            assert summary[key] == pytest.approx(value), key
+    assert summary["valid_f1"] != metrics["valid_f1"].iloc[-1]
+    assert torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)["epoch"] == 2
+
+    # valid_probs.csv holds the best epoch's probabilities (those best.pt predicts), not the last epoch's
+    table = pd.read_csv(run_dir / "valid_probs.csv")
+    written = table[PROB_COLUMNS].to_numpy()
+    np.testing.assert_allclose(written, epoch_probs[1], atol=1e-6)
+    assert np.abs(epoch_probs[-1] - epoch_probs[1]).max() > 1e-4  # the epochs after it predicted otherwise
+    sample, normalize = build_transform("plain", cfg["resize"], cfg["mean"], cfg["std"])
+    dataset = make_dataset(table, {**cfg, "cache_dir": ""}, sample)
+    model = inference.load_model(run_dir / "best.pt", torch.device("cpu"))[0]
+    probs = train.predict(model, DataLoader(dataset, batch_size=64), torch.device("cpu"), preprocess=normalize)
+    np.testing.assert_allclose(probs, written, atol=1e-5)
+    assert (table["pred"] == table["label"]).mean() == pytest.approx(summary["valid_accuracy"])
+
+
+def test_drop_ages_also_leave_the_refit_and_the_pseudo_label_stage(data, tmp_path):
+    """drop_ages 29 and 60 remove people 1, 2, 3 and 5 from every training set: the folds', the
+    refit's (every other person) and the pseudo-label stage's (every other person plus the eval images)."""
+    people = pd.read_csv(data / "sample" / "train" / "train.csv")
+    kept = int((~people["age"].isin([29, 60])).sum())
+    assert 0 < kept < N_PEOPLE
+    cfg = make_cfg(data, tmp_path / "runs", val_ratio=0.5, fold="all", refit=True, pseudo_threshold=0.05,
+                   drop_ages=[29, 60], report=False)
+    run_dir, _ = train.main(cfg)
+    split = pd.read_csv(run_dir / "split.csv")
+    for k in (0, 1):
+        fold_people = int(((split["fold"] != k) & ~split["age"].isin([29, 60])).sum())
+        assert training_images_logged(run_dir, run_dir / f"fold{k}") == (7 * fold_people, fold_people, 0)
+    assert training_images_logged(run_dir, run_dir / "refit") == (7 * kept, kept, 0)
+    n_eval = len(pd.read_csv(run_dir / "pseudo" / "labels.csv"))
+    assert n_eval > 0
+    assert training_images_logged(run_dir, run_dir / "pseudo") == (7 * kept + n_eval, kept, n_eval)
+
+
+class _Indices(torch.utils.data.Dataset):
+    """A stand-in training set whose items are their own indices."""
+
+    def __init__(self, n):
+        self.labels = np.arange(n) % NUM_CLASSES
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return i
+
+    def loader_workers(self, cfg, device):
+        return 0
+
+
+@pytest.mark.parametrize("balanced_sampler", [False, True])
+def test_each_epoch_gets_its_own_batch_order_repeatable_from_seed_and_epoch(balanced_sampler):
+    cfg = {**default_config("train"), "batch_size": 8, "num_workers": 0, "balanced_sampler": balanced_sampler}
+    dataset = _Indices(40)
+
+    def order(epoch, seed=cfg["seed"]):
+        return torch.cat(list(train.make_loader(dataset, {**cfg, "seed": seed}, epoch, torch.device("cpu")))).tolist()
+
+    orders = [order(epoch) for epoch in range(3)]
+    assert orders[0] == order(0) and orders[1] == order(1)  # a function of (seed, epoch)
+    assert len({tuple(o) for o in orders}) == 3  # another order every epoch
+    assert order(0, seed=7) != orders[0]
+    if not balanced_sampler:
+        assert all(sorted(o) == list(range(40)) for o in orders)
+
+
+def test_each_epoch_draws_its_own_augmentation_and_dropout_randomness(data, tmp_path, monkeypatch):
+    """The global RNGs (augmentation, mixing, dropout) are reseeded at every epoch from (seed,
+    epoch): another stream each epoch, the same for an epoch whenever it runs."""
+    states, real = [], train.train_one_epoch
+
+    def recording(*args, **kwargs):
+        states.append((torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", recording)
+    cfg = make_cfg(data, tmp_path / "runs", epochs=2, report=False)
+    train.main(cfg)
+    assert len(states) == 2
+    (torch_a, numpy_a, python_a), (torch_b, numpy_b, python_b) = states
+    assert not torch.equal(torch_a, torch_b)
+    assert not np.array_equal(numpy_a, numpy_b) and python_a != python_b
+    train.seed_everything(cfg["seed"] * 1000 + 1)
+    assert torch.equal(torch.get_rng_state(), torch_b)
+
+
+def test_tta_flip_crops_is_the_mean_of_the_image_the_centre_crop_and_their_mirrors():
+    """flip_crops averages four views: the image, its mirror, the crop without 5% (rounded down)
+    of each side resized back to the full size (bilinear), and that crop's mirror."""
+    torch.manual_seed(0)
+    model = create_model({**default_config("train"), "model": "basemodel", "pretrained": False})
+    device = torch.device("cpu")
+    images = torch.randn(5, 3, 64, 48)
+
+    def plain(views):
+        return train.predict(model, DataLoader(torch.utils.data.TensorDataset(views), batch_size=3), device, tta="none")
+
+    crop = torch.nn.functional.interpolate(images[..., 3:61, 2:46], size=(64, 48), mode="bilinear")  # 64 // 20, 48 // 20
+    views = [plain(images), plain(images.flip(-1)), plain(crop), plain(crop.flip(-1))]
+    assert np.abs(views[2] - views[3]).max() > 1e-4  # the crop's mirror is another view
+    crops = train.predict(model, DataLoader(torch.utils.data.TensorDataset(images), batch_size=3), device,
+                          tta="flip_crops")
+    np.testing.assert_allclose(crops, sum(views) / 4, atol=1e-6)
