@@ -27,7 +27,7 @@ install: $(VENV)/.installed
 # Re-runs only when a requirements file changes. facenet-pytorch (MTCNN face detector, weights in
 # the wheel) pins torch<2.3 and numpy<2 but runs with ours, so it goes in without its dependencies.
 $(VENV)/.installed: requirements.txt requirements-nodeps.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PYTHON) -m venv --clear $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
@@ -41,10 +41,10 @@ test: install
 
 # Sample data -> two short trainings -> inference for each -> ensemble -> submission.csv
 demo: sample
-	$(RUN) train.py --output_dir $(DEMO)/multi --overwrite --head multi --epochs 6
-	$(RUN) train.py --output_dir $(DEMO)/single --overwrite --head single --epochs 6
-	$(RUN) inference.py --run $(DEMO)/multi
-	$(RUN) inference.py --run $(DEMO)/single
+	$(RUN) train.py --data_dir data/sample/train --output_dir $(DEMO)/multi --overwrite --head multi --epochs 6
+	$(RUN) train.py --data_dir data/sample/train --output_dir $(DEMO)/single --overwrite --head single --epochs 6
+	$(RUN) inference.py --run $(DEMO)/multi --eval_dir data/sample/eval --output_dir $(DEMO)/multi
+	$(RUN) inference.py --run $(DEMO)/single --eval_dir data/sample/eval --output_dir $(DEMO)/single
 	$(MAKE) --no-print-directory ensemble RUNS="$(DEMO)/multi $(DEMO)/single" SUBMISSION=$(DEMO)/submission.csv
 	@for s in multi/submission.csv single/submission.csv submission.csv; do \
 	  echo "== $(DEMO)/$$s"; $(PY) score.py --answers data/sample/eval/answers.csv --submission $(DEMO)/$$s; done

@@ -17,6 +17,7 @@ configs/<name>.json, optionally with overrides: best+head=single.
 """
 import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -61,7 +62,14 @@ def check_maskbench(folder):
 def build_maskbench(maskbench, size, out, limit=0):
     """Build maskbench into out once; build.py writes build_info.json last, so a folder without
     it is a build that was cut short, which is refused rather than measured."""
+    record = out / "bench_source.json"  # which maskbench it was built from
     if (out / "build_info.json").is_file():
+        source = maskbench_source(maskbench)
+        built_from = json.loads(record.read_text()) if record.is_file() else source  # older builds did not record it
+        if built_from != source:
+            raise SystemExit(f"error: {out} was built from another maskbench ({built_from['maskbench']}, or its faces.csv "
+                             f"changed since); give another --out, or delete {out} to build it again")
+        record.write_text(json.dumps(source))
         return
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"error: {out} holds an unfinished maskbench build (no build_info.json, which build.py "
@@ -72,6 +80,11 @@ def build_maskbench(maskbench, size, out, limit=0):
                         "--workers", str(os.cpu_count()), *(["--limit", str(limit)] if limit else [])], check=True)
     except subprocess.CalledProcessError as e:
         raise SystemExit(f"error: maskbench's build.py stopped with exit status {e.returncode} (its message is above)")
+    record.write_text(json.dumps(maskbench_source(maskbench)))
+
+
+def maskbench_source(maskbench):
+    return {"maskbench": str(maskbench), "faces_csv_sha1": hashlib.sha1((maskbench / "faces.csv").read_bytes()).hexdigest()}
 
 
 def detect_faces_once(data, recipes):
@@ -233,8 +246,8 @@ def run_recipe(recipe, args, data, out, device):
     model_ips = model_throughput(cfg, device)
     folds = num_folds(cfg["val_ratio"]) if cfg["fold"] == "all" else 1
     epochs = train_overrides.get("epochs") or args.epochs
-    run_dir = out / run_name(recipe)
-    config_file = out / f"{run_dir.name}.json"  # what it is trained with: the recipe on one maskbench build
+    run_dir = out / data.name / run_name(recipe)  # each maskbench build (--size, --limit) keeps its own runs
+    config_file = run_dir.parent / f"{run_dir.name}.json"  # what it is trained with: the recipe on that build
     data_dir = cfg["data_dir"]
     if not epochs:  # trained for the budget: the time limit stops it, the probe sizes its schedule
         budget = args.budget_minutes or 30  # 30 minutes when the first recipe has no epochs of its own
@@ -253,12 +266,11 @@ def run_recipe(recipe, args, data, out, device):
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     recipe_cfg = {**train_overrides, "epochs": epochs, "data_dir": data_dir}
     config_file.write_text(json.dumps(recipe_cfg, indent=2))
-    common = ["--cache_dir", str(args.cache_dir), "--num_workers", str(args.num_workers)]
-    finished = (run_dir / "pseudo" / "summary.json" if recipe_cfg.get("pseudo_threshold")
-                else run_dir / ("oof_probs.csv" if folds > 1 else "summary.json"))
-    # the same settings on the same maskbench build (another --size or --limit is another build)
-    same_recipe = ((run_dir / "config.json").is_file()
-                   and recipe_cfg.items() <= json.loads((run_dir / "config.json").read_text()).items())
+    # explicit folders, so SM_* environment variables (args.json) cannot send a run elsewhere
+    common = ["--cache_dir", str(args.cache_dir), "--num_workers", str(args.num_workers), "--eval_dir", str(data / "eval")]
+    last_stage = ("pseudo" if cfg["pseudo_threshold"] else "refit" if cfg["refit"] and folds > 1 else "")
+    finished = run_dir / last_stage / "summary.json" if last_stage else run_dir / ("oof_probs.csv" if folds > 1 else "summary.json")
+    same_recipe = same_training(run_dir, recipe_cfg)
     done = same_recipe and finished.is_file()
     # a finished run of the same recipe settings is reused, an unfinished one continued (its finished
     # folds kept), so an interrupted bench resumes
@@ -269,7 +281,7 @@ def run_recipe(recipe, args, data, out, device):
         subprocess.run([sys.executable, "train.py", "--config", str(config_file), "--data_dir", data_dir,
                         "--output_dir", str(run_dir), "--overwrite", *common], check=True, cwd=ROOT)
     if not (done and predicted_with(run_dir, tta)):
-        subprocess.run([sys.executable, "inference.py", "--run", str(run_dir), "--eval_dir", str(data / "eval"),
+        subprocess.run([sys.executable, "inference.py", "--run", str(run_dir), "--output_dir", str(run_dir),
                         "--tta", tta, *common], check=True, cwd=ROOT)
     scored = subprocess.run([sys.executable, str(args.maskbench / "score.py"), "--answers", str(data / "eval" / "answers.csv"),
                              "--submission", str(run_dir / "submission.csv"), "--json"],
@@ -279,22 +291,37 @@ def run_recipe(recipe, args, data, out, device):
     metrics["macro_f1_sd"] = people_resampled_sd(detail, run_dir / "submission.csv") if detail.is_file() else math.nan
     histories = {path.parent: csv_rows(path) for path in sorted(run_dir.glob("**/metrics.csv"))}
     history = [row for rows in histories.values() for row in rows]
-    pseudo = histories.pop(run_dir / "pseudo", None)  # the pseudo-label stage, after the run's own models
+    later = {stage: histories.pop(run_dir / stage, None) for stage in ("refit", "pseudo")}  # after the run's own models
     epochs_run = "/".join(str(n) for n in sorted({len(rows) for rows in histories.values()}))  # a time limit can stop early
-    if pseudo:
-        epochs_run += f" + pseudo {len(pseudo)}"
+    epochs_run += "".join(f" + {stage} {len(rows)}" for stage, rows in later.items() if rows)
     if folds > 1:
         oof = read_valid_probs(run_dir / "oof_probs.csv")
         valid_f1 = score(oof["label"], oof["pred"])["f1"]
-    else:
+    else:  # None without validation (val_ratio 0)
         valid_f1 = json.loads((run_dir / "summary.json").read_text())["best_valid_f1"]
-    return {"recipe": recipe, "tta": tta, "epochs": f"{folds} x {epochs_run}" if folds > 1 else epochs_run,
+    return {"recipe": recipe + (" (reused)" if done else ""), "tta": tta, "epochs": f"{folds} x {epochs_run}" if folds > 1 else epochs_run,
             "input": "x".join(str(v) for v in cfg["resize"][::-1]),
             "train_minutes": sum(float(r["train_seconds"]) for r in history) / 60, "model_images_per_s": model_ips,
             "train_images_per_s": float(np.median([float(r["train_images_per_s"]) for r in history])),
-            "valid_f1": valid_f1,
+            "valid_f1": math.nan if valid_f1 is None else valid_f1,
             "valid_images_per_s": float(np.median([float(r["valid_images_per_s"]) for r in history if r.get("valid_images_per_s")])),
             **metrics}
+
+
+# settings that place or log a run, not what it learns
+PLACE_KEYS = ("output_dir", "overwrite", "resume", "name", "model_dir", "cache_dir", "num_workers", "device", "report",
+              "log_interval", "eval_dir")
+
+
+def same_training(run_dir, recipe_cfg):
+    """Whether run_dir holds a run of exactly this training: every setting train.py resolved for
+    it (args.json's defaults under the recipe) equals the run's config.json, keys added to
+    args.json since counting as their defaults; only PLACE_KEYS may differ."""
+    if not (run_dir / "config.json").is_file():
+        return False
+    defaults = default_config("train")
+    saved, wanted = {**defaults, **json.loads((run_dir / "config.json").read_text())}, {**defaults, **recipe_cfg}
+    return all(saved.get(key) == value for key, value in wanted.items() if key not in PLACE_KEYS)
 
 
 def predicted_with(run_dir, tta):
@@ -390,7 +417,9 @@ def write_report(args, loader, results, faces, speeds=()):
                   "validation fold, or out of fold for a k-fold recipe (epochs 'folds x epochs'), whose eval "
                   "prediction is the mean of its fold models; '+ pseudo N': then N epochs of the pseudo-label stage "
                   "(train min includes them), whose model makes the eval prediction with the first stage's models "
-                  "(first_stage_weight of inference.py); valid F1 is the first stage's. sd over people: the standard "
+                  "(first_stage_weight of inference.py); valid F1 is the first stage's; '+ refit N': then a model trained "
+                  "N epochs on every training person, which alone makes the eval prediction; (reused): a finished run "
+                  "of an earlier bench with the same settings, whose speeds are that run's. sd over people: the standard "
                   "deviation of the macro F1 when the eval people are drawn again with replacement (1,000 draws), "
                   "how far another set of people could move it; a difference between recipes well inside it is "
                   "not resolved by this eval set."]

@@ -2,6 +2,7 @@
 not a test)."""
 import argparse
 import json
+import math
 import shutil
 import types
 from pathlib import Path
@@ -76,6 +77,22 @@ def test_a_maskbench_build_cut_short_is_refused_not_measured(tmp_path):
     (out / "train" / "train.csv").write_text("id,gender,race,age,path\n")  # build.py writes build_info.json last
     with pytest.raises(SystemExit, match="holds an unfinished maskbench build .* delete the folder"):
         bench.build_maskbench(tmp_path / "maskbench", "192x256", out)
+
+
+def test_a_build_from_another_maskbench_is_refused(tmp_path):
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "build_info.json").write_text("{}")  # a finished build
+    for name in ("mb", "mb2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "faces.csv").write_text("file,age\na.jpg,30\n")
+    bench.build_maskbench(tmp_path / "mb", "192x256", out)  # an older build, without a record: taken as this one
+    bench.build_maskbench(tmp_path / "mb", "192x256", out)
+    with pytest.raises(SystemExit, match=r"data was built from another maskbench \(.*mb, or its faces.csv changed"):
+        bench.build_maskbench(tmp_path / "mb2", "192x256", out)
+    (tmp_path / "mb" / "faces.csv").write_text("file,age\na.jpg,31\n")
+    with pytest.raises(SystemExit, match="built from another maskbench"):
+        bench.build_maskbench(tmp_path / "mb", "192x256", out)
 
 
 def test_speed_only_times_the_model_and_the_whole_pipeline_and_reports_both(train_cfg, tmp_path, monkeypatch):
@@ -155,20 +172,22 @@ class FakeScripts:
             config = {**default_config("train"), **json.loads(Path(flags["--config"]).read_text()),
                       "data_dir": flags["--data_dir"]}
             (run / "config.json").write_text(json.dumps(config))
-            (run / "summary.json").write_text(json.dumps({"best_valid_f1": 0.5}))
+            (run / "summary.json").write_text(json.dumps({"best_valid_f1": 0.5 if config["val_ratio"] else None}))
             pd.DataFrame({"train_seconds": [6.0], "train_images_per_s": [50.0], "valid_images_per_s": [90.0]}).to_csv(
                 run / "metrics.csv", index=False)
         elif script == "inference.py":
             run = Path(flags["--run"])
             (run / "submission.csv").write_text("ImageID,ans\n")
             (run / "inference.json").write_text(json.dumps({"config": {"tta": flags["--tta"]}}))
-        return types.SimpleNamespace(stdout=json.dumps({"macro_f1": 0.5}))
+        return types.SimpleNamespace(stdout=json.dumps({key: 0.5 for key in ("macro_f1", "accuracy", "mask_f1",
+                                                                            "gender_f1", "age_f1")}))
 
 
-def test_a_finished_recipe_is_reused_only_on_the_same_data_and_tta(sample_dir, tmp_path, monkeypatch):
+def test_a_finished_recipe_is_reused_only_on_the_same_data_settings_and_tta(sample_dir, tmp_path, monkeypatch):
     """A budgeted recipe's epochs come from a speed probe, which differs from one bench to the
     next: the second bench reuses the first's sizing, so its finished run too; another maskbench
-    build (another --size or --limit) retrains, and another --tta predicts again."""
+    build (another --size or --limit) trains its own run beside it, a changed default retrains,
+    and another --tta predicts again."""
     scripts, probes = FakeScripts(), [50.0, 80.0]  # images/s: 5 and then 8 epochs fit the 0.1-minute budget
     monkeypatch.setattr(bench.subprocess, "run", scripts)
     monkeypatch.setattr(bench, "model_throughput", lambda cfg, device: 100.0)
@@ -179,14 +198,15 @@ def test_a_finished_recipe_is_reused_only_on_the_same_data_and_tta(sample_dir, t
                               num_workers=0, maskbench=tmp_path / "maskbench")
     recipe = "baseline+resize=[32,24]+batch_size=16"
     cpu = torch.device("cpu")
-    run_dir = tmp_path / "runs" / bench.run_name(recipe)
-    sized = tmp_path / "runs" / f"{run_dir.name}.json"  # the epochs and budget it is trained with
+    run_dir = tmp_path / "runs" / "data_a" / bench.run_name(recipe)
+    sized = run_dir.parent / f"{run_dir.name}.json"  # the epochs and budget it is trained with
 
-    bench.run_recipe(recipe, args, data, tmp_path / "runs", cpu)
+    row = bench.run_recipe(recipe, args, data, tmp_path / "runs", cpu)
     assert scripts.calls == ["train.py", "inference.py", "score.py"] and json.loads(sized.read_text())["epochs"] == 5
-    bench.run_recipe(recipe, args, data, tmp_path / "runs", cpu)
+    assert row["recipe"] == recipe
+    row = bench.run_recipe(recipe, args, data, tmp_path / "runs", cpu)
     assert scripts.calls[3:] == ["score.py"] and probes == [80.0]  # no second probe: its sizing is reused
-    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 5
+    assert json.loads((run_dir / "config.json").read_text())["epochs"] == 5 and row["recipe"] == f"{recipe} (reused)"
     (run_dir / "inference.json").write_text(json.dumps({"config": {"tta": "flip"}}))  # predicted another way
     bench.run_recipe(recipe, args, data, tmp_path / "runs", cpu)
     assert scripts.calls[4:] == ["inference.py", "score.py"]
@@ -194,5 +214,26 @@ def test_a_finished_recipe_is_reused_only_on_the_same_data_and_tta(sample_dir, t
     shutil.copytree(sample_dir, other)
     bench.run_recipe(recipe, args, other, tmp_path / "runs", cpu)
     assert scripts.calls[6:] == ["train.py", "inference.py", "score.py"] and probes == []  # probed on the new build
-    trained = json.loads((run_dir / "config.json").read_text())
+    trained = json.loads((tmp_path / "runs" / "data_b" / run_dir.name / "config.json").read_text())
     assert trained["data_dir"] == str(other / "train") and trained["epochs"] == 8
+    bench.run_recipe(recipe, args, data, tmp_path / "runs", cpu)  # the first build's run is still there
+    assert scripts.calls[9:] == ["score.py"]
+    saved = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**saved, "seed": saved["seed"] + 1}))  # as if a default changed
+    bench.run_recipe(recipe, args, data, tmp_path / "runs", cpu)
+    assert scripts.calls[10:] == ["train.py", "inference.py", "score.py"]
+
+
+def test_a_recipe_without_validation_is_reported_not_a_crash(sample_dir, tmp_path, monkeypatch):
+    """val_ratio 0 trains on everyone: no valid F1, and the other recipes' rows are still written."""
+    monkeypatch.setattr(bench.subprocess, "run", FakeScripts())
+    monkeypatch.setattr(bench, "model_throughput", lambda cfg, device: 100.0)
+    args = argparse.Namespace(epochs=1, budget_minutes=0, tta="none", cuda_input="", cache_dir=tmp_path / "cache",
+                              num_workers=0, maskbench=tmp_path / "maskbench", size="192x256", limit=0,
+                              record=str(tmp_path / "BENCHMARKS.md"))
+    rows = [bench.run_recipe(recipe, args, sample_dir, tmp_path / "runs", torch.device("cpu"))
+            for recipe in ("baseline", "baseline+val_ratio=0")]
+    assert rows[0]["valid_f1"] == 0.5 and math.isnan(rows[1]["valid_f1"])
+    bench.write_report(args, None, rows, "", [])
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "| baseline |" in report and "| baseline+val_ratio=0 |" in report and "| nan |" in report
