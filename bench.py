@@ -304,8 +304,12 @@ def run_recipe(recipe, args, data, out, device):
             "train_minutes": sum(float(r["train_seconds"]) for r in history) / 60, "model_images_per_s": model_ips,
             "train_images_per_s": float(np.median([float(r["train_images_per_s"]) for r in history])),
             "valid_f1": math.nan if valid_f1 is None else valid_f1,
-            "valid_images_per_s": float(np.median([float(r["valid_images_per_s"]) for r in history if r.get("valid_images_per_s")])),
+            "valid_images_per_s": median_or_nan([float(r["valid_images_per_s"]) for r in history if r.get("valid_images_per_s")]),
             **metrics}
+
+
+def median_or_nan(values):
+    return float(np.median(values)) if values else math.nan  # none: a run without validation
 
 
 # settings that place or log a run, not what it learns
@@ -419,7 +423,7 @@ def write_report(args, loader, results, faces, speeds=()):
                   "(train min includes them), whose model makes the eval prediction with the first stage's models "
                   "(first_stage_weight of inference.py); valid F1 is the first stage's; '+ refit N': then a model trained "
                   "N epochs on every training person, which alone makes the eval prediction; (reused): a finished run "
-                  "of an earlier bench with the same settings, whose speeds are that run's. sd over people: the standard "
+                  "of an earlier bench with the same settings, whose training and inference speeds are that run's. sd over people: the standard "
                   "deviation of the macro F1 when the eval people are drawn again with replacement (1,000 draws), "
                   "how far another set of people could move it; a difference between recipes well inside it is "
                   "not resolved by this eval set."]
