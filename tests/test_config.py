@@ -131,6 +131,24 @@ def test_unknown_key_in_config_file_names_key_and_file(tmp_path):
 
 
 
+@pytest.mark.parametrize("key, value", [("resize", [64]), ("resize", [64, 48, 32]), ("mean", [0.5, 0.5]),
+                                        ("epochs", True), ("lr", False), ("resize", [64, True])])
+def test_a_config_file_value_of_the_wrong_length_or_a_boolean_for_a_number_is_refused(tmp_path, key, value):
+    path = write_json(tmp_path / "bad.json", {key: value})
+    with pytest.raises(SystemExit) as exc:
+        parse_config("train", ["--config", path])
+    message = str(exc.value.code)
+    assert f"'{key}' should look like {json.dumps(SPEC[key]['default'])}" in message and path in message
+
+
+def test_a_config_file_takes_whole_numbers_for_floats_and_any_length_for_empty_list_defaults(tmp_path):
+    path = write_json(tmp_path / "good.json", {"resize": [64, 48], "lr": 1, "epochs": 3, "drop_ages": [58, 59, 60],
+                                              "amp": False})
+    cfg = parse_config("train", ["--config", path])
+    assert (cfg["resize"], cfg["lr"], cfg["epochs"], cfg["drop_ages"], cfg["amp"]) == ([64, 48], 1, 3, [58, 59, 60],
+                                                                                      False)
+
+
 def test_one_config_file_serves_several_scripts(tmp_path):
     """A recipe file may hold training keys and inference keys; each script takes its own."""
     path = write_json(tmp_path / "recipe.json", {"lr": 0.01, "tta": "flip_crops"})

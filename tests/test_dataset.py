@@ -3,6 +3,7 @@ splits by person, augmentation, batch mixing, the decoded-image cache and bad in
 import csv
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -424,6 +425,19 @@ def test_label_csv_rows_with_a_blank_age_know_only_their_band(tmp_path):
     assert D.age_known(table).tolist() == [True, False]
 
 
+def test_label_csv_of_every_class_without_ages_keeps_each_band_under_every_threshold(tmp_path):
+    for label in range(D.NUM_CLASSES):
+        Image.new("RGB", (2, 2)).save(tmp_path / f"{label}.png")
+    pd.DataFrame({"path": [f"{c}.png" for c in range(D.NUM_CLASSES)], "class": range(D.NUM_CLASSES)}).to_csv(
+        tmp_path / "labels.csv", index=False)
+    table = D.read_label_csv(tmp_path / "labels.csv", "extra0")
+    assert not table["age_known"].any()
+    for threshold in range(31, 101):  # every age_threshold train.py takes
+        labelled = D.add_labels(table, threshold)
+        assert labelled["label"].tolist() == list(range(D.NUM_CLASSES)), threshold
+        assert labelled["true_label"].tolist() == list(range(D.NUM_CLASSES)), threshold
+
+
 def write_soft_label_csv(root, probs):
     names = [f"{k}.png" for k in range(len(probs))]
     for name in names:
@@ -608,6 +622,29 @@ def test_assign_folds_on_a_plain_table():
     assert set(filled) == {5} and 0 < len(filled) < 40
 
 
+def test_folds_are_stratified_on_gender_and_the_competition_age_bands(monkeypatch):
+    ages = [25, 29, 30, 45, 57, 58, 59, 60, 61, 75]
+    people = pd.DataFrame({"id": [f"p{i}" for i in range(20)], "gender": [0] * 10 + [1] * 10, "age": ages * 2})
+    images = people.loc[people.index.repeat(2)].reset_index(drop=True)
+    strata = []
+
+    class Spy(D.StratifiedGroupKFold):
+        def split(self, X, y=None, groups=None):
+            strata.append(np.asarray(y))
+            return super().split(X, y, groups)
+
+    monkeypatch.setattr(D, "StratifiedGroupKFold", Spy)
+    D.assign_folds(images, 2, seed=0)
+    band = [0, 0, 1, 1, 1, 1, 1, 2, 2, 2]  # 58 and 59 are 30-59 whatever age_threshold trains
+    assert strata[0].tolist() == np.repeat([*band, *(3 + b for b in band)], 2).tolist()
+    monkeypatch.undo()
+    # 59- and 60-year-olds of one gender, in their own strata, fill two folds evenly
+    people = pd.DataFrame({"id": [f"q{i}" for i in range(8)], "gender": 0, "age": [59] * 4 + [65] * 4})
+    for seed in range(5):
+        folds = D.assign_folds(people, 2, seed=seed)
+        assert (folds[people["age"] == 59].value_counts() == 2).all(), seed
+
+
 def test_same_seed_same_folds_other_seed_may_differ(thirty, tmp_path):
     def folds(seed):
         images = D.load_training_images(make_cfg(thirty / "train", tmp_path, seed=seed))
@@ -782,6 +819,16 @@ def test_build_cache_writes_and_reuses_the_array(tiny, tmp_path, monkeypatch):
     assert Path(again).stat().st_mtime_ns == mtime
 
 
+def test_a_cache_array_without_its_json_is_rebuilt(tiny, tmp_path):
+    paths = D.read_train_images(tiny / "train")["image_path"].tolist()[:3]
+    array_path, _ = D.build_cache(paths, RESIZE, [D.FULL_IMAGE] * len(paths), tmp_path / "cache")
+    Path(array_path).with_suffix(".json").unlink()  # e.g. removed by hand, or a cache copied without it
+    again, errors = D.build_cache(paths, RESIZE, [D.FULL_IMAGE] * len(paths), tmp_path / "cache")
+    assert again == array_path and errors == [""] * len(paths) and Path(array_path).with_suffix(".json").is_file()
+    for i, p in enumerate(paths):
+        assert np.array_equal(np.load(again)[i], D.decode_image(p, RESIZE).transpose(2, 0, 1))
+
+
 def test_an_interrupted_cache_build_leaves_nothing_behind(tiny, tmp_path, monkeypatch):
     """Ctrl-C mid-build removes the half-written array (gigabytes at full size), and the next
     build starts afresh and completes."""
@@ -829,6 +876,18 @@ def test_cache_notices_a_changed_file(fresh, tmp_path):
     red = np.array([255, 0, 0])[:, None, None]
     assert np.abs(np.load(second)[0].astype(int) - red).max() <= 3  # now red (up to JPEG error)
     assert np.abs(np.load(first)[0].astype(int) - red).max() > 50  # the old cache is not reused
+
+
+def test_cache_key_notices_a_new_modification_time_or_a_new_size_alone(tmp_path):
+    path = tmp_path / "a.jpg"
+    path.write_bytes(b"1234")
+    os.utime(path, ns=(10**18, 10**18))
+    key = D.cache_key([str(path)], RESIZE, [D.FULL_IMAGE])
+    os.utime(path, ns=(10**18, 10**18 + 10**9))  # touched: same bytes, same size
+    assert D.cache_key([str(path)], RESIZE, [D.FULL_IMAGE]) != key
+    path.write_bytes(b"123456")  # replaced, its time set back: only the size tells
+    os.utime(path, ns=(10**18, 10**18))
+    assert D.cache_key([str(path)], RESIZE, [D.FULL_IMAGE]) != key
 
 
 def test_face_dataset_same_with_and_without_cache(tiny, tmp_path, monkeypatch):
@@ -1003,6 +1062,22 @@ def test_extra_data_that_repeats_training_images_is_refused(fresh, tmp_path):
     pd.DataFrame({"path": [str(person_folder(fresh) / "mask1.jpg")], "class": [0]}).to_csv(label_csv, index=False)
     cfg["extra_data"] = [str(label_csv)]
     assert "labels.csv: 1 image(s) already read" in error_of(D.load_training_images, cfg)
+
+
+def test_an_image_in_two_extra_label_csvs_or_twice_in_one_is_refused(fresh, tmp_path):
+    image = next((fresh / "eval" / "images").iterdir())
+    first, second, twice = (tmp_path / name for name in ("first.csv", "second.csv", "twice.csv"))
+    pd.DataFrame({"path": [str(image)], "class": [0]}).to_csv(first, index=False)
+    pd.DataFrame({"path": [str(image)], "class": [0]}).to_csv(second, index=False)
+    pd.DataFrame({"path": [str(image), str(image)], "class": [0, 0]}).to_csv(twice, index=False)
+    cfg = make_cfg(fresh / "train", tmp_path, val_ratio=0)
+    for extra, named in (([first, second], second), ([first, first], first), ([twice], twice)):
+        cfg["extra_data"] = [str(p) for p in extra]
+        message = error_of(D.load_training_images, cfg)
+        assert message.startswith(f"{named}: 1 image(s) already read from --data_dir or an earlier --extra_data")
+        assert str(image.resolve()) in message
+    cfg["extra_data"] = [str(first)]
+    assert len(D.load_training_images(cfg)) == 3 * 7 + 1
 
 
 def test_rotated_and_16_bit_images_are_decoded_as_they_look(tmp_path):

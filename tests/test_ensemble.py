@@ -328,6 +328,21 @@ def test_main_with_run_folders_reports_validation_and_breaks_ties_by_f1(tmp_path
     assert saved["validation"]["ensemble"]["f1"] == 1.0
 
 
+def test_validation_is_scored_against_the_true_labels_not_a_member_s_predictions(tmp_path):
+    ids = IDS[:3]
+    valid_paths = [f"/data/train/{k}.jpg" for k in range(8)]
+    labels = np.array([0, 1, 2, 3, 4, 5, 6, 7])
+    half_wrong = np.where(np.arange(8) < 4, labels, (labels + 1) % NUM_CLASSES)
+    a = write_run(tmp_path / "a", ids, peaked([0, 1, 2]), valid_paths, peaked(labels, 0.6), labels)
+    last = write_run(tmp_path / "last", ids, peaked([0, 1, 2]), valid_paths, peaked(half_wrong, 0.5), labels)
+    _, report = ensemble.main(ens_cfg(tmp_path, members=[str(a), str(last)]))
+    validation = report["validation"]
+    last_f1 = ensemble.score(labels, half_wrong)["f1"]
+    assert 0 < last_f1 < 1
+    assert validation["member_f1"] == pytest.approx([1.0, last_f1])
+    assert validation["ensemble"]["f1"] == 1.0  # the soft vote follows member a where the last member is wrong
+
+
 def test_main_per_task(tmp_path):
     probs = [random_probs(len(IDS), k) for k in range(3)]
     members = [str(write_probs(tmp_path / f"m{k}.csv", IDS, p)) for k, p in enumerate(probs)]

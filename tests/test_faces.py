@@ -65,6 +65,14 @@ def test_face_box_moves_inside_the_image_and_shrinks_to_fit_it():
     assert top == 0.0 and np.isclose(bottom, 0.8)  # centred on the face (y 35) it would start at -5: moved in
 
 
+def test_face_box_shrinks_to_fit_a_face_as_tall_as_the_image():
+    # 20 x 100 face, margin 0.5: 40 x 200, widened to 50 x 200 for aspect 1/4; only the height overflows
+    left, top, right, bottom = D.face_box(face(x1=30.0, y1=0.0, x2=50.0, y2=100.0), margin=0.5, aspect=0.25)
+    assert (top, bottom) == (0.0, 1.0)
+    assert np.isclose((right - left) * 80 / ((bottom - top) * 100), 0.25)  # 25 x 100: the aspect kept
+    assert np.isclose((left + right) / 2 * 80, 40)  # around the face's centre
+
+
 def test_decode_cuts_the_face_box(tmp_path):
     img = np.zeros((100, 80, 3), np.uint8)
     img[10:60, 20:60] = 250
@@ -111,6 +119,19 @@ def test_images_without_a_face_get_the_median_face_box_and_are_counted(data, tmp
     with caplog.at_level("INFO", logger="mask"):
         D.log_face_counts(counts)
     assert f"a face in {len(paths) - 18} of {len(paths)} images; 18 without one" in caplog.text
+
+
+def test_the_typical_face_box_is_the_median_not_the_mean(tmp_path):
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    for name in ("a.png", "b.png", "c.png", "d.png"):
+        Image.new("RGB", (40, 40)).save(folder / name)
+    boxes = {"a.png": (0.0, 0.0, 10.0, 10.0), "b.png": (0.0, 0.0, 10.0, 10.0), "c.png": (20.0, 20.0, 40.0, 40.0)}
+    write_faces(folder, boxes.get)  # d.png: no face; c.png: an outlier that would pull a mean
+    paths = [str(folder / name) for name in ("d.png", "a.png", "c.png")]
+    found, counts = D.crop_boxes(paths, crop_cfg(tmp_path, tmp_path, resize=[20, 20]))
+    assert np.allclose(found, [(0.0, 0.0, 0.25, 0.25), (0.0, 0.0, 0.25, 0.25), (0.5, 0.5, 1.0, 1.0)])
+    assert counts == {folder: (3, 1, True)}
 
 
 def test_a_folder_without_any_face_is_used_whole_and_says_so(data, tmp_path, caplog):
@@ -196,6 +217,16 @@ def test_the_size_read_rgb_gives_is_one_the_header_allows(tmp_path, name, how):
     assert D.header_sizes(path)[0] == D.read_rgb(path).size == (30, 20)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_the_header_size_of_a_jpeg_is_its_upright_size_for_every_orientation(tmp_path, orientation):
+    path = tmp_path / "a.jpg"
+    exif = Image.Exif()
+    exif[D.EXIF_ORIENTATION] = orientation
+    Image.new("RGB", (30, 20)).save(path, exif=exif)
+    assert D.header_sizes(path) == [D.read_rgb(path).size]
+    assert D.read_rgb(path).size == ((20, 30) if orientation >= 5 else (30, 20))
+
+
 def test_images_changed_since_their_faces_were_found_are_refused(tmp_path):
     """faces.csv boxes are fractions of the size detection saw: a replaced image of another size
     would be cut in the wrong place, so it stops the run, naming the image, both sizes and the fix."""
@@ -227,6 +258,26 @@ def test_images_changed_since_their_faces_were_found_are_refused(tmp_path):
     Image.new("RGB", (24, 32)).save(broken, format="JPEG")  # readable now, but detection saw it unreadable
     with pytest.raises(D.DataError, match=rf"1 image\(s\) changed .*{re.escape(str(broken))} \(24x32, unreadable then\)"):
         D.crop_boxes(paths, crop_cfg(root, tmp_path))
+
+
+def test_changed_images_of_two_folders_are_named_under_the_first_folder_s_faces_csv_only(tmp_path):
+    folders = [tmp_path / "one", tmp_path / "two"]
+    paths = []
+    for folder in folders:
+        folder.mkdir()
+        for name in ("a.png", "b.png"):
+            Image.new("RGB", (24, 32)).save(folder / name)
+            paths.append(str(folder / name))
+        write_faces(folder, lambda image: (2.0, 2.0, 20.0, 24.0))
+    D.crop_boxes(paths, crop_cfg(tmp_path, tmp_path))
+    for folder in folders:
+        Image.new("RGB", (48, 64)).save(folder / "b.png")
+    with pytest.raises(D.DataError) as error:
+        D.crop_boxes(paths, crop_cfg(tmp_path, tmp_path))
+    message = str(error.value)
+    assert message.startswith(f"{folders[0] / D.FACES_CSV}: 1 image(s) changed")
+    assert str(folders[0] / "b.png") in message and str(folders[1] / "b.png") not in message
+    assert message.endswith(f"--face_dirs {folders[0]} again")
 
 
 def test_a_replaced_image_of_the_same_size_is_refused_by_its_file_size(tmp_path):

@@ -356,3 +356,16 @@ def test_class_weights_change_the_loss(head):
 def test_unknown_criterion_raises():
     with pytest.raises(ValueError, match="hinge"):
         Criterion(loss_cfg(criterion="hinge"))
+
+
+@pytest.mark.parametrize("head", ["single", "multi"])
+def test_criterion_focal_uses_the_focal_gamma(head):
+    outputs, labels, ages = batch(head=head)
+    del outputs["age_value"]
+    total, parts = Criterion(loss_cfg(head=head, criterion="focal", focal_gamma=2.0))(outputs, labels, ages)
+    plain, _ = Criterion(loss_cfg(head=head))(outputs, labels, ages)
+    targets = dict(zip(("mask", "gender", "age"), decode_class(labels)), logits=labels)
+    for h in parts:
+        n = Criterion.num_classes(h)
+        torch.testing.assert_close(parts[h], focal_loss(outputs[h], soft_targets(targets[h], n), gamma=2.0))
+    assert total < plain - 1e-3  # focal down-weights: not the cross-entropy under another name
