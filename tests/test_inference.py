@@ -106,6 +106,36 @@ def test_runs_predict_one_eval_folder_however_their_paths_are_written(data, run_
         inference.predict_eval(paths, make_inference_cfg(data, paths, tmp_path), torch.device("cpu"))
 
 
+
+@pytest.mark.parametrize("base, other", [({}, {"resize": [40, 32]}), ({}, {"center_crop": [0.6, 0.6]}),
+                                         ({}, {"mean": [0.3, 0.3, 0.3]}), ({}, {"std": [0.5, 0.5, 0.5]}),
+                                         ({}, {"face_crop": True}), ({"face_crop": True}, {"face_crop": True, "face_margin": 0.0})],
+                         ids=["resize", "center_crop", "mean", "std", "face_crop", "face_margin"])
+def test_each_checkpoint_reads_the_eval_images_with_its_own_preprocessing(data, run_dir, tmp_path, base, other):
+    """Checkpoints predicted together share a dataset only where their preprocessing is the same."""
+    from test_faces import write_faces
+    shutil.copytree(data / "sample" / "eval", tmp_path / "eval")
+    write_faces(tmp_path / "eval", lambda image: (10.0, 12.0, 38.0, 50.0))
+    checkpoint = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=False)
+    paths = [tmp_path / "base.pt", tmp_path / "other.pt"]
+    for path, change in zip(paths, (base, other)):
+        torch.save({**checkpoint, "config": {**checkpoint["config"], **change}}, path)
+    cfg = make_inference_cfg(data, paths, tmp_path, eval_dir=str(tmp_path / "eval"))
+    alone = [inference.predict_eval([path], cfg, torch.device("cpu"))[0] for path in paths]
+    assert np.abs(alone[0] - alone[1]).max() > 1e-4  # the change changes what the model sees
+    both, _ = inference.predict_eval(paths, cfg, torch.device("cpu"))
+    np.testing.assert_allclose(both, (alone[0] + alone[1]) / 2, atol=1e-6)
+
+
+def test_members_count_with_the_weights_given(data, folds_only_dir, tmp_path):
+    """A run's folds share its weight equally, and predict_eval weighs members as told (normalised)."""
+    paths = [folds_only_dir / "fold0" / "best.pt", folds_only_dir / "fold1" / "best.pt"]
+    assert inference.run_members(folds_only_dir) == [(paths[0], 0.5), (paths[1], 0.5)]
+    cfg = make_inference_cfg(data, paths, tmp_path)
+    a, b = (inference.predict_eval([path], cfg, torch.device("cpu"))[0] for path in paths)
+    weighted, _ = inference.predict_eval(paths, cfg, torch.device("cpu"), [3, 1])
+    np.testing.assert_allclose(weighted, (3 * a + b) / 4, atol=1e-6)
+
 def test_submission_matches_info_csv(data, predicted):
     path, out = predicted
     assert path == out / "submission.csv"
@@ -171,6 +201,22 @@ def test_numbers_a_loader_cannot_use_are_refused(data, run_dir, tmp_path, flag, 
     with pytest.raises(SystemExit, match=f"--{flag} must be at least"):
         inference.main(make_inference_cfg(data, run_dir, tmp_path, **{flag: value}))
 
+
+
+def test_an_unreadable_eval_image_stops_inference_naming_it(data, run_dir, tmp_path):
+    """Every eval image needs an answer: a bad one is an error, never skipped (--skip_bad_images is train.py's)."""
+    shutil.copytree(data / "sample" / "eval", tmp_path / "eval")
+    bad = tmp_path / "eval" / "images" / info_ids(data)[5]
+    bad.write_bytes(bad.read_bytes()[:200])
+    with pytest.raises(SystemExit, match=re.escape(str(bad))):
+        inference.main(make_inference_cfg(data, run_dir, tmp_path / "out", eval_dir=str(tmp_path / "eval")))
+    assert not (tmp_path / "out" / "submission.csv").exists()
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_a_first_stage_weight_of_0_or_1_is_a_share(data, tmp_path, weight):
+    with pytest.raises(SystemExit, match="no such run folder"):  # checked after the share was accepted
+        inference.main(make_inference_cfg(data, tmp_path / "none", tmp_path / "out", first_stage_weight=weight))
 
 def test_an_output_dir_that_is_a_file_is_refused(data, run_dir, tmp_path):
     (tmp_path / "file").write_text("")

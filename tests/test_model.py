@@ -277,6 +277,24 @@ def test_unknown_model_or_head_raises():
         MaskModel(model_lib.BaseModel(), head="double")
 
 
+
+@pytest.mark.parametrize("dropout", [0.0, 0.6])
+def test_the_configured_dropout_acts_before_the_heads_in_training_only(dropout):
+    torch.manual_seed(0)
+    net = create_model(model_cfg(dropout=dropout, head="single")).train()
+    net.backbone.eval()  # batch norm out of the way: only dropout can make two passes differ
+    x = torch.randn(2, 3, 32, 24)
+    assert net.dropout.p == dropout
+    differ = not torch.equal(net(x)["logits"], net(x)["logits"])
+    assert differ == (dropout > 0)
+    net.eval()
+    assert torch.equal(net(x)["logits"], net(x)["logits"])
+
+
+def test_inference_rebuilds_a_pretrained_run_without_fetching_imagenet_weights(no_internet):
+    net = create_model(model_cfg(model="efficientnet-b0", pretrained=True), pretrained=False)
+    assert isinstance(net.backbone, model_lib.EfficientNetTrunk) and not no_internet
+
 # ---------------------------------------------------------------------------------------------
 # Freezing the early layers
 @pytest.mark.parametrize("name,n,frozen_prefixes,trained_prefix", [
