@@ -116,6 +116,7 @@ def test_hard_vote_tie_with_equal_or_unknown_f1_follows_member_order(f1):
 
 def test_hard_vote_known_f1_beats_unknown():
     assert ensemble.hard_vote([[4], [7]], [None, 0.1]).tolist() == [7]
+    assert ensemble.hard_vote([[4], [7]], [float("nan"), 0.0]).tolist() == [7]  # even a known F1 of 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,7 +76,7 @@ def test_report_draws_the_confusions_the_worst_images_and_the_best_epoch_of_the_
 
     record("matrices", report.heatmap, lambda matrix, labels, title: matrix)
     record("best", report.line_plot, lambda series, title, y_range, best=None: best)
-    record("tiles", report.tile, lambda image, lines: lines[0])
+    record("tiles", report.tile, lambda image, lines: lines[:2])
     write_report(run_dir, images_per_class=1)
     expected = [confusion_matrix(label, pred, labels=range(18))]
     expected += [confusion_matrix(t, p, labels=range(k)) for t, p, k in zip(decode_class(label), decode_class(pred), (3, 2, 3))]
@@ -85,7 +85,10 @@ def test_report_draws_the_confusions_the_worst_images_and_the_best_epoch_of_the_
         np.testing.assert_array_equal(got, want)
     assert drawn["best"] == [None, 1]  # the loss panel has no best epoch; the F1 panel marks epoch 1
     worst = np.argsort(p_true, kind="stable")[:report.WORST]
-    assert drawn["tiles"][:report.WORST] == [f"true: {class_name(label[i])} (p={p_true[i]:.2f})" for i in worst]
+    assert drawn["tiles"][:report.WORST] == [[f"true: {class_name(label[i])} (p={p_true[i]:.2f})",
+                                              f"pred: {class_name(pred[i])} (p=0.90)"] for i in worst]
+    # Grad-CAM: one image of each true class (not of each predicted class), in class order
+    assert [lines[0] for lines in drawn["tiles"][report.WORST:]] == [f"true: {class_name(c)}" for c in range(18)]
 
 
 def test_grad_cam_is_a_heat_map_of_the_predicted_class(train_cfg):
