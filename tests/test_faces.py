@@ -368,6 +368,36 @@ def test_mtcnn_runs_on_a_batch():
     assert detector(images) == [None, None]  # flat images hold no face
 
 
+
+class FakeMTCNN:
+    """MTCNN.detect's answer for a batch: a face (the largest first, then a small one) in the
+    images whose first pixel value is in `finds`, None elsewhere; records what it was given."""
+    min_face_size = 20
+
+    def __init__(self, finds):
+        self.finds, self.calls = finds, []
+
+    def detect(self, batch, landmarks):
+        values = [int(img[0, 0, 0]) for img in batch]
+        self.calls.append(values)
+        hit = [v in self.finds for v in values]
+        return ([np.array([[v, 1, 30, 40], [0, 0, 5, 5]], float) if h else None for v, h in zip(values, hit)],
+                [np.array([0.9, 0.5]) if h else None for h in hit],
+                [np.stack([np.full((5, 2), v, float), np.zeros((5, 2))]) if h else None for v, h in zip(values, hit)])
+
+
+def test_faces_the_first_pass_misses_get_a_second_more_permissive_pass():
+    real = detect_faces.FaceDetector("cpu")
+    assert [m.thresholds for m in real.passes] == [[0.6, 0.7, 0.7], [0.4, 0.5, 0.5]]
+    assert all(m.select_largest for m in real.passes)
+    detector = object.__new__(detect_faces.FaceDetector)
+    detector.passes = [FakeMTCNN({1}), FakeMTCNN({1, 2})]
+    found = detector([np.full((40, 30, 3), v, np.uint8) for v in (1, 2, 3)])
+    assert [m.calls for m in detector.passes] == [[[1, 2, 3]], [[2, 3]]]  # only the missed ones again
+    assert found[2] is None
+    for v, (box, score, points) in zip((1, 2), found):  # the first (largest) face of each
+        assert box.tolist() == [v, 1, 30, 40] and score == 0.9 and points.tolist() == [[v, v]] * 5
+
 MASKBENCH_FACES = Path(__file__).resolve().parents[2] / "shared" / "maskbench" / "faces"
 
 
