@@ -638,6 +638,19 @@ def test_an_interrupted_mask_faces_run_continues_where_it_stopped(tmp_path):
     assert all((tmp_path / "cut" / p).read_bytes() == (tmp_path / "whole" / p).read_bytes() for p in cut)
 
 
+
+def test_a_person_cut_short_between_images_is_drawn_again_whole(tmp_path):
+    faces, table, args = two_utkface_photos(tmp_path)
+    out = tmp_path / "out"
+    mask_faces.write_people(table, faces, out, LandmarkDetector(), **args)
+    before = {p: p.read_bytes() for p in out.rglob("*.jpg")}
+    folder = min(before).parent
+    for name in ("incorrect_mask.jpg", "normal.jpg"):  # the last two saved: the run stopped before them
+        (folder / name).unlink()
+    (out / "train" / "train.csv").unlink()
+    mask_faces.write_people(table, faces, out, LandmarkDetector(), **args)
+    assert {p: p.read_bytes() for p in out.rglob("*.jpg")} == before
+
 def test_a_continued_mask_faces_run_refuses_other_arguments(tmp_path):
     faces, table, args = two_utkface_photos(tmp_path)
     mask_faces.write_people(table.iloc[:1], faces, tmp_path / "out", LandmarkDetector(), **args)  # as if cut short
