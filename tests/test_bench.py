@@ -141,6 +141,17 @@ def test_resampled_people_give_the_macro_f1_of_their_images():
     assert bench.resampled_macro_f1(true, true, person, draws=20, seed=0).tolist() == [1.0] * 20
 
 
+
+def test_a_class_predicted_but_never_true_counts_in_the_resampled_macro_f1():
+    """As sklearn's macro F1: a class only predicted averages in with F1 0."""
+    person = np.repeat(np.arange(4), 7)
+    true = np.zeros(len(person), int)
+    pred = np.where(person < 2, 0, 5)  # two people right, two given class 5, which nobody is
+    weights = np.random.default_rng(0).multinomial(4, np.full(4, 0.25), size=10)
+    for f1, w in zip(bench.resampled_macro_f1(true, pred, person, draws=10, seed=0), weights):
+        rows = np.concatenate([np.flatnonzero(person == k) for k in range(4) for _ in range(w[k])])
+        assert f1 == pytest.approx(f1_score(true[rows], pred[rows], average="macro"))
+
 def test_the_sd_over_people_is_read_from_the_answers_and_the_submission(tmp_path):
     person = np.repeat(np.arange(40), 7)
     true = np.tile(np.arange(7), 40)
@@ -223,6 +234,46 @@ def test_a_finished_recipe_is_reused_only_on_the_same_data_settings_and_tta(samp
     bench.run_recipe(recipe, args, data, tmp_path / "runs", cpu)
     assert scripts.calls[10:] == ["train.py", "inference.py", "score.py"]
 
+
+
+class Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("overrides, epochs, minutes", [
+    ("", 5, 0.1),  # 1.5 headroom x 0.1 min x 60 s x 50 images/s / 101 training images = 4.5 -> 5
+    ("+fold=all+val_ratio=0.5", 4, 0.05),  # 2 folds share the budget: 1.5 x 6 x 50 / (63 x 2) = 3.6 -> 4
+    ("+scheduler=cosine", 3, 0.1),  # a schedule spanning the run gets no headroom: 6 x 50 / 101 = 2.97 -> 3
+])
+def test_a_budgeted_recipe_is_sized_from_its_probe(sample_dir, tmp_path, monkeypatch, overrides, epochs, minutes):
+    def stop(cmd, **kwargs):
+        raise Stop
+    monkeypatch.setattr(bench.subprocess, "run", stop)  # stops at train.py, after the sizing is written
+    monkeypatch.setattr(bench, "model_throughput", lambda cfg, device: 100.0)
+    monkeypatch.setattr(bench, "pipeline_throughput", lambda *a, **k: 50.0)
+    args = argparse.Namespace(epochs=0, budget_minutes=0.1, tta="none", cuda_input="", cache_dir=tmp_path / "cache",
+                              num_workers=0, maskbench=tmp_path / "maskbench")
+    recipe = "baseline+resize=[32,24]+batch_size=16" + overrides
+    with pytest.raises(Stop):
+        bench.run_recipe(recipe, args, sample_dir, tmp_path / "runs", torch.device("cpu"))
+    sized = json.loads((tmp_path / "runs" / sample_dir.name / f"{bench.run_name(recipe)}.json").read_text())
+    assert (sized["epochs"], sized["max_train_minutes"]) == (epochs, minutes)
+
+
+def test_a_sizing_for_another_budget_is_probed_again(sample_dir, tmp_path, monkeypatch):
+    scripts, probes = FakeScripts(), [50.0, 50.0]
+    monkeypatch.setattr(bench.subprocess, "run", scripts)
+    monkeypatch.setattr(bench, "model_throughput", lambda cfg, device: 100.0)
+    monkeypatch.setattr(bench, "pipeline_throughput", lambda *a, **k: probes.pop(0))
+    args = argparse.Namespace(epochs=0, budget_minutes=0.1, tta="none", cuda_input="", cache_dir=tmp_path / "cache",
+                              num_workers=0, maskbench=tmp_path / "maskbench")
+    recipe = "baseline+resize=[32,24]+batch_size=16"
+    bench.run_recipe(recipe, args, sample_dir, tmp_path / "runs", torch.device("cpu"))
+    args.budget_minutes = 0.2
+    bench.run_recipe(recipe, args, sample_dir, tmp_path / "runs", torch.device("cpu"))
+    assert probes == [] and scripts.calls == ["train.py", "inference.py", "score.py"] * 2
+    sized = json.loads((tmp_path / "runs" / sample_dir.name / f"{bench.run_name(recipe)}.json").read_text())
+    assert (sized["epochs"], sized["max_train_minutes"]) == (9, 0.2)  # 1.5 x 12 x 50 / 101 = 8.9
 
 def test_a_recipe_without_validation_is_reported_not_a_crash(sample_dir, tmp_path, monkeypatch):
     """val_ratio 0 trains on everyone: no valid F1, and the other recipes' rows are still written."""
