@@ -66,9 +66,9 @@ def build_maskbench(maskbench, size, out, limit=0):
     if (out / "build_info.json").is_file():
         source = maskbench_source(maskbench)
         built_from = json.loads(record.read_text()) if record.is_file() else source  # older builds did not record it
-        if built_from != source:
-            raise SystemExit(f"error: {out} was built from another maskbench ({built_from['maskbench']}, or its faces.csv "
-                             f"changed since); give another --out, or delete {out} to build it again")
+        if built_from["faces_csv_sha1"] != source["faces_csv_sha1"]:  # the same faces at another path are the same
+            raise SystemExit(f"error: {out} was built from other faces ({built_from['maskbench']}/faces.csv differs from "
+                             f"{maskbench}/faces.csv); give another --out, or delete {out} to build it again")
         record.write_text(json.dumps(source))
         return
     if out.exists() and any(out.iterdir()):
@@ -199,7 +199,7 @@ def recipe_config(recipe):
             raise SystemExit(f"error: recipe {recipe}: override {item!r} is not key=value")
         key, value = item.split("=", 1)
         if key not in spec:
-            raise SystemExit(f"error: recipe {recipe}: unknown key {key}{suggest(key, list(spec))}")
+            raise SystemExit(f"error: recipe {recipe}: unknown key {key}{suggest(key, list(spec), flag='')}")
         if isinstance(spec[key]["default"], str):  # fold=0 stays the string "0"
             cfg[key] = value
         else:
@@ -268,7 +268,7 @@ def run_recipe(recipe, args, data, out, device):
     config_file.write_text(json.dumps(recipe_cfg, indent=2))
     # explicit folders, so SM_* environment variables (args.json) cannot send a run elsewhere
     common = ["--cache_dir", str(args.cache_dir), "--num_workers", str(args.num_workers), "--eval_dir", str(data / "eval")]
-    last_stage = ("pseudo" if cfg["pseudo_threshold"] else "refit" if cfg["refit"] and folds > 1 else "")
+    last_stage = ("pseudo" if cfg["pseudo_threshold"] else "refit" if cfg["refit"] and cfg["val_ratio"] > 0 else "")
     finished = run_dir / last_stage / "summary.json" if last_stage else run_dir / ("oof_probs.csv" if folds > 1 else "summary.json")
     same_recipe = same_training(run_dir, recipe_cfg)
     done = same_recipe and finished.is_file()

@@ -83,11 +83,11 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def suggest(key, known):
+def suggest(key, known, flag="--"):
     """' (did you mean --x?)' for a mistyped key: the keys it begins (--ep: --epochs), else the
-    closest spelling (--lrr: --lr); '' when none is near."""
-    close = sorted(k for k in known if k.startswith(key))[:3] or difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-    return f" (did you mean {', '.join('--' + k for k in close)}?)" if close else ""
+    closest spelling (--lrr: --lr); '' when none is near. flag: '' for keys written without it."""
+    close = sorted(k for k in known if k.startswith(key)) or difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return f" (did you mean {', '.join(flag + k for k in close)}?)" if close else ""
 
 
 def build_parser(script, description=None):

@@ -389,14 +389,18 @@ def apply_corrections(people, files, corrections_csv):
         raise DataError(f"{corrections_csv}: none of its {len(table)} ids is in the data{hint}")
     people = people.set_index("id", drop=False)
     files = {k: dict(v) for k, v in files.items()}
-    first_line = {}
+    earlier = {}  # (id, field[, swapped pair]) -> (line, value)
     for row, rec in numbered_rows(table):
         where = f"{corrections_csv}: line {row}"
-        # a second flip or swap would undo the first, a second gender or age contradict it
         key = (rec.id, rec.field, frozenset(rec.value.split()) if rec.field == "swap" else None)
-        if key in first_line:
-            raise DataError(f"{where}: a second {rec.field} correction of id {rec.id} (line {first_line[key]}); keep one")
-        first_line[key] = row
+        if key in earlier:
+            line, value = earlier[key]
+            if rec.field in ("gender", "age") and rec.value.lower() == value.lower() != "flip":
+                log.info("%s: the same correction as line %d, applied once", where, line)  # e.g. two lists merged
+                continue
+            # a second flip or swap would undo the first, another gender or age contradict it
+            raise DataError(f"{where}: a second {rec.field} correction of id {rec.id} (line {line}); keep one")
+        earlier[key] = (row, rec.value)
         if rec.id not in people.index:
             log.warning("%s: id %s is not in the data; correction not applied", where, rec.id)
             continue

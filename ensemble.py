@@ -99,17 +99,20 @@ def unvalidated_predictions(run_dir, inference):
         return None
     if inference["config"]["checkpoint"] != "best":
         return "eval was predicted with last.pt, and validation with best.pt"
-    others = [model["checkpoint"] for model in inference.get("models", [])
-              if not is_validated_checkpoint(Path(model["checkpoint"]), run_dir)]
+    others = [model["checkpoint"] for model in inference.get("models", []) if not is_validated_checkpoint(model, run_dir)]
     if others:
         return f"eval was predicted with {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, not only its own best.pt"
     return None
 
 
-def is_validated_checkpoint(checkpoint, run_dir):
-    """Whether a checkpoint is one whose validation the run folder holds: its best.pt or a
-    fold's. Folders are compared as paths and, for a run folder moved since or predicted from
-    another directory, by name."""
+def is_validated_checkpoint(model, run_dir):
+    """Whether an inference.json model is one whose validation the run folder holds: its best.pt
+    or a fold's. inference.py records where each lies in the folder it wrote to, which holds
+    however the run is moved or renamed; older records give only the path, compared as a path
+    and then by folder name."""
+    if "in_output_dir" in model:
+        return re.fullmatch(r"(fold\d+/)?best\.pt", model["in_output_dir"] or "") is not None
+    checkpoint = Path(model["checkpoint"])
     if checkpoint.name != "best.pt":
         return False
     run = Path(run_dir).resolve()

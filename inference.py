@@ -264,10 +264,20 @@ def main(cfg):
         write_pseudo_labels(images, probs, cfg["pseudo_threshold"], out_dir / "pseudo_labels.csv", cfg["pseudo_soft"])
     write_text_atomic(json.dumps({"command": shlex.join(sys.argv), "time": datetime.now(timezone.utc).isoformat(),
                                   "eval_images": str(Path(images["image_path"].iloc[0]).parent),
-                                  "models": [{"checkpoint": str(path), "weight": weight} for path, weight in members],
+                                  "models": [{"checkpoint": str(path), "weight": weight, "in_output_dir": inside(path, out_dir)}
+                                             for path, weight in members],
                                   "config": cfg}, indent=2), out_dir / "inference.json")
     log.info("wrote %s, %s and %s", path, out_dir / "eval_probs.csv", out_dir / "inference.json")
     return path
+
+
+def inside(path, folder):
+    """path relative to folder ('best.pt', 'fold0/best.pt') when it lies inside it, else None:
+    what ensemble.py needs to tell a run's own models from others', wherever the run is moved."""
+    try:
+        return Path(path).resolve().relative_to(Path(folder).resolve()).as_posix()
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

@@ -303,6 +303,15 @@ def test_a_second_correction_of_one_label_is_an_error(fresh, tmp_path, rows):
     assert f"fix.csv: line 3: a second {rows[0][0]} correction of id {pid} (line 2); keep one" in message
 
 
+def test_the_same_age_or_gender_given_twice_is_applied_once(fresh, tmp_path):
+    """Two merged correction lists may repeat a fix: the same value is not a contradiction."""
+    pid = people_table(fresh)["id"][0]
+    corrections = write_corrections(tmp_path / "fix.csv", [[pid, "age", "70"], [pid, "gender", "female"],
+                                                           [pid, "age", "70"], [pid, "gender", "Female"]])
+    images = D.read_train_images(fresh / "train", corrections)
+    assert (images.loc[images["id"] == pid, "age"] == 70).all() and (images.loc[images["id"] == pid, "gender"] == 1).all()
+
+
 def test_two_different_swaps_of_one_person_are_both_applied(fresh, tmp_path):
     pid = people_table(fresh)["id"][0]
     corrections = write_corrections(tmp_path / "fix.csv", [[pid, "swap", "incorrect_mask normal"],

@@ -460,10 +460,13 @@ def test_validation_of_other_models_than_the_ones_that_predicted_eval_is_not_rep
 
 
 @pytest.mark.parametrize("models, validated", [
-    (["RUN/best.pt"], True),
+    (["RUN/best.pt"], True),  # records of older inference.py: the path alone
     (["/elsewhere/moved/run/fold0/best.pt", "/elsewhere/moved/run/fold1/best.pt"], True),  # the folder moved since
     (["RUN/last.pt"], False),  # --run RUN/last.pt, written into the run folder
     (["RUN/best.pt", "runs/other/pseudo/best.pt"], False),  # a blend written there with --output_dir RUN
+    ([("/old/name/fold0/best.pt", "fold0/best.pt")], True),  # the run renamed since: its own, as recorded
+    ([("/other/run/best.pt", None)], False),  # another run of the same folder name predicted into this one
+    ([("RUN/last.pt", "last.pt")], False),
 ])
 def test_validation_is_reported_only_for_the_run_s_own_best_models(tmp_path, models, validated, caplog):
     """inference.json names the checkpoints that predicted eval: the run's validation describes
@@ -471,7 +474,8 @@ def test_validation_is_reported_only_for_the_run_s_own_best_models(tmp_path, mod
     labels = np.arange(8)
     run = write_run(tmp_path / "run", IDS[:6], peaked([0, 1, 2, 3, 4, 5]), [f"/t/{k}.jpg" for k in range(8)],
                     peaked(labels), labels)
-    models = [{"checkpoint": m.replace("RUN", str(run)), "weight": 1.0} for m in models]
+    models = [{"checkpoint": m.replace("RUN", str(run)), "weight": 1.0} if isinstance(m, str) else
+              {"checkpoint": m[0].replace("RUN", str(run)), "weight": 1.0, "in_output_dir": m[1]} for m in models]
     (run / "inference.json").write_text(json.dumps({"config": {"checkpoint": "best"}, "models": models}))
     with caplog.at_level(logging.INFO):
         member = ensemble.Member(run)

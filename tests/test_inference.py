@@ -190,7 +190,9 @@ def test_the_record_of_a_prediction_names_its_models_and_settings(data, run_dir,
     and the command, so a score can be traced to what made it."""
     _, out = predicted
     record = json.loads((out / "inference.json").read_text())
-    assert record["models"] == [{"checkpoint": str(run_dir / "best.pt"), "weight": 1.0}]
+    assert record["models"] == [{"checkpoint": str(run_dir / "best.pt"), "weight": 1.0, "in_output_dir": None}]
+    assert inference.inside(run_dir / "fold0" / "best.pt", run_dir) == "fold0/best.pt"  # a run's own, wherever it goes
+    assert inference.inside(run_dir / "best.pt", out) is None
     assert record["config"]["tta"] == "flip" and record["config"]["checkpoint"] == "best"
     assert Path(record["eval_images"]) == data / "sample" / "eval" / "images"
     assert record["command"]
