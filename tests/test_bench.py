@@ -174,7 +174,9 @@ class FakeScripts:
         cmd = [str(c) for c in cmd]
         script, flags = Path(cmd[1]).name, dict(zip(cmd[2::2], cmd[3::2]))
         self.calls.append(script if "--resume" not in flags else "train.py --resume")
-        if script == "train.py":
+        if script == "train.py" and "--resume" in flags:
+            pass  # the run's files are there already
+        elif script == "train.py":
             run = Path(flags["--output_dir"])
             run.mkdir(parents=True, exist_ok=True)
             config = {**default_config("train"), **json.loads(Path(flags["--config"]).read_text()),
@@ -285,3 +287,22 @@ def test_a_recipe_without_validation_is_reported_not_a_crash(sample_dir, tmp_pat
     bench.write_report(args, None, rows, "", [])
     report = (tmp_path / "BENCHMARKS.md").read_text()
     assert "| baseline |" in report and "| baseline+val_ratio=0 |" in report and "| nan |" in report
+
+
+def test_a_refit_recipe_is_finished_only_when_its_refit_is(sample_dir, tmp_path, monkeypatch):
+    """train.py refits after a single validation fold too: until refit/summary.json is written
+    (an interrupted refit), bench resumes the run rather than reusing it."""
+    scripts = FakeScripts()
+    monkeypatch.setattr(bench.subprocess, "run", scripts)
+    monkeypatch.setattr(bench, "model_throughput", lambda cfg, device: 100.0)
+    args = argparse.Namespace(epochs=1, budget_minutes=0, tta="none", cuda_input="", cache_dir=tmp_path / "cache",
+                              num_workers=0, maskbench=tmp_path / "maskbench")
+    recipe = "baseline+refit=true"
+    bench.run_recipe(recipe, args, sample_dir, tmp_path / "runs", torch.device("cpu"))
+    bench.run_recipe(recipe, args, sample_dir, tmp_path / "runs", torch.device("cpu"))
+    assert scripts.calls == ["train.py", "inference.py", "score.py", "train.py --resume", "inference.py", "score.py"]
+    run_dir = tmp_path / "runs" / sample_dir.name / bench.run_name(recipe)
+    (run_dir / "refit").mkdir()
+    (run_dir / "refit" / "summary.json").write_text("{}")
+    bench.run_recipe(recipe, args, sample_dir, tmp_path / "runs", torch.device("cpu"))
+    assert scripts.calls[6:] == ["score.py"]
