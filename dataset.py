@@ -324,11 +324,12 @@ def read_label_csv(csv_path, source):
     labels = labels.astype(int).to_numpy()
     mask, gender, band = decode_class(labels)
     given = table["age"] if "age" in table else pd.Series("", index=table.index)
-    bad_ages = [a for a in given if a and whole_age(a) is None]
+    read_ages = [whole_age(a) if a else None for a in given]
+    bad_ages = [a for a, age in zip(given, read_ages) if a and age is None]
     if bad_ages:
         raise DataError(f"{csv_path}: age value(s) {bad_ages[:5]} are not whole years from {AGES[0]} to {AGES[-1]}")
     age_known = (given != "").to_numpy()
-    ages = np.array([whole_age(a) if known else BAND_AGES[b] for a, known, b in zip(given, age_known, band)], dtype=int)
+    ages = np.array([age if known else BAND_AGES[b] for age, known, b in zip(read_ages, age_known, band)], dtype=int)
     wrong_band = table["path"][age_known & (age_band(ages) != band)].tolist()
     if wrong_band:
         raise DataError(f"{csv_path}: the age of {wrong_band[:3]} is not in the age band of its class")

@@ -81,9 +81,13 @@ def read_inference_record(run_dir):
         return None
     try:
         inference = json.loads(record.read_text())
-        inference["config"]["checkpoint"], inference.get("models", [])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise DataError(f"{record}: not an inference.json that inference.py wrote ({type(e).__name__}: {e}); "
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        inference, problem = None, f"{type(e).__name__}: {e}"
+    else:
+        problem = "no list of models, each with its checkpoint"
+    models = inference.get("models") if isinstance(inference, dict) else None
+    if not (isinstance(models, list) and all(isinstance(model, dict) and "checkpoint" in model for model in models)):
+        raise DataError(f"{record}: not an inference.json that inference.py wrote ({problem}); "
                         f"predict again with inference.py --run {run_dir}")
     return inference
 
@@ -97,9 +101,7 @@ def unvalidated_predictions(run_dir, inference):
         return "its refit model predicted eval, and was trained on the validation people"
     if inference is None:
         return None
-    if inference["config"]["checkpoint"] != "best":
-        return "eval was predicted with last.pt, and validation with best.pt"
-    others = [model["checkpoint"] for model in inference.get("models", []) if not is_validated_checkpoint(model, run_dir)]
+    others = [model["checkpoint"] for model in inference["models"] if not is_validated_checkpoint(model, run_dir)]
     if others:
         return f"eval was predicted with {', '.join(others[:3])}{' ...' if len(others) > 3 else ''}, not only its own best.pt"
     return None

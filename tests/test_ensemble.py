@@ -449,12 +449,14 @@ def test_validation_of_other_models_than_the_ones_that_predicted_eval_is_not_rep
     labels = np.arange(8)
     run = write_run(tmp_path / "run", IDS[:6], peaked([0, 1, 2, 3, 4, 5]), [f"/t/{k}.jpg" for k in range(8)],
                     peaked(labels), labels)
-    (run / "inference.json").write_text(json.dumps({"config": {"checkpoint": "best"}}))
+    record = {"config": {"checkpoint": "best"}, "models": [{"checkpoint": str(run / "best.pt"), "in_output_dir": "best.pt"}]}
+    (run / "inference.json").write_text(json.dumps(record))
     assert ensemble.Member(run).valid_f1 == 1.0
     if other_models == "refit":
         (run / "refit").mkdir()
-    else:
-        (run / "inference.json").write_text(json.dumps({"config": {"checkpoint": "last"}}))
+    else:  # inference.py --checkpoint last
+        (run / "inference.json").write_text(json.dumps(
+            {"config": {"checkpoint": "last"}, "models": [{"checkpoint": str(run / "last.pt"), "in_output_dir": "last.pt"}]}))
     member = ensemble.Member(run)
     assert member.valid is None and member.valid_f1 is None
 
@@ -486,7 +488,7 @@ def test_validation_is_reported_only_for_the_run_s_own_best_models(tmp_path, mod
 def test_members_predicted_from_different_eval_folders_are_named_in_a_warning(tmp_path, capsys):
     runs = [write_run(tmp_path / name, IDS[:6], peaked([0, 1, 2, 3, 4, 5])) for name in ("a", "b", "c")]
     for run, folder in zip(runs, ["data/eval/images", "data/eval/images", "copy/eval/images"]):
-        (run / "inference.json").write_text(json.dumps({"config": {"checkpoint": "best"}, "eval_images": folder}))
+        (run / "inference.json").write_text(json.dumps({"config": {"checkpoint": "best"}, "eval_images": folder, "models": []}))
     ensemble.main(ens_cfg(tmp_path, members=[str(r) for r in runs[:2]]))
     assert "folders" not in capsys.readouterr().out
     ensemble.main(ens_cfg(tmp_path, members=[str(r) for r in runs]))
@@ -501,6 +503,10 @@ def test_a_damaged_inference_json_is_named(tmp_path):
     (run / "inference.json").write_text('{"config": {"checkp')
     with pytest.raises(SystemExit, match=r"run/inference.json: not an inference.json that inference.py wrote "
                                          r"\(JSONDecodeError.*predict again with inference.py --run"):
+        ensemble.Member(run)
+    (run / "inference.json").write_text('{"config": {}, "models": [{"weight": 1.0}]}')
+    with pytest.raises(SystemExit, match=r"not an inference.json that inference.py wrote \(no list of models, each "
+                                         r"with its checkpoint\)"):
         ensemble.Member(run)
 
 
