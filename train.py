@@ -427,13 +427,7 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
     if skipped:
         pd.DataFrame(skipped, columns=["path", "error"]).to_csv(out_dir / "skipped.csv", index=False)
         log.warning("skipped %d unreadable image(s); listed in %s", len(skipped), out_dir / "skipped.csv")
-    people, labelled = count_people(train_table)
-    log.info("%s: %d training images (%d people%s), %s", out_dir, len(train_set), people,
-             f", {labelled} images of label CSVs" if labelled else "",
-             f"{len(valid_set)} validation images ({valid_table['id'].nunique()} people)" if valid_set is not None
-             else "no validation")
-    log.info("loader: %d worker process(es) %s (0: the main process)", train_set.loader_workers(cfg, device),
-             "decoding the images" if train_set.cache_file is None else "reading the decode cache")
+    log_datasets(out_dir, train_table, train_set, valid_table, valid_set, cfg, device)
 
     # seeded here, after the datasets: building the image cache draws from torch's global RNG
     # (DataLoader seeds), so seeding earlier gave a different initial model on a cold cache
@@ -451,66 +445,40 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
     scored_model = ema.module if ema is not None else model  # validated, saved as best.pt, used by inference
     state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     if (out_dir / "last.pt").exists():
-        keys = ("model", "optimizer", "scheduler", "state") + (("trained_model",) if ema is not None else ())
-        ckpt = load_checkpoint(out_dir / "last.pt", device, keys=keys)
-        if ema is not None:  # last.pt's "model" is the average; the optimizer continues the trained weights
-            model.load_state_dict(ckpt["trained_model"])
-            ema.module.load_state_dict(ckpt["model"])
-        else:
-            model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        state = ckpt["state"]
-        log.info("resuming %s after epoch %d%s", out_dir, state["epoch"], "" if state["best_f1"] is None else
-                 f" (best macro F1 {state['best_f1']:.4f} at epoch {state['best_epoch']})")
+        state = resume_fit(out_dir, model, ema, optimizer, scheduler, scaler, device)
     writer = tensorboard_writer(out_dir)
     valid_loader = (DataLoader(valid_set, batch_size=cfg["valid_batch_size"],
                                num_workers=valid_set.loader_workers(cfg, device),
                                pin_memory=device.type == "cuda") if valid_set is not None else None)
 
     for epoch in range(state["epoch"], cfg["epochs"]):
-        if time_limit_reached(cfg, state["history"]):
-            log.info("stopping after epoch %d of %d: another epoch would pass max_train_minutes %s",
-                     epoch, cfg["epochs"], cfg["max_train_minutes"])
-            break
-        if cfg["patience"] and state["bad_epochs"] >= cfg["patience"]:  # here, not after saving: a resumed run stops too
-            log.info("early stop: no better validation macro F1 for %d epochs", cfg["patience"])
+        if should_stop(cfg, state, epoch):
             break
         seed_everything(cfg["seed"] * 1000 + epoch)  # dropout, mixing: a function of (seed, epoch)
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         row.update(train_one_epoch(model, make_loader(train_set, cfg, epoch, device), train_batch_transform,
                                    criterion, optimizer, scheduler, scaler, device, cfg, autocast, epoch, ema))
-        improved = valid_loader is None
         if valid_loader is not None:
-            start = time.time()
-            probs = predict(scored_model, valid_loader, device, autocast, channels_last, preprocess=valid_batch_transform)
-            row["valid_images_per_s"] = len(valid_set) / max(time.time() - start, 1e-9)
-            preds = probs.argmax(1)
-            row.update({f"valid_{k}": v for k, v in score(valid_set.labels, preds).items()})
-            improved = row["valid_f1"] > state["best_f1"]
-            log.info("epoch %d: train loss %.4f | valid macro F1 %.4f acc %.4f | mask %.3f gender %.3f age %.3f%s",
-                     epoch + 1, row["train_loss"], row["valid_f1"], row["valid_accuracy"], row["valid_mask_f1"],
-                     row["valid_gender_f1"], row["valid_age_f1"], "  (best)" if improved else "")
-            log_confusion(valid_set.labels, preds)
-        else:
-            log.info("epoch %d: train loss %.4f", epoch + 1, row["train_loss"])
+            probs, valid_row = validate(scored_model, valid_loader, valid_set.labels, device, autocast, channels_last,
+                                        valid_batch_transform)
+            row.update(valid_row)
+        improved = valid_loader is None or row["valid_f1"] > state["best_f1"]
+        log_epoch(row, improved)
+        if valid_loader is not None:
+            log_confusion(valid_set.labels, probs.argmax(1))
         state["history"].append(row)
         state["epoch"] = epoch + 1
         if improved:
             state.update(best_f1=row.get("valid_f1"), best_epoch=epoch + 1, bad_epochs=0)
-            save_atomic({"model": scored_model.state_dict(), "config": cfg, "epoch": epoch + 1,
-                         "metric": state["best_f1"]}, out_dir / "best.pt")
+            save_atomic(model_checkpoint(scored_model, cfg, state), out_dir / "best.pt")
             if valid_loader is not None:
                 write_csv_atomic(probs_table(valid_set.paths, probs, "image_path").assign(label=valid_set.labels),
                                  out_dir / "valid_probs.csv")
         else:
             state["bad_epochs"] += 1
-        save_atomic({"model": scored_model.state_dict(), "config": cfg, "epoch": epoch + 1, "metric": state["best_f1"],
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict() if scaler is not None else None, "state": state,
-                     "trained_model": model.state_dict() if ema is not None else None,
+        save_atomic({**model_checkpoint(scored_model, cfg, state), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                     "state": state, "trained_model": model.state_dict() if ema is not None else None,
                      "rng": rng_states()}, out_dir / "last.pt")
         write_csv_atomic(pd.DataFrame(state["history"]), out_dir / "metrics.csv")
         if writer is not None:
@@ -520,6 +488,72 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
                **{k: v for k, v in state["history"][state["best_epoch"] - 1].items() if k.startswith("valid_")}}
     write_text_atomic(json.dumps(summary, indent=2), out_dir / "summary.json")
     return summary
+
+
+def log_datasets(out_dir, train_table, train_set, valid_table, valid_set, cfg, device):
+    people, labelled = count_people(train_table)
+    log.info("%s: %d training images (%d people%s), %s", out_dir, len(train_set), people,
+             f", {labelled} images of label CSVs" if labelled else "",
+             f"{len(valid_set)} validation images ({valid_table['id'].nunique()} people)" if valid_set is not None
+             else "no validation")
+    log.info("loader: %d worker process(es) %s (0: the main process)", train_set.loader_workers(cfg, device),
+             "decoding the images" if train_set.cache_file is None else "reading the decode cache")
+
+
+def resume_fit(out_dir, model, ema, optimizer, scheduler, scaler, device):
+    """Load out_dir/last.pt into the training objects; returns the training state it saved."""
+    keys = ("model", "optimizer", "scheduler", "state") + (("trained_model",) if ema is not None else ())
+    ckpt = load_checkpoint(out_dir / "last.pt", device, keys=keys)
+    if ema is not None:  # last.pt's "model" is the average; the optimizer continues the trained weights
+        model.load_state_dict(ckpt["trained_model"])
+        ema.module.load_state_dict(ckpt["model"])
+    else:
+        model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    state = ckpt["state"]
+    log.info("resuming %s after epoch %d%s", out_dir, state["epoch"], "" if state["best_f1"] is None else
+             f" (best macro F1 {state['best_f1']:.4f} at epoch {state['best_epoch']})")
+    return state
+
+
+def should_stop(cfg, state, epoch):
+    """Whether to stop before this epoch: max_train_minutes or patience. Checked before an epoch,
+    not after saving one, so a resumed run stops too."""
+    if time_limit_reached(cfg, state["history"]):
+        log.info("stopping after epoch %d of %d: another epoch would pass max_train_minutes %s",
+                 epoch, cfg["epochs"], cfg["max_train_minutes"])
+        return True
+    if cfg["patience"] and state["bad_epochs"] >= cfg["patience"]:
+        log.info("early stop: no better validation macro F1 for %d epochs", cfg["patience"])
+        return True
+    return False
+
+
+def validate(model, loader, labels, device, autocast, channels_last, preprocess):
+    """One validation pass: the probabilities and the valid_* metrics of an epoch's row."""
+    start = time.time()
+    probs = predict(model, loader, device, autocast, channels_last, preprocess=preprocess)
+    row = {"valid_images_per_s": len(labels) / max(time.time() - start, 1e-9)}
+    row.update({f"valid_{k}": v for k, v in score(labels, probs.argmax(1)).items()})
+    return probs, row
+
+
+def log_epoch(row, improved):
+    if "valid_f1" not in row:
+        log.info("epoch %d: train loss %.4f", row["epoch"], row["train_loss"])
+        return
+    log.info("epoch %d: train loss %.4f | valid macro F1 %.4f acc %.4f | mask %.3f gender %.3f age %.3f%s",
+             row["epoch"], row["train_loss"], row["valid_f1"], row["valid_accuracy"], row["valid_mask_f1"],
+             row["valid_gender_f1"], row["valid_age_f1"], "  (best)" if improved else "")
+
+
+def model_checkpoint(model, cfg, state):
+    """What best.pt holds, and last.pt begins with: the weights, the config that rebuilds the
+    model, the epoch and the best validation macro F1 so far."""
+    return {"model": model.state_dict(), "config": cfg, "epoch": state["epoch"], "metric": state["best_f1"]}
 
 
 def tensorboard_writer(out_dir):
