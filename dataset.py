@@ -127,11 +127,28 @@ def read_valid_probs(path):
     table = read_csv(path, ["image_path", *numbers], numeric=numbers)
     if table.empty:
         raise DataError(f"{path}: no rows")
+    check_probabilities(table[PROB_COLUMNS].to_numpy(), path, table["image_path"], "image_path")
     bad = ~(is_class(table["pred"]).to_numpy() & is_class(table["label"]).to_numpy())
     if bad.any():
         lines = np.asarray(table.attrs["lines"])[bad].tolist()
         raise DataError(f"{path}: line(s) {lines[:5]}: pred and label must be classes 0 to {NUM_CLASSES - 1}")
     return table
+
+
+def check_probabilities(probs, path, names, name_column):
+    """Each row of p0..p17 (N x 18) must be class probabilities: numbers in [0, 1] summing to 1
+    within 0.01 (inference.py writes float32; a file rounded to 3 decimals stays within it).
+    names: what each row is called in the message (its name_column, e.g. ImageID)."""
+    names = np.asarray(names)
+    outside = ~((probs >= 0) & (probs <= 1)).all(1)  # NaN too
+    if outside.any():
+        raise DataError(f"{path}: {outside.sum()} row(s) with p0..p17 not numbers in [0, 1], e.g. {name_column} "
+                        f"{names[outside].tolist()[:3]}")
+    sums = probs.sum(1)
+    off = np.abs(sums - 1) > 0.01
+    if off.any():
+        raise DataError(f"{path}: {off.sum()} row(s) whose p0..p17 do not sum to 1, e.g. {name_column} "
+                        f"{names[off].tolist()[:3]} (sums {np.round(sums[off][:3], 4).tolist()})")
 
 
 def check_field_counts(path):
@@ -301,10 +318,7 @@ def read_soft_targets(table, csv_path):
     if len(present) < NUM_CLASSES:
         raise DataError(f"{csv_path}: soft targets need all of p0..p17; missing {sorted(set(PROB_COLUMNS) - set(present))}")
     probs = table[PROB_COLUMNS].apply(pd.to_numeric, errors="coerce").to_numpy(np.float32)
-    bad = ~np.isfinite(probs).all(1) | (probs < 0).any(1) | (np.abs(probs.sum(1) - 1) > 0.01)
-    if bad.any():
-        raise DataError(f"{csv_path}: p0..p17 of {table['path'][bad].tolist()[:3]} are not probabilities "
-                        f"(non-negative numbers summing to 1)")
+    check_probabilities(probs, csv_path, table["path"], "path")
     return probs
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from config import parse_config
-from dataset import NUM_CLASSES, PROB_COLUMNS, DataError, encode_class, image_key, read_csv, read_valid_probs
+from dataset import NUM_CLASSES, PROB_COLUMNS, DataError, check_probabilities, encode_class, image_key, read_csv, read_valid_probs
 from train import score, setup_logging, write_text_atomic
 from inference import write_submission
+from model import TASKS, task_probabilities
 
 log = logging.getLogger("mask")
 
@@ -94,12 +95,12 @@ def read_inference_record(run_dir):
 
 def unvalidated_predictions(run_dir, inference):
     """Why a run's validation probabilities do not describe the models that predicted its eval
-    images (its inference.json names them), or None when they do."""
-    if (run_dir / "pseudo").is_dir():
-        return "its pseudo-label stage predicted eval, and has no validation"
-    if (run_dir / "refit").is_dir():
-        return "its refit model predicted eval, and was trained on the validation people"
-    if inference is None:
+    images (its inference.json names them, and decides alone), or None when they do."""
+    if inference is None:  # no record: a run with a later stage predicts with it
+        if (run_dir / "pseudo").is_dir():
+            return "its pseudo-label stage predicted eval, and has no validation"
+        if (run_dir / "refit").is_dir():
+            return "its refit model predicted eval, and was trained on the validation people"
         return None
     others = [model["checkpoint"] for model in inference["models"] if not is_validated_checkpoint(model, run_dir)]
     if others:
@@ -125,22 +126,12 @@ def is_validated_checkpoint(model, run_dir):
 
 
 def check_member_table(table, path):
-    """Each ImageID once, and probabilities: p0..p17 in [0, 1], each row summing to 1 within 0.01
-    (inference.py writes float32; a file rounded to 3 decimals stays within it)."""
+    """Each ImageID once, and each row's p0..p17 class probabilities."""
     ids = table["ImageID"]
     repeated = ids[ids.duplicated()].unique()
     if len(repeated):
         raise DataError(f"{path}: {len(repeated)} ImageID(s) appear more than once: {list(repeated[:5])}")
-    probs = table[PROB_COLUMNS].to_numpy()
-    outside = ((probs < 0) | (probs > 1)).any(1)
-    if outside.any():
-        raise DataError(f"{path}: {outside.sum()} row(s) with p0..p17 outside [0, 1], e.g. ImageID "
-                        f"{ids[outside].tolist()[:3]}")
-    sums = probs.sum(1)
-    off = np.abs(sums - 1) > 0.01
-    if off.any():
-        raise DataError(f"{path}: {off.sum()} row(s) whose p0..p17 do not sum to 1, e.g. ImageID "
-                        f"{ids[off].tolist()[:3]} (sums {np.round(sums[off][:3], 4).tolist()})")
+    check_probabilities(table[PROB_COLUMNS].to_numpy(), path, ids, "ImageID")
 
 
 def check_same_ids(members):
@@ -189,12 +180,8 @@ def hard_vote(preds, member_f1=None):
 
 def per_task(probs, task_members):
     """Mask from member a, gender from member b, age from member c (indices into probs)."""
-    a, b, c = task_members
-    grids = [p.reshape(-1, 3, 2, 3) for p in probs]
-    mask = grids[a].sum((2, 3)).argmax(1)
-    gender = grids[b].sum((1, 3)).argmax(1)
-    age = grids[c].sum((1, 2)).argmax(1)
-    return encode_class(mask, gender, age)
+    answers = [task_probabilities(probs[member])[task].argmax(1) for member, task in zip(task_members, TASKS)]
+    return encode_class(*answers)
 
 
 def combine(probs, cfg, member_f1=None):

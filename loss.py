@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset import NUM_CLASSES, decode_class
+from model import task_probabilities
 
 CRITERIA = ("cross_entropy", "focal", "label_smoothing", "f1")
 
@@ -49,10 +50,7 @@ def soft_targets(target, num_classes, smoothing=0.0, age_smoothing=0.0, age_band
 
 def head_probabilities(class_probs, head):
     """18-class probabilities (B x 18) summed into one head's classes (B x 3, 2 or 3)."""
-    if head == "logits":
-        return class_probs
-    by_task = class_probs.reshape(-1, 3, 2, 3)  # mask, gender, age band (class = mask*6 + gender*3 + band)
-    return by_task.sum({"mask": (2, 3), "gender": (1, 3), "age": (1, 2)}[head])
+    return class_probs if head == "logits" else task_probabilities(class_probs)[head]
 
 
 def focal_loss(logits, target_dist, gamma=2.0, weight=None):

@@ -269,6 +269,7 @@ def class_probabilities(outputs):
 
 
 def task_probabilities(class_probs):
-    """Per-task marginals (mask B x 3, gender B x 2, age B x 3) of 18-class probabilities."""
+    """Per-task marginals (mask B x 3, gender B x 2, age B x 3) of 18-class probabilities
+    (a tensor or a numpy array; class = mask*6 + gender*3 + age band)."""
     p = class_probs.reshape(-1, 3, 2, 3)
     return {"mask": p.sum((2, 3)), "gender": p.sum((1, 3)), "age": p.sum((1, 2))}

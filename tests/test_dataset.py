@@ -476,9 +476,9 @@ def test_label_csv_with_class_probabilities_gives_the_dataset_soft_targets(thirt
 
 @pytest.mark.parametrize("change, message", [
     (lambda t: t.drop(columns="p17"), r"soft targets need all of p0..p17; missing \['p17'\]"),
-    (lambda t: t.assign(p0=t["p0"] + 0.5), r"p0..p17 of \['0.png'\] are not probabilities"),
-    (lambda t: t.assign(p3=-t["p3"]), r"p0..p17 of \['0.png'\] are not probabilities"),
-    (lambda t: t.assign(p5="x"), r"p0..p17 of \['0.png'\] are not probabilities"),
+    (lambda t: t.assign(p0=t["p0"] + 0.5), r"1 row\(s\) whose p0..p17 do not sum to 1, e.g. path \['0.png'\]"),
+    (lambda t: t.assign(p3=-t["p3"]), r"1 row\(s\) with p0..p17 not numbers in \[0, 1\], e.g. path \['0.png'\]"),
+    (lambda t: t.assign(p5="x"), r"1 row\(s\) with p0..p17 not numbers in \[0, 1\], e.g. path \['0.png'\]"),
 ])
 def test_label_csv_with_bad_class_probabilities_names_the_file(tmp_path, change, message):
     label_csv, table = write_soft_label_csv(tmp_path, np.full((1, D.NUM_CLASSES), 1 / D.NUM_CLASSES))

@@ -213,7 +213,7 @@ def test_probabilities_outside_0_1_are_refused(tmp_path, bad):
     probs = random_probs(3, 0)
     probs[1, 4] = bad
     a = write_probs(tmp_path / "a.csv", ["x1.jpg", "x2.jpg", "x3.jpg"], probs)
-    with pytest.raises(SystemExit, match=re.escape(f"{a}: 1 row(s) with p0..p17 outside [0, 1], e.g. ImageID ['x2.jpg']")):
+    with pytest.raises(SystemExit, match=re.escape(f"{a}: 1 row(s) with p0..p17 not numbers in [0, 1], e.g. ImageID ['x2.jpg']")):
         ensemble.Member(a)
 
 
@@ -265,6 +265,8 @@ def test_a_member_given_twice_is_refused(tmp_path):
     (lambda path: path.write_text(""), "cannot parse CSV"),
     (lambda path: path.write_text(path.read_text().replace(",0\n", ",18\n", 1)), r"line\(s\) \[\d+\]: pred and label"),
     (lambda path: path.write_text(path.read_text().splitlines()[0] + "\n"), "no rows"),
+    (lambda path: pd.read_csv(path).assign(p3=lambda t: t["p3"] + 0.5).to_csv(path, index=False),
+     r"18 row\(s\) whose p0..p17 do not sum to 1, e.g. image_path \['img/"),
 ])
 def test_a_damaged_validation_table_is_named(tmp_path, damage, message):
     probs = random_probs(len(IDS), 0)
@@ -452,11 +454,12 @@ def test_validation_of_other_models_than_the_ones_that_predicted_eval_is_not_rep
     record = {"config": {"checkpoint": "best"}, "models": [{"checkpoint": str(run / "best.pt"), "in_output_dir": "best.pt"}]}
     (run / "inference.json").write_text(json.dumps(record))
     assert ensemble.Member(run).valid_f1 == 1.0
-    if other_models == "refit":
-        (run / "refit").mkdir()
-    else:  # inference.py --checkpoint last
-        (run / "inference.json").write_text(json.dumps(
-            {"config": {"checkpoint": "last"}, "models": [{"checkpoint": str(run / "last.pt"), "in_output_dir": "last.pt"}]}))
+    (run / "refit").mkdir()  # a later stage alone changes nothing: the record says best.pt predicted eval
+    assert ensemble.Member(run).valid_f1 == 1.0
+    checkpoint = "refit/best.pt" if other_models == "refit" else "last.pt"  # inference.py --checkpoint last
+    (run / "inference.json").write_text(json.dumps(
+        {"config": {"checkpoint": "best" if other_models == "refit" else "last"},
+         "models": [{"checkpoint": str(run / checkpoint), "in_output_dir": checkpoint}]}))
     member = ensemble.Member(run)
     assert member.valid is None and member.valid_f1 is None
 

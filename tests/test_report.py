@@ -61,6 +61,7 @@ def test_report_draws_the_confusions_the_worst_images_and_the_best_epoch_of_the_
     probs = np.full((n, 18), 0.0)
     probs[np.arange(n), pred] = 0.9
     probs[np.arange(n), label] = p_true
+    probs[np.arange(n), (label + 2) % 18] = 1 - probs.sum(1)  # the rest on a third class: rows sum to 1
     table[PROB_COLUMNS], table["pred"], table["label"] = probs, pred, label
     table.to_csv(run_dir / "valid_probs.csv", index=False)
     metrics = pd.read_csv(run_dir / "metrics.csv")
