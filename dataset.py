@@ -446,9 +446,11 @@ def apply_corrections(people, files, corrections_csv):
 # ---------------------------------------------------------------------------------------------
 # Splits by person
 def num_folds(val_ratio):
-    if not 0 < val_ratio < 1:
-        raise ValueError(f"val_ratio must be between 0 and 1 for a split, got {val_ratio}")
-    return max(2, round(1 / val_ratio))
+    """The folds of a split holding out val_ratio of the people (train.py refuses other ratios
+    with a message naming the flag)."""
+    if not 0 < val_ratio <= 0.5:
+        raise ValueError(f"val_ratio must be above 0 and at most 0.5 for a split, got {val_ratio}")
+    return round(1 / val_ratio)
 
 
 def assign_folds(images, n_folds, seed):

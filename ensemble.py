@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from config import parse_config
 from dataset import NUM_CLASSES, PROB_COLUMNS, DataError, check_probabilities, encode_class, image_key, read_csv, read_valid_probs
@@ -159,6 +160,30 @@ def warn_other_eval_folders(members):
                     "; ".join(f"{folder} ({', '.join(names)})" for folder, names in folders.items()))
 
 
+def in_info_order(members, preds):
+    """The ImageIDs and answers in the order of info.csv of the eval folder the members predicted
+    (their inference.json names it), as the submission must be. Members read from CSV files
+    keep their own order; ImageIDs other than info.csv's (the folder changed since) are refused."""
+    ids = members[0].eval["ImageID"]
+    info_csv = next((Path(m.eval_images).parent / "info.csv" for m in members
+                     if m.eval_images and (Path(m.eval_images).parent / "info.csv").is_file()), None)
+    if info_csv is None:
+        return ids.tolist(), preds
+    try:
+        info_ids = read_csv(info_csv, ["ImageID"])["ImageID"].tolist()
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    if ids.tolist() == info_ids:
+        return info_ids, preds
+    if sorted(ids) != sorted(info_ids):
+        only_members, only_info = sorted(set(ids) - set(info_ids))[:5], sorted(set(info_ids) - set(ids))[:5]
+        raise SystemExit(f"error: the members' ImageIDs are not those of {info_csv}, whose images they predicted "
+                         f"(only in the members: {only_members}; only in info.csv: {only_info}); predict again with "
+                         "inference.py")
+    log.info("answers put in the order of %s", info_csv)
+    return info_ids, preds[pd.Series(np.arange(len(ids)), index=ids)[info_ids].to_numpy()]
+
+
 def soft_vote(probs, weights=None):
     """Weighted mean of the members' probabilities (list of N x 18 arrays)."""
     weights = np.ones(len(probs)) if not weights else np.asarray(weights, float)
@@ -251,7 +276,8 @@ def main(cfg):
         "validation": validation_report(members, cfg),
     }
     replaced = out.exists()
-    write_submission(members[0].eval["ImageID"], preds, out.parent, out.name)
+    ids, preds = in_info_order(members, preds)
+    write_submission(ids, preds, out.parent, out.name)
     write_text_atomic(json.dumps(report, indent=2), Path(f"{out}.report.json"))
     for name, f1, agree in zip(report["members"], report["member_valid_f1"], report["agreement_with_ensemble"]):
         log.info("member %s: validation F1 %s, agrees with the ensemble on %.1f%%", name,

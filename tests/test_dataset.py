@@ -664,8 +664,8 @@ def test_same_seed_same_folds_other_seed_may_differ(thirty, tmp_path):
 
 
 def test_val_ratio_and_number_of_folds(fresh, tmp_path):
-    assert D.num_folds(0.2) == 5 and D.num_folds(0.34) == 3 and D.num_folds(0.5) == 2 and D.num_folds(0.9) == 2
-    for bad in (0, 1, -0.1):
+    assert D.num_folds(0.2) == 5 and D.num_folds(0.34) == 3 and D.num_folds(0.5) == 2
+    for bad in (0, 0.9, 1, -0.1):
         with pytest.raises(ValueError):
             D.num_folds(bad)
     images = D.load_training_images(make_cfg(fresh / "train", tmp_path, val_ratio=0))

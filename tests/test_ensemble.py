@@ -499,6 +499,25 @@ def test_members_predicted_from_different_eval_folders_are_named_in_a_warning(tm
     assert "the members predicted eval images from 2 folders" in out and "copy/eval/images" in out
 
 
+def test_the_submission_follows_info_csv_of_the_eval_folder_the_members_predicted(tmp_path):
+    """Members read in their own order (e.g. sorted CSVs) are put in info.csv's order, answers
+    moving with their ImageIDs; an info.csv changed since the prediction is refused."""
+    (tmp_path / "eval" / "images").mkdir(parents=True)
+    info_ids = IDS[:6][::-1]
+    pd.DataFrame({"ImageID": info_ids, "ans": 0}).to_csv(tmp_path / "eval" / "info.csv", index=False)
+    run = write_run(tmp_path / "run", IDS[:6], peaked([0, 1, 2, 3, 4, 5]))
+    (run / "inference.json").write_text(json.dumps({"config": {"checkpoint": "best"}, "models": [],
+                                                    "eval_images": str(tmp_path / "eval" / "images")}))
+    out, _ = ensemble.main(ens_cfg(tmp_path, members=[str(run)]))
+    written = pd.read_csv(out)
+    assert written["ImageID"].tolist() == info_ids and written["ans"].tolist() == [5, 4, 3, 2, 1, 0]
+    pd.DataFrame({"ImageID": IDS[:5] + ["new.jpg"], "ans": 0}).to_csv(tmp_path / "eval" / "info.csv", index=False)
+    with pytest.raises(SystemExit, match=r"not those of .*info.csv.*only in the members: \['05.jpg'\]; "
+                                         r"only in info.csv: \['new.jpg'\]"):
+        ensemble.main(ens_cfg(tmp_path, members=[str(run)], submission=str(tmp_path / "second.csv")))
+    assert not (tmp_path / "second.csv").exists()
+
+
 def test_a_damaged_inference_json_is_named(tmp_path):
     labels = np.arange(8)
     run = write_run(tmp_path / "run", IDS[:6], peaked([0, 1, 2, 3, 4, 5]), [f"/t/{k}.jpg" for k in range(8)],

@@ -271,21 +271,18 @@ def submission(ids, ans=None):
 
 
 def test_check_submission_accepts_a_valid_one():
-    inference.check_submission(submission(IDS, [0, 17, 5]), IDS)
+    inference.check_submission(submission(IDS, [0, 17, 5]))
 
 
-@pytest.mark.parametrize("ids", [["a.jpg", "b.jpg"], ["a.jpg", "b.jpg", "c.jpg", "d.jpg"],
-                                 ["a.jpg", "b.jpg", "b.jpg"], ["c.jpg", "b.jpg", "a.jpg"]],
-                         ids=["missing", "extra", "duplicated", "reordered"])
-def test_check_submission_rejects_wrong_ids(ids):
-    with pytest.raises(ValueError, match="ImageIDs"):
-        inference.check_submission(submission(ids), IDS)
+def test_check_submission_rejects_a_repeated_image_id():
+    with pytest.raises(ValueError, match=r"repeats ImageID\(s\) \['b.jpg'\]"):
+        inference.check_submission(submission(["a.jpg", "b.jpg", "b.jpg"]))
 
 
 @pytest.mark.parametrize("bad", [18, -1])
 def test_check_submission_rejects_classes_outside_0_17(bad):
     with pytest.raises(ValueError, match=str(bad)):
-        inference.check_submission(submission(IDS, [0, bad, 1]), IDS)
+        inference.check_submission(submission(IDS, [0, bad, 1]))
 
 
 def test_write_submission_refuses_a_bad_class(tmp_path):
