@@ -197,14 +197,14 @@ def read_people(data_dir):
     people = read_csv(csv_path, ["id", "gender", "race", "age", "path"])
     if people.empty:
         raise DataError(f"{csv_path}: no people (a header and no rows)")
-    for row, rec in numbered_rows(people):
+    for line, rec in numbered_rows(people):
         if whole_age(rec.age) is None:
-            raise DataError(f"{csv_path}: line {row}: age '{rec.age}' is not whole years from {AGES[0]} to {AGES[-1]} "
+            raise DataError(f"{csv_path}: line {line}: age '{rec.age}' is not whole years from {AGES[0]} to {AGES[-1]} "
                             "in digits (e.g. 29)")
         if rec.gender.lower() not in GENDERS:
-            raise DataError(f"{csv_path}: line {row}: gender '{rec.gender}' is not male or female")
+            raise DataError(f"{csv_path}: line {line}: gender '{rec.gender}' is not male or female")
         if not rec.id.strip() or not rec.path.strip():
-            raise DataError(f"{csv_path}: line {row}: empty id or path")
+            raise DataError(f"{csv_path}: line {line}: empty id or path")
     # two rows reading one folder (however written: 'a/' and 'a') would put its images on both sides of a split
     folders = people["path"].map(lambda path: (csv_path.parent / "images" / path).resolve())
     for column, values in (("id", people["id"]), ("path", folders)):
@@ -225,10 +225,10 @@ def warn_folder_names(people, csv_path):
     reads train.csv's columns. A folder name that disagrees with its row (a fix applied to one and
     not the other) or is not in that form is logged, naming the rows; the columns are used."""
     disagree = []
-    for row, rec in numbered_rows(people):
+    for line, rec in numbered_rows(people):
         parts = rec.path.split("_")
         if len(parts) < 4 or (parts[0], parts[1].lower(), parts[-1]) != (rec.id, rec.gender.lower(), rec.age):
-            disagree.append(f"line {row}: {rec.id},{rec.gender},{rec.age} vs folder {rec.path}")
+            disagree.append(f"line {line}: {rec.id},{rec.gender},{rec.age} vs folder {rec.path}")
     if disagree:
         log.warning("%s: %d row(s) whose folder name is not {id}_{gender}_{race}_{age} with their id, gender and age "
                     "(the columns are used): %s",
@@ -331,7 +331,7 @@ def read_label_csv(csv_path, source):
     csv_path = Path(csv_path)
     table = read_csv(csv_path, ["path", "class"])
     labels = pd.to_numeric(table["class"], errors="coerce")
-    bad = table["class"][labels.isna() | ~labels.between(0, NUM_CLASSES - 1) | (labels != labels.round())].tolist()
+    bad = table["class"][~is_class(labels)].tolist()
     if bad:
         raise DataError(f"{csv_path}: class value(s) {bad[:5]} are not integers 0..17")
     soft = read_soft_targets(table, csv_path)
@@ -342,9 +342,9 @@ def read_label_csv(csv_path, source):
     bad_ages = [a for a, age in zip(given, read_ages) if a and age is None]
     if bad_ages:
         raise DataError(f"{csv_path}: age value(s) {bad_ages[:5]} are not whole years from {AGES[0]} to {AGES[-1]}")
-    age_known = (given != "").to_numpy()
-    ages = np.array([age if known else BAND_AGES[b] for age, known, b in zip(read_ages, age_known, band)], dtype=int)
-    wrong_band = table["path"][age_known & (age_band(ages) != band)].tolist()
+    has_age = (given != "").to_numpy()
+    ages = np.array([age if known else BAND_AGES[b] for age, known, b in zip(read_ages, has_age, band)], dtype=int)
+    wrong_band = table["path"][has_age & (age_band(ages) != band)].tolist()
     if wrong_band:
         raise DataError(f"{csv_path}: the age of {wrong_band[:3]} is not in the age band of its class")
     paths = [image_key(csv_path.parent / p) for p in table["path"]]
@@ -352,7 +352,7 @@ def read_label_csv(csv_path, source):
     if missing:
         raise DataError(f"{csv_path}: {len(missing)} listed image(s) not found, e.g. {missing[:3]}")
     rows = pd.DataFrame({"id": [f"{source}:{Path(p).stem}" for p in paths], "file": [Path(p).stem for p in paths],
-                         "image_path": paths, "mask": mask, "gender": gender, "age": ages, "age_known": age_known,
+                         "image_path": paths, "mask": mask, "gender": gender, "age": ages, "age_known": has_age,
                          "source": source, "label_csv": str(csv_path)})
     return rows if soft is None else pd.concat([rows, pd.DataFrame(soft, columns=PROB_COLUMNS)], axis=1)
 
@@ -405,17 +405,17 @@ def apply_corrections(people, files, corrections_csv):
     people = people.set_index("id", drop=False)
     files = {k: dict(v) for k, v in files.items()}
     earlier = {}  # (id, field[, swapped pair]) -> (line, value)
-    for row, rec in numbered_rows(table):
-        where = f"{corrections_csv}: line {row}"
+    for line, rec in numbered_rows(table):
+        where = f"{corrections_csv}: line {line}"
         key = (rec.id, rec.field, frozenset(rec.value.split()) if rec.field == "swap" else None)
         if key in earlier:
-            line, value = earlier[key]
+            first_line, value = earlier[key]
             if rec.field in ("gender", "age") and rec.value.lower() == value.lower() != "flip":
-                log.info("%s: the same correction as line %d, applied once", where, line)  # e.g. two lists merged
+                log.info("%s: the same correction as line %d, applied once", where, first_line)  # e.g. two lists merged
                 continue
             # a second flip or swap would undo the first, another gender or age contradict it
-            raise DataError(f"{where}: a second {rec.field} correction of id {rec.id} (line {line}); keep one")
-        earlier[key] = (row, rec.value)
+            raise DataError(f"{where}: a second {rec.field} correction of id {rec.id} (line {first_line}); keep one")
+        earlier[key] = (line, rec.value)
         if rec.id not in people.index:
             log.warning("%s: id %s is not in the data; correction not applied", where, rec.id)
             continue
@@ -858,23 +858,21 @@ class FaceDataset(Dataset):
             self._array = np.load(self.cache_file, mmap_mode="r")
         return self._array
 
-    def image(self, i):
-        """uint8 array, channels first (3 x H x W)."""
-        if self.cache_file is None:
-            return np.ascontiguousarray(decode_image(self.paths[i], self.size, self.boxes[i]).transpose(2, 0, 1))
-        return np.array(self.cache_array()[self.rows[i]])
+    def item(self, image, i):
+        return self.transform(image), int(self.labels[i]), self.ages[i], self.soft[i]
 
     def __getitem__(self, i):
-        img = torch.from_numpy(self.image(i))
-        return self.transform(img), int(self.labels[i]), self.ages[i], self.soft[i]
+        return self.__getitems__([i])[0]
 
     def __getitems__(self, indices):
-        """A batch of items (the DataLoader calls this instead of __getitem__ per index). From
-        the cache, the whole batch is one read of the array instead of one per image."""
+        """A batch of items (the DataLoader calls this instead of __getitem__ per index): decoded
+        here (uint8, 3 x H x W), or read from the cache in one read of the array for the batch."""
         if self.cache_file is None:
-            return [self[i] for i in indices]
-        images = torch.from_numpy(self.cache_array()[[self.rows[i] for i in indices]])
-        return [(self.transform(img), int(self.labels[i]), self.ages[i], self.soft[i]) for img, i in zip(images, indices)]
+            images = [torch.from_numpy(np.ascontiguousarray(decode_image(self.paths[i], self.size, self.boxes[i])
+                                                            .transpose(2, 0, 1))) for i in indices]
+        else:
+            images = torch.from_numpy(self.cache_array()[[self.rows[i] for i in indices]])
+        return [self.item(image, i) for image, i in zip(images, indices)]
 
 
 def open_cache(paths, cfg):

@@ -209,26 +209,30 @@ def per_task(probs, task_members):
     return encode_class(*answers)
 
 
-def combine(probs, cfg, member_f1=None):
-    method = cfg["method"]
-    if cfg["member_weights"] and method != "soft":
+def check_vote_settings(cfg, n_members):
+    """The method and its flags, checked once before any member is read."""
+    method, weights, task_members = cfg["method"], cfg["member_weights"], cfg["task_members"]
+    if method not in ("soft", "hard", "per_task"):
+        raise SystemExit(f"error: method '{method}' is not soft, hard or per_task")
+    if weights and method != "soft":
         raise SystemExit(f"error: --member_weights weigh soft voting only; --method {method} would ignore them")
-    if cfg["task_members"] and method != "per_task":
+    if task_members and method != "per_task":
         raise SystemExit(f"error: --task_members pick members per task for --method per_task only; --method {method} "
                          "would ignore them")
-    if method == "soft":
-        weights = cfg["member_weights"]
-        if weights and (len(weights) != len(probs) or min(weights) < 0 or sum(weights) <= 0):
-            raise SystemExit(f"error: --member_weights {weights} for {len(probs)} members: give one weight per member, "
-                             "in member order, none negative and not all 0")
+    if weights and (len(weights) != n_members or min(weights) < 0 or sum(weights) <= 0):
+        raise SystemExit(f"error: --member_weights {weights} for {n_members} members: give one weight per member, "
+                         "in member order, none negative and not all 0")
+    if method == "per_task" and (len(task_members) != 3 or not all(0 <= m < n_members for m in task_members)):
+        raise SystemExit("error: per_task needs --task_members A B C (member indices for mask, gender, age)")
+
+
+def combine(probs, cfg, member_f1=None):
+    """The ensemble's class per image (settings checked by check_vote_settings)."""
+    if cfg["method"] == "soft":
         return soft_vote(probs, cfg["member_weights"]).argmax(1)
-    if method == "hard":
+    if cfg["method"] == "hard":
         return hard_vote([p.argmax(1) for p in probs], member_f1)
-    if method == "per_task":
-        if len(cfg["task_members"]) != 3 or not all(0 <= m < len(probs) for m in cfg["task_members"]):
-            raise SystemExit("error: per_task needs --task_members A B C (member indices for mask, gender, age)")
-        return per_task(probs, cfg["task_members"])
-    raise SystemExit(f"error: method '{method}' is not soft, hard or per_task")
+    return per_task(probs, cfg["task_members"])
 
 
 def validation_report(members, cfg):
@@ -262,6 +266,7 @@ def main(cfg):
     repeated = sorted({str(f) for f in files if files.count(f) > 1})
     if repeated:
         raise SystemExit(f"error: member(s) given more than once: {repeated}; to count one more, use --member_weights")
+    check_vote_settings(cfg, len(cfg["members"]))
     members = [Member(p) for p in cfg["members"]]
     check_same_ids(members)
     warn_other_eval_folders(members)

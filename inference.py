@@ -87,7 +87,7 @@ def first_stage_args(run_dir, refit=True):
     return f"--run {' '.join(map(str, models))} --output_dir DIR"
 
 
-def run_members(run, checkpoint="best", first_stage_weight=0.0):
+def run_members(run, checkpoint, first_stage_weight):
     """The checkpoints one --run predicts with and their weights, which sum to 1: its refit/
     model, else its models (its folds) equally, or, for a run with a pseudo-label stage, the
     stage's model with weight 1 - first_stage_weight and the models of its first stage sharing
@@ -246,11 +246,11 @@ def main(cfg):
         raise SystemExit(f"error: give --output_dir: by default the blend of {len(cfg['run'])} runs would replace "
                          f"{out_dir}'s own predictions (which ensemble.py reads as that run's)")
     if first.is_file() and not cfg["output_dir"]:
-        model = ("pseudo-label stage" if has_pseudo_stage(out_dir) else
-                 "refit model" if (out_dir / "refit").is_dir() else "")
-        if model:
-            raise SystemExit(f"error: give --output_dir: by default the predictions of {first} would be written to "
-                             f"{out_dir} as the run's own, which come from its {model} (ensemble.py reads them)")
+        predicting_stage = ("pseudo-label stage" if has_pseudo_stage(out_dir) else
+                            "refit model" if (out_dir / "refit").is_dir() else "")
+        if predicting_stage:
+            raise SystemExit(f"error: give --output_dir: by default the predictions of {first} would replace those "
+                             f"of the run {out_dir}, which come from its {predicting_stage}")
     check_pseudo_threshold(cfg["pseudo_threshold"])
     device = resolve_device(cfg["device"])
     # each run's weights sum to 1 and predict_eval normalises the total, so every run counts once

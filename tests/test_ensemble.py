@@ -85,7 +85,7 @@ def test_soft_vote_with_weights():
 @pytest.mark.parametrize("weights", [[1.0], [1.0, 1.0, 1.0], [2.0, -1.0], [0.0, 0.0]])  # 2 - 1: a sum above 0
 def test_soft_vote_needs_one_weight_per_member(weights):
     with pytest.raises(SystemExit, match="one weight per member"):
-        ensemble.combine([random_probs(3, k) for k in range(2)], ens_cfg(member_weights=weights))
+        ensemble.check_vote_settings(ens_cfg(member_weights=weights), 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,12 +150,12 @@ def test_per_task_takes_each_task_from_its_member():
 @pytest.mark.parametrize("task_members", [[0, 1], [0, 1, 3], [0, 1, -1]])
 def test_per_task_needs_three_valid_members(task_members):
     with pytest.raises(SystemExit, match="task_members"):
-        ensemble.combine([random_probs(3, k) for k in range(3)], ens_cfg(method="per_task", task_members=task_members))
+        ensemble.check_vote_settings(ens_cfg(method="per_task", task_members=task_members), 3)
 
 
-def test_unknown_method_is_refused():
-    with pytest.raises(SystemExit, match="median"):
-        ensemble.combine([random_probs(3, 0)], ens_cfg(method="median"))
+def test_unknown_method_is_refused_before_the_members_are_read(tmp_path):
+    with pytest.raises(SystemExit, match="method 'median' is not soft, hard or per_task"):
+        ensemble.main(ens_cfg(tmp_path, method="median", members=[str(tmp_path / "no_such_run")]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,4 +553,4 @@ def test_validation_matches_one_image_named_two_ways(tmp_path, monkeypatch, caps
                                             ("soft", {"task_members": [0, 1, 0]}), ("hard", {"task_members": [0, 1, 0]})])
 def test_options_another_method_would_ignore_are_refused(method, option):
     with pytest.raises(SystemExit, match=f"--{next(iter(option))} .* --method {method} would ignore them"):
-        ensemble.combine([random_probs(3, k) for k in range(2)], ens_cfg(method=method, **option))
+        ensemble.check_vote_settings(ens_cfg(method=method, **option), 2)

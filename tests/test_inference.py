@@ -130,7 +130,7 @@ def test_each_checkpoint_reads_the_eval_images_with_its_own_preprocessing(data, 
 def test_members_count_with_the_weights_given(data, folds_only_dir, tmp_path):
     """A run's folds share its weight equally, and predict_eval weighs members as told (normalised)."""
     paths = [folds_only_dir / "fold0" / "best.pt", folds_only_dir / "fold1" / "best.pt"]
-    assert inference.run_members(folds_only_dir) == [(paths[0], 0.5), (paths[1], 0.5)]
+    assert inference.run_members(folds_only_dir, "best", 0.5) == [(paths[0], 0.5), (paths[1], 0.5)]
     cfg = make_inference_cfg(data, paths, tmp_path)
     a, b = (inference.predict_eval([path], cfg, torch.device("cpu"))[0] for path in paths)
     weighted, _ = inference.predict_eval(paths, cfg, torch.device("cpu"), [3, 1])
@@ -334,7 +334,7 @@ def test_checkpoint_last_and_the_refit_folder(data, run_dir, kfold_dir, folds_on
     assert inference.find_checkpoints(kfold_dir, "last") == [kfold_dir / "fold0" / "last.pt",
                                                             kfold_dir / "fold1" / "last.pt"]
     # a run with a refit model (trained on everybody) predicts with it, not with its folds
-    assert inference.run_members(kfold_dir) == [(kfold_dir / "refit" / "best.pt", 1.0)]
+    assert inference.run_members(kfold_dir, "best", 0.5) == [(kfold_dir / "refit" / "best.pt", 1.0)]
     inference.main(make_inference_cfg(data, kfold_dir, tmp_path / "run"))
     inference.main(make_inference_cfg(data, kfold_dir / "refit", tmp_path / "refit"))
     inference.main(make_inference_cfg(data, folds_only_dir, tmp_path / "folds"))
@@ -353,7 +353,7 @@ def test_an_unfinished_refit_is_refused(kfold_dir, tmp_path):
     with pytest.raises(SystemExit, match=r"refit model .*refit is not finished; finish it with python train.py --resume .*, "
                                          r"or predict with the models trained with validation: python inference.py "
                                          r"--run \S*partial/fold0 \S*partial/fold1 --output_dir DIR"):
-        inference.run_members(partial)
+        inference.run_members(partial, "best", 0.5)
 
 
 def test_one_checkpoint_of_a_refit_run_does_not_replace_the_runs_predictions(data, kfold_dir, tmp_path):
@@ -362,8 +362,8 @@ def test_one_checkpoint_of_a_refit_run_does_not_replace_the_runs_predictions(dat
     run = tmp_path / "run"
     shutil.copytree(kfold_dir, run)
     (run / "fold0" / "best.pt").rename(run / "best.pt")  # a single-fold run with --refit: RUN/best.pt beside RUN/refit/
-    with pytest.raises(SystemExit, match=r"give --output_dir: by default the predictions of .*best.pt would be written "
-                                         r"to .*run as the run's own, which come from its refit model"):
+    with pytest.raises(SystemExit, match=r"give --output_dir: by default the predictions of .*best.pt would replace "
+                                         r"those of the run .*run, which come from its refit model"):
         inference.main(make_inference_cfg(data, run / "best.pt", ""))
     assert not (run / "eval_probs.csv").exists()
 
@@ -380,7 +380,7 @@ def test_an_unfinished_kfold_run_is_not_averaged(kfold_dir, tmp_path):
     assert inference.find_checkpoints(partial / "fold0") == [partial / "fold0" / "best.pt"]
     (partial / "config.json").write_text("{")  # damaged: named, not a traceback
     with pytest.raises(SystemExit, match="partial/config.json: not valid JSON"):
-        inference.run_members(partial)
+        inference.run_members(partial, "best", 0.5)
 
 
 def test_an_unfinished_single_run_is_refused_unless_its_checkpoint_is_given(data, run_dir, kfold_dir, tmp_path):

@@ -667,7 +667,7 @@ def test_a_pseudo_stage_shares_its_weight_with_every_first_stage_model(tmp_path)
     assert members == [(run_dir / "pseudo" / "best.pt", 0.6), (run_dir / "fold0" / "best.pt", 0.2),
                        (run_dir / "fold1" / "best.pt", 0.2)]
     assert inference.run_members(run_dir, "best", 0.0) == [(run_dir / "pseudo" / "best.pt", 1.0)]
-    assert inference.run_members(run_dir / "fold1") == [(run_dir / "fold1" / "best.pt", 1.0)]
+    assert inference.run_members(run_dir / "fold1", "best", 0.5) == [(run_dir / "fold1" / "best.pt", 1.0)]
     (run_dir / "refit").mkdir()
     (run_dir / "refit" / "best.pt").touch()
     (run_dir / "refit" / "summary.json").touch()
@@ -715,8 +715,8 @@ def test_a_pseudo_threshold_no_eval_image_reaches_stops_with_the_first_stage_kep
     with pytest.raises(SystemExit, match=r"pseudo-label stage .*pseudo of a run trained with --pseudo_threshold was not started; its train.log says why.*"
                                          r"first stage's models alone: python inference.py --run .*run/best.pt --output_dir DIR"):
         inference.main({**inference_cfg, "run": [str(tmp_path / "run")]})
-    with pytest.raises(SystemExit, match="give --output_dir: by default the predictions of .*best.pt would be written to "
-                                         ".*run as the run's own, which come from its pseudo-label stage"):
+    with pytest.raises(SystemExit, match="give --output_dir: by default the predictions of .*best.pt would replace those "
+                                         "of the run .*run, which come from its pseudo-label stage"):
         inference.main({**inference_cfg, "run": [str(tmp_path / "run" / "best.pt")]})
     assert not (tmp_path / "run" / "eval_probs.csv").exists()
     # the way out train.py printed works as printed
