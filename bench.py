@@ -458,7 +458,8 @@ def main(argv=None):
                         help="test-time augmentation of a recipe that sets none (configs/best.json and baseline.json "
                              "set their own)")
     parser.add_argument("--limit", type=int, default=0, help="build maskbench from this many people only (quick loader measurements)")
-    parser.add_argument("--num_workers", type=int, default=2)
+    parser.add_argument("--num_workers", type=int, default=default_config("train")["num_workers"],
+                        help="loader processes decoding images (the kit's --num_workers), for the loader measurement and every run")
     parser.add_argument("--skip_loader", action="store_true", help="do not measure the loader")
     parser.add_argument("--skip_training", action="store_true", help="only build and measure the loader")
     parser.add_argument("--speed_only", action="store_true",

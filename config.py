@@ -1,7 +1,8 @@
 """The one source of configuration: args.json -> optional --config FILE -> command line.
 
-Every script builds its parser here from the keys of args.json whose group it uses, so a
-flag is declared once. Types come from the default values (lists take as many values as the
+Every script of the kit builds its parser here from the keys of args.json whose group it uses,
+so a flag is declared once (bench.py, which runs the kit's scripts, has its own few flags and
+takes the kit's keys as recipe changes). Types come from the default values (lists take as many values as the
 default has, or any number when the default is empty; booleans are --key / --no-key).
 Unknown keys, on the command line or in a --config file, are errors that name the key and
 suggest the closest one.

@@ -1,5 +1,6 @@
 """The competition data: reading and checking it, labels, corrections, splits by person,
-a decoded-image cache, augmentation presets and batch mixing.
+face boxes (faces.csv) and face crops, a decoded-image cache, augmentation presets and batch
+mixing.
 
 Layout read (exactly as the competition ships it):
     train/train.csv                     id,gender,race,age,path
@@ -475,7 +476,8 @@ def assign_folds(images, n_folds, seed):
 
 def load_training_images(cfg):
     """All training images, after corrections, with labels (dataset.add_labels) and a fold
-    column (-1 for extra data: training only). drop_ages apply later, in split_train_valid."""
+    column (-1 for extra data, training only, and for every image with val_ratio 0). drop_ages
+    apply later, in split_train_valid."""
     images = add_labels(read_train_images(cfg["data_dir"], cfg["corrections"]), cfg["age_threshold"])
     images["fold"] = assign_folds(images, num_folds(cfg["val_ratio"]), cfg["seed"]) if cfg["val_ratio"] > 0 else -1
     extra = [add_labels(t, cfg["age_threshold"]).assign(fold=-1) for t in read_extra(cfg["extra_data"])]

@@ -11,8 +11,10 @@ models (RUN/best.pt, RUN/fold0 RUN/fold1 ..., or RUN/refit) with an --output_dir
 the first stage alone. --run also takes checkpoint files; several runs are averaged, each counting
 once.
 
-The model, image size and normalization come from the run's saved config; only where to read,
-where to write, batch size, device and TTA are chosen here.
+The model, image size, normalization and face crop come from the run's saved config; what is
+chosen here is what to predict with (--run, --checkpoint, --first_stage_weight), where to read and
+write, TTA, pseudo-labels (--pseudo_threshold, --pseudo_soft) and the loader (batch size, cache,
+workers, device).
 """
 import json
 import logging
