@@ -887,13 +887,14 @@ def open_cache(paths, cfg):
     return cache_file, {p: i for i, p in enumerate(paths)}, dict(zip(paths, errors))
 
 
-def decode_errors(paths, cfg):
+def decode_errors(paths, cfg, boxes=None):
     """The decoding error of each image ('' if good), through the decode cache when there is one
-    (which then need not decode them again)."""
+    (which then need not decode them again). boxes: their crop_boxes, when the caller has them."""
     if cfg["cache_dir"]:
         _, _, error_of = open_cache(paths, cfg)
         return [error_of[p] for p in paths]
-    boxes, _ = crop_boxes(paths, cfg)
+    if boxes is None:
+        boxes, _ = crop_boxes(paths, cfg)
     decoder = _DecodeAll(paths, tuple(cfg["resize"]), boxes)
     return [decoder[i][2] for i in range(len(paths))]
 
@@ -917,7 +918,7 @@ def make_dataset(table, cfg, transform, skip_log=None, cache=None):
         cache_file = None
         # no cache: with skipping, one decoding pass finds the images to skip; without, a bad
         # image raises, naming the file, when it is read
-        errors = decode_errors(paths, cfg) if cfg["skip_bad_images"] else [""] * len(paths)
+        errors = decode_errors(paths, cfg, boxes) if cfg["skip_bad_images"] else [""] * len(paths)
     keep, bad = check_decode_errors(paths, errors, cfg["skip_bad_images"])
     if skip_log is not None:
         skip_log.extend(bad)
