@@ -533,8 +533,8 @@ def split_train_valid(images, fold, drop_ages=()):
 FULL_IMAGE = (0.0, 0.0, 1.0, 1.0)
 FACES_CSV = "faces.csv"
 LANDMARKS = ("left_eye", "right_eye", "nose", "mouth_left", "mouth_right")  # as seen in the photo
-FACE_COLUMNS = ["image", "width", "height", "found", "score", "x1", "y1", "x2", "y2",
-                *(f"{name}_{axis}" for name in LANDMARKS for axis in "xy")]
+LANDMARK_COLUMNS = [f"{name}_{axis}" for name in LANDMARKS for axis in "xy"]
+FACE_COLUMNS = ["image", "width", "height", "found", "score", "x1", "y1", "x2", "y2", *LANDMARK_COLUMNS]
 FILE_BYTES = "bytes"  # the image file's size when its face was found; optional (older faces.csv lack it)
 
 

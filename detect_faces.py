@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from config import parse_config
-from dataset import FACE_COLUMNS, FACES_CSV, FILE_BYTES, IMAGE_EXTENSIONS, DataError, read_rgb, train_root
+from dataset import (FACE_COLUMNS, FACES_CSV, FILE_BYTES, IMAGE_EXTENSIONS, LANDMARK_COLUMNS, DataError, read_rgb,
+                     train_root)
 from train import resolve_device, setup_logging, write_csv_atomic
 
 log = logging.getLogger("mask")
@@ -89,7 +90,7 @@ def face_row(folder, path, width, height, face):
     if face is not None:
         box, score, points = face
         row.update(score=round(score, 4), **dict(zip(("x1", "y1", "x2", "y2"), box.round(1))))
-        row.update({column: round(float(v), 1) for column, v in zip(FACE_COLUMNS[9:], points.reshape(-1))})
+        row.update({column: round(float(v), 1) for column, v in zip(LANDMARK_COLUMNS, points.reshape(-1))})
     return row
 
 
