@@ -46,12 +46,14 @@ class Member:
         eval_file = member_file(path)
         if not eval_file.is_file():
             raise SystemExit(f"error: {eval_file} not found (run inference.py --run {path} first)")
-        run_dir = path if path.is_dir() else path.parent
+        # the folder whose inference.json describes the file: a CSV of another name (a copy, another
+        # checkpoint's predictions kept aside) is not what the folder's record and validation describe
+        run_dir = path if path.is_dir() else path.parent if path.name == "eval_probs.csv" else None
         try:
             self.eval = read_csv(eval_file, ["ImageID", *PROB_COLUMNS], numeric=PROB_COLUMNS)
             check_member_table(self.eval, eval_file)
-            inference = read_inference_record(run_dir)
-            self.valid = self.read_validation(path, run_dir, inference)
+            inference = read_inference_record(run_dir) if run_dir else None
+            self.valid = self.read_validation(path, run_dir, inference) if run_dir else None
         except DataError as e:  # the message names the file and the problem
             raise SystemExit(f"error: {e}")
         self.eval_images = inference.get("eval_images") if inference else None
@@ -219,7 +221,7 @@ def check_vote_settings(cfg, n_members):
     if task_members and method != "per_task":
         raise SystemExit(f"error: --task_members pick members per task for --method per_task only; --method {method} "
                          "would ignore them")
-    if weights and (len(weights) != n_members or min(weights) < 0 or sum(weights) <= 0):
+    if weights and (len(weights) != n_members or not np.isfinite(weights).all() or min(weights) < 0 or sum(weights) <= 0):
         raise SystemExit(f"error: --member_weights {weights} for {n_members} members: give one weight per member, "
                          "in member order, none negative and not all 0")
     if method == "per_task" and (len(task_members) != 3 or not all(0 <= m < n_members for m in task_members)):
@@ -266,6 +268,8 @@ def main(cfg):
     repeated = sorted({str(f) for f in files if files.count(f) > 1})
     if repeated:
         raise SystemExit(f"error: member(s) given more than once: {repeated}; to count one more, use --member_weights")
+    if out.resolve() in files:
+        raise SystemExit(f"error: --submission {out} is a member's probabilities; writing there would replace them")
     check_vote_settings(cfg, len(cfg["members"]))
     members = [Member(p) for p in cfg["members"]]
     check_same_ids(members)

@@ -18,6 +18,7 @@ workers, device).
 """
 import json
 import logging
+import re
 import shlex
 import sys
 from datetime import datetime, timezone
@@ -85,7 +86,7 @@ def first_stage_args(run_dir, refit=True):
     folder of their own: its refit/ model (unless refit is False), else its folds, else its best.pt."""
     run_dir = Path(run_dir)
     models = ([run_dir / "refit"] if refit and (run_dir / "refit").is_dir() else
-              sorted(run_dir.glob("fold*/")) or [run_dir / "best.pt"])
+              fold_dirs(run_dir) or [run_dir / "best.pt"])
     return f"--run {' '.join(map(str, models))} --output_dir DIR"
 
 
@@ -123,11 +124,17 @@ def find_checkpoints(run_dir, checkpoint="best"):
             raise SystemExit(f"error: {run_dir} is an unfinished run (no summary.json); finish it with python train.py "
                              f"--resume {run}, or pass {run_dir / f'{checkpoint}.pt'} to --run to use it as it is")
         return [run_dir / f"{checkpoint}.pt"]
-    folds = sorted(run_dir.glob(f"fold*/{checkpoint}.pt"))
+    folds = [fold / f"{checkpoint}.pt" for fold in fold_dirs(run_dir) if (fold / f"{checkpoint}.pt").is_file()]
     if not folds:
         raise SystemExit(f"error: no {checkpoint}.pt in {run_dir} or its fold folders")
     check_folds_finished(run_dir, folds)
     return folds
+
+
+def fold_dirs(run_dir):
+    """The fold<k>/ folders of a k-fold run, in fold order (a copy such as fold0_backup/ is not one)."""
+    folds = [p for p in Path(run_dir).glob("fold*") if p.is_dir() and re.fullmatch(r"fold\d+", p.name)]
+    return sorted(folds, key=lambda p: int(p.name[len("fold"):]))
 
 
 def check_folds_finished(run_dir, checkpoints):
@@ -136,6 +143,10 @@ def check_folds_finished(run_dir, checkpoints):
     saved = saved_config(run_dir)
     k = num_folds(saved["val_ratio"]) if saved.get("fold") == "all" and saved.get("val_ratio", 0) > 0 else 0
     names = sorted({p.parent.name for p in checkpoints} | {f"fold{i}" for i in range(k)})
+    strays = [name for name in names if k and int(name[len("fold"):]) >= k]
+    if strays:
+        raise SystemExit(f"error: {run_dir}: {', '.join(strays)} is not a fold of its {k}-fold split "
+                         f"(val_ratio {saved['val_ratio']}); move it out of the run folder")
     unfinished = [name for name in names if not (run_dir / name / "summary.json").is_file()]
     if unfinished:
         raise SystemExit(f"error: {run_dir} is an unfinished k-fold run ({', '.join(unfinished)} not finished); "

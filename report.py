@@ -26,7 +26,7 @@ from sklearn.metrics import confusion_matrix
 
 from dataset import (AGE_NAMES, GENDER_NAMES, MASK_NAMES, NUM_CLASSES, PROB_COLUMNS, DataError, build_transform,
                      class_name, crop_boxes, decode_class, decode_image, read_csv, read_valid_probs)
-from inference import check_folds_finished, find_checkpoints, load_model
+from inference import check_folds_finished, find_checkpoints, fold_dirs, load_model
 from model import class_probabilities
 from train import saved_config, write_atomic
 
@@ -245,7 +245,7 @@ def write_report(run_dir, device="cpu", images_per_class=2):
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder")
     if not (run_dir / "valid_probs.csv").is_file():
-        probs = sorted(run_dir.glob("fold*/valid_probs.csv"))
+        probs = [fold / "valid_probs.csv" for fold in fold_dirs(run_dir) if (fold / "valid_probs.csv").is_file()]
         if not probs:
             saved = saved_config(run_dir)
             stage = run_dir.name in ("refit", "pseudo") and (run_dir.parent / "config.json").is_file()
@@ -257,8 +257,8 @@ def write_report(run_dir, device="cpu", images_per_class=2):
                    "a run writes it when its first epoch is validated: not yet, or the file was deleted")
             raise FileNotFoundError(f"{run_dir}: no valid_probs.csv there or in fold<k>/ folders: {why}")
         check_folds_finished(run_dir, probs)  # every fold config.json names has a summary.json
-        lost = sorted(p.parent.name for p in run_dir.glob("fold*/summary.json")
-                      if not (p.parent / "valid_probs.csv").is_file())
+        lost = [fold.name for fold in fold_dirs(run_dir)
+                if (fold / "summary.json").is_file() and not (fold / "valid_probs.csv").is_file()]
         if lost:
             raise FileNotFoundError(f"{run_dir}: no valid_probs.csv in the finished fold(s) {', '.join(lost)}; "
                                     f"pass the other fold<k> folders to --run one at a time")

@@ -82,7 +82,8 @@ def test_soft_vote_with_weights():
     assert ensemble.combine([a, b], ens_cfg(member_weights=[1.0, 1.0])).tolist() == [1]
 
 
-@pytest.mark.parametrize("weights", [[1.0], [1.0, 1.0, 1.0], [2.0, -1.0], [0.0, 0.0]])  # 2 - 1: a sum above 0
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 1.0, 1.0], [2.0, -1.0], [0.0, 0.0],  # 2 - 1: a sum above 0
+                                     [float("nan"), 1.0], [float("inf"), 1.0]])  # both would vote class 0 everywhere
 def test_soft_vote_needs_one_weight_per_member(weights):
     with pytest.raises(SystemExit, match="one weight per member"):
         ensemble.check_vote_settings(ens_cfg(member_weights=weights), 2)
@@ -516,6 +517,28 @@ def test_the_submission_follows_info_csv_of_the_eval_folder_the_members_predicte
                                          r"only in info.csv: \['new.jpg'\]"):
         ensemble.main(ens_cfg(tmp_path, members=[str(run)], submission=str(tmp_path / "second.csv")))
     assert not (tmp_path / "second.csv").exists()
+
+
+def test_a_csv_kept_beside_a_run_has_none_of_the_runs_validation(tmp_path):
+    """Only the run's eval_probs.csv is what its inference.json and validation describe: a copy
+    of other predictions kept in the folder (e.g. last.pt's, renamed) is a plain CSV member."""
+    labels = np.arange(8)
+    run = write_run(tmp_path / "run", IDS[:6], peaked([0, 1, 2, 3, 4, 5]), [f"/t/{k}.jpg" for k in range(8)],
+                    peaked(labels), labels)
+    assert ensemble.Member(run / "eval_probs.csv").valid_f1 == 1.0
+    other = write_probs(run / "eval_probs_last.csv", IDS[:6], peaked([5, 4, 3, 2, 1, 0]))
+    member = ensemble.Member(other)
+    assert member.valid is None and member.valid_f1 is None and member.eval_images is None
+
+
+def test_the_submission_cannot_replace_a_members_probabilities(tmp_path):
+    a = write_run(tmp_path / "a", IDS[:6], peaked([0, 1, 2, 3, 4, 5]))
+    b = write_probs(tmp_path / "b.csv", IDS[:6], peaked([5, 4, 3, 2, 1, 0]))
+    before = (a / "eval_probs.csv").read_text()
+    for target in (a / "eval_probs.csv", b):
+        with pytest.raises(SystemExit, match="is a member's probabilities"):
+            ensemble.main(ens_cfg(members=[str(a), str(b)], submission=str(target)))
+    assert (a / "eval_probs.csv").read_text() == before
 
 
 def test_a_damaged_inference_json_is_named(tmp_path):

@@ -13,6 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 import inference
+import report
 import train
 from config import default_config
 import dataset as D
@@ -125,6 +126,21 @@ def test_each_checkpoint_reads_the_eval_images_with_its_own_preprocessing(data, 
     assert np.abs(alone[0] - alone[1]).max() > 1e-4  # the change changes what the model sees
     both, _ = inference.predict_eval(paths, cfg, torch.device("cpu"))
     np.testing.assert_allclose(both, (alone[0] + alone[1]) / 2, atol=1e-6)
+
+
+def test_only_the_folds_of_the_split_are_a_k_fold_runs_folds(folds_only_dir, tmp_path):
+    """A copy kept beside the folds (fold0_backup/) would count fold 0 twice; a fold<k> outside
+    the run's k folds (a fold of another split copied in) is refused, as report.py does."""
+    run = tmp_path / "kfold"
+    shutil.copytree(folds_only_dir, run)
+    shutil.copytree(run / "fold0", run / "fold0_backup")
+    assert inference.find_checkpoints(run) == [run / "fold0" / "best.pt", run / "fold1" / "best.pt"]
+    assert inference.fold_dirs(run) == [run / "fold0", run / "fold1"]
+    shutil.copytree(run / "fold1", run / "fold2")
+    with pytest.raises(SystemExit, match=r"fold2 is not a fold of its 2-fold split \(val_ratio 0.5\)"):
+        inference.find_checkpoints(run)
+    with pytest.raises(SystemExit, match="fold2 is not a fold of its 2-fold split"):
+        report.write_report(run)
 
 
 def test_members_count_with_the_weights_given(data, folds_only_dir, tmp_path):
