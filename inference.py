@@ -166,6 +166,9 @@ def load_model(path, device):
     except (RuntimeError, TypeError) as e:  # PyTorch lists every mismatched tensor; the last line is kept
         raise DataError(f"{path}: the weights do not match its saved config (model {train_cfg['model']}): "
                         f"{str(e).strip().splitlines()[-1].strip()[:200]}")
+    if not all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point()):
+        raise DataError(f"{path}: its weights are not all finite numbers (the training diverged); train again with "
+                        "a lower --lr")
     return model.to(device).eval(), train_cfg
 
 

@@ -458,6 +458,7 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
         row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
         row.update(train_one_epoch(model, make_loader(train_set, cfg, epoch, device), train_batch_transform,
                                    criterion, optimizer, scheduler, scaler, device, cfg, autocast, epoch, ema))
+        check_not_diverged(scored_model, row, cfg)
         if valid_loader is not None:
             probs, valid_row = validate(scored_model, valid_loader, valid_set.labels, device, autocast, channels_last,
                                         valid_batch_transform)
@@ -488,6 +489,18 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
                **{k: v for k, v in state["history"][state["best_epoch"] - 1].items() if k.startswith("valid_")}}
     write_text_atomic(json.dumps(summary, indent=2), out_dir / "summary.json")
     return summary
+
+
+def check_not_diverged(model, row, cfg):
+    """Stop a run whose weights are no longer finite numbers: it would validate, save and predict
+    garbage (every image one class) without a word. Checked on the weights, not the loss: with
+    fp16 the gradient scaler skips a step whose loss overflowed, and the run goes on."""
+    if all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
+        return
+    kept = "the checkpoints of earlier epochs are kept" if row["epoch"] > 1 else "nothing was saved"
+    raise SystemExit(f"error: the training diverged in epoch {row['epoch']}: its weights are no longer finite numbers "
+                     f"(train loss {row['train_loss']:.4g}); {kept}. Train again with a lower --lr (this run: "
+                     f"{cfg['lr']:g}) or --grad_clip 1")
 
 
 def log_datasets(out_dir, train_table, train_set, valid_table, valid_set, cfg, device):

@@ -23,7 +23,7 @@ import inference
 import train
 from config import default_config, parse_config
 from conftest import training_images_logged
-from dataset import FACE_COLUMNS, MASK_FILES, NUM_CLASSES, PROB_COLUMNS, age_band, build_transform, encode_class, make_dataset
+from dataset import FACE_COLUMNS, DataError, MASK_FILES, NUM_CLASSES, PROB_COLUMNS, age_band, build_transform, encode_class, make_dataset
 from make_sample_data import make_sample_dataset
 from model import class_probabilities, create_model
 
@@ -319,6 +319,29 @@ def test_drop_ages_that_leave_no_training_image_are_an_error_and_leave_no_run(da
     with pytest.raises(SystemExit, match="no training images left for fold 0"):
         train.main(make_cfg(data, tmp_path / "runs", drop_ages=list(range(0, 101))))
     assert not list((tmp_path / "runs").iterdir())
+
+
+def test_a_run_that_diverges_stops_and_keeps_the_epochs_before(data, tmp_path, monkeypatch):
+    """Weights turned NaN in epoch 2 (as a far too high learning rate does) stop the run with a
+    message; epoch 1's checkpoints stay, and inference refuses a checkpoint with such weights."""
+    real = train.train_one_epoch
+
+    def diverging(model, *args, **kwargs):
+        stats = real(model, *args, **kwargs)
+        if args[-2] == 1:  # epoch index 1: the second epoch
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return stats
+    monkeypatch.setattr(train, "train_one_epoch", diverging)
+    with pytest.raises(SystemExit, match=r"diverged in epoch 2: its weights are no longer finite .*lower --lr \(this run: 0.001\)"):
+        train.main(make_cfg(data, tmp_path, output_dir=str(tmp_path / "run"), epochs=3))
+    for name in ("best.pt", "last.pt"):
+        assert torch.load(tmp_path / "run" / name, weights_only=True)["epoch"] == 1
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    next(iter(ckpt["model"].values())).fill_(float("nan"))
+    torch.save(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(DataError, match=r"nan.pt: its weights are not all finite numbers"):
+        inference.load_model(tmp_path / "nan.pt", "cpu")
 
 
 def test_a_damaged_last_checkpoint_or_config_is_named_on_resume(base_run, tmp_path):
