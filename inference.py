@@ -261,6 +261,9 @@ def main(cfg):
     if not cfg["output_dir"] and len(cfg["run"]) > 1:
         raise SystemExit(f"error: give --output_dir: by default the blend of {len(cfg['run'])} runs would replace "
                          f"{out_dir}'s own predictions (which ensemble.py reads as that run's)")
+    if (out_dir / "config.json").is_file() and not any(inside(run, out_dir) is not None for run in cfg["run"]):
+        raise SystemExit(f"error: --output_dir {out_dir} is another run's folder: its own predictions would be replaced "
+                         f"by those of {' '.join(cfg['run'])}; give a folder of their own")
     if first.is_file() and not cfg["output_dir"]:
         predicting_stage = ("pseudo-label stage" if has_pseudo_stage(out_dir) else
                             "refit model" if (out_dir / "refit").is_dir() else "")
@@ -280,6 +283,8 @@ def main(cfg):
     path = write_submission(images["ImageID"], probs.argmax(1), out_dir)
     if cfg["pseudo_threshold"] > 0:
         write_pseudo_labels(images, probs, cfg["pseudo_threshold"], out_dir / "pseudo_labels.csv", cfg["pseudo_soft"])
+    elif (out_dir / "pseudo_labels.csv").is_file():  # kept: a training may name it in its --extra_data
+        log.warning("%s is from an earlier prediction, not this one (no --pseudo_threshold)", out_dir / "pseudo_labels.csv")
     write_text_atomic(json.dumps({"command": shlex.join(sys.argv), "time": datetime.now(timezone.utc).isoformat(),
                                   "eval_images": str(Path(images["image_path"].iloc[0]).parent),
                                   "models": [{"checkpoint": str(path), "weight": weight, "in_output_dir": inside(path, out_dir)}

@@ -143,6 +143,18 @@ def test_only_the_folds_of_the_split_are_a_k_fold_runs_folds(folds_only_dir, tmp
         report.write_report(run)
 
 
+def test_predictions_are_not_written_into_another_runs_folder(data, run_dir, folds_only_dir, tmp_path):
+    """They would replace that run's own predictions, which ensemble.py reads as the run's."""
+    other = tmp_path / "other"
+    shutil.copytree(folds_only_dir, other)
+    with pytest.raises(SystemExit, match=r"--output_dir .*other is another run's folder: its own predictions would be "
+                                         r"replaced by those of .*; give a folder of their own"):
+        inference.main(make_inference_cfg(data, run_dir, other))
+    assert not (other / "eval_probs.csv").exists()
+    inference.main(make_inference_cfg(data, other / "fold0", other))  # its own fold: allowed
+    assert (other / "eval_probs.csv").is_file()
+
+
 def test_members_count_with_the_weights_given(data, folds_only_dir, tmp_path):
     """A run's folds share its weight equally, and predict_eval weighs members as told (normalised)."""
     paths = [folds_only_dir / "fold0" / "best.pt", folds_only_dir / "fold1" / "best.pt"]
@@ -476,7 +488,7 @@ def test_soft_pseudo_labels_keep_the_probabilities_and_read_back(tmp_path):
     assert read_back["image_path"].tolist() == [str((tmp_path / "b.png").resolve())]
 
 
-def test_pseudo_label_round_trip(data, run_dir, predicted, tmp_path):
+def test_pseudo_label_round_trip(data, run_dir, predicted, tmp_path, capsys):
     top = pd.read_csv(predicted[1] / "eval_probs.csv")[PROB_COLUMNS].to_numpy().max(1)
     threshold = float(np.median(top))
     inference.main(make_inference_cfg(data, run_dir, tmp_path / "pseudo", tta="flip", pseudo_threshold=threshold))
@@ -510,6 +522,12 @@ def test_pseudo_label_round_trip(data, run_dir, predicted, tmp_path):
     pd.testing.assert_series_equal(valid["image_path"], pd.read_csv(run_dir / "valid_probs.csv")["image_path"])
     images, people, _ = training_images_logged(run_dir)
     assert training_images_logged(extra_run) == (images + len(pseudo), people, len(pseudo))
+
+    # predicted again there without a threshold: the labels stay (extra_run names them), with a warning
+    before = (tmp_path / "pseudo" / "pseudo_labels.csv").read_text()
+    inference.main(make_inference_cfg(data, run_dir, tmp_path / "pseudo", tta="none"))
+    assert (tmp_path / "pseudo" / "pseudo_labels.csv").read_text() == before
+    assert "pseudo_labels.csv is from an earlier prediction, not this one" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("threshold", [1.5, -0.1])
