@@ -486,16 +486,35 @@ def load_training_images(cfg):
 
 
 def check_extra_images_are_new(images, extra, extra_paths):
-    """Extra data is for training only: an image already read from --data_dir (say, the training
-    folder given again) would be validated on too, so it is refused, as is one given twice."""
-    seen = set(map(image_key, images["image_path"]))
+    """Extra data is for training only: an image already read from --data_dir (the training
+    folder given again, or a copy of it) would be validated on too, so it is refused, as is one
+    given twice. A copy is found by its bytes (compared where the file sizes match)."""
+    seen, by_size, digests = set(), {}, {}
+
+    def digest(path):
+        if path not in digests:
+            digests[path] = hashlib.sha1(Path(path).read_bytes()).digest()
+        return digests[path]
+
+    def earlier_copy(path, resolved):
+        if resolved in seen:
+            return resolved
+        return next((other for other in by_size.get(os.stat(path).st_size, ()) if digest(other) == digest(path)), None)
+
+    def add(path, resolved):
+        seen.add(resolved)
+        by_size.setdefault(os.stat(path).st_size, []).append(path)
+
+    for path in images["image_path"]:
+        add(path, image_key(path))
     for source, table in zip(extra_paths, extra):
         repeated = []
         for path in table["image_path"]:
             resolved = image_key(path)
-            if resolved in seen:
-                repeated.append(resolved)
-            seen.add(resolved)
+            copy_of = earlier_copy(path, resolved)
+            if copy_of is not None:
+                repeated.append(resolved if copy_of == resolved else f"{resolved} (a copy of {copy_of})")
+            add(path, resolved)
         if repeated:
             raise DataError(f"{source}: {len(repeated)} image(s) already read from --data_dir or an earlier "
                             f"--extra_data, e.g. {repeated[:3]}; extra data is for training only, and these would "

@@ -1071,6 +1071,11 @@ def test_extra_data_that_repeats_training_images_is_refused(fresh, tmp_path):
     pd.DataFrame({"path": [str(person_folder(fresh) / "mask1.jpg")], "class": [0]}).to_csv(label_csv, index=False)
     cfg["extra_data"] = [str(label_csv)]
     assert "labels.csv: 1 image(s) already read" in error_of(D.load_training_images, cfg)
+    # a copy of the training folder elsewhere: other paths, the same images (validation would leak)
+    shutil.copytree(fresh / "train", tmp_path / "copy" / "train")
+    cfg["extra_data"] = [str(tmp_path / "copy" / "train")]
+    message = error_of(D.load_training_images, cfg)
+    assert "21 image(s) already read from --data_dir" in message and f"(a copy of {fresh / 'train'}" in message
 
 
 def test_an_image_in_two_extra_label_csvs_or_twice_in_one_is_refused(fresh, tmp_path):
