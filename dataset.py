@@ -487,34 +487,29 @@ def load_training_images(cfg):
 
 def check_extra_images_are_new(images, extra, extra_paths):
     """Extra data is for training only: an image already read from --data_dir (the training
-    folder given again, or a copy of it) would be validated on too, so it is refused, as is one
-    given twice. A copy is found by its bytes (compared where the file sizes match)."""
-    seen, by_size, digests = set(), {}, {}
+    folder given again, or a copy of it, found by its bytes where file sizes match) would be
+    validated on too, so it is refused, as is one file given twice. Copies among the extra
+    images themselves are left alone: external photo sets hold a few."""
+    seen = set(map(image_key, images["image_path"]))
+    training_by_size, digests = {}, {}
+    for path in images["image_path"]:
+        training_by_size.setdefault(os.stat(path).st_size, []).append(path)
 
     def digest(path):
         if path not in digests:
             digests[path] = hashlib.sha1(Path(path).read_bytes()).digest()
         return digests[path]
 
-    def earlier_copy(path, resolved):
-        if resolved in seen:
-            return resolved
-        return next((other for other in by_size.get(os.stat(path).st_size, ()) if digest(other) == digest(path)), None)
-
-    def add(path, resolved):
-        seen.add(resolved)
-        by_size.setdefault(os.stat(path).st_size, []).append(path)
-
-    for path in images["image_path"]:
-        add(path, image_key(path))
     for source, table in zip(extra_paths, extra):
         repeated = []
         for path in table["image_path"]:
             resolved = image_key(path)
-            copy_of = earlier_copy(path, resolved)
-            if copy_of is not None:
-                repeated.append(resolved if copy_of == resolved else f"{resolved} (a copy of {copy_of})")
-            add(path, resolved)
+            copy_of = next((training for training in training_by_size.get(os.stat(path).st_size, ())
+                            if digest(training) == digest(path)), None)
+            if resolved in seen or copy_of is not None:
+                repeated.append(resolved if copy_of is None or image_key(copy_of) == resolved
+                                else f"{resolved} (a copy of {copy_of})")
+            seen.add(resolved)
         if repeated:
             raise DataError(f"{source}: {len(repeated)} image(s) already read from --data_dir or an earlier "
                             f"--extra_data, e.g. {repeated[:3]}; extra data is for training only, and these would "
