@@ -490,6 +490,8 @@ def check_extra_images_are_new(images, extra, extra_paths):
     folder given again, or a copy of it, found by its bytes where file sizes match) would be
     validated on too, so it is refused, as is one file given twice. Copies among the extra
     images themselves are left alone: external photo sets hold a few."""
+    if not extra:
+        return
     seen = set(map(image_key, images["image_path"]))
     training_by_size, digests = {}, {}
     for path in images["image_path"]:

@@ -167,9 +167,11 @@ def in_info_order(members, preds):
     (their inference.json names it), as the submission must be. Members read from CSV files
     keep their own order; ImageIDs other than info.csv's (the folder changed since) are refused."""
     ids = members[0].eval["ImageID"]
-    info_csv = next((Path(m.eval_images).parent / "info.csv" for m in members
-                     if m.eval_images and (Path(m.eval_images).parent / "info.csv").is_file()), None)
+    named = [Path(m.eval_images).parent / "info.csv" for m in members if m.eval_images]
+    info_csv = next((path for path in named if path.is_file()), None)
     if info_csv is None:
+        if named:
+            log.info("%s not found (moved?): the submission keeps the members' order", named[0])
         return ids.tolist(), preds
     try:
         info_ids = read_csv(info_csv, ["ImageID"])["ImageID"].tolist()
@@ -223,7 +225,7 @@ def check_vote_settings(cfg, n_members):
                          "would ignore them")
     if weights and (len(weights) != n_members or not np.isfinite(weights).all() or min(weights) < 0 or sum(weights) <= 0):
         raise SystemExit(f"error: --member_weights {weights} for {n_members} members: give one weight per member, "
-                         "in member order, none negative and not all 0")
+                         "in member order, finite numbers, none negative and not all 0")
     if method == "per_task" and (len(task_members) != 3 or not all(0 <= m < n_members for m in task_members)):
         raise SystemExit("error: per_task needs --task_members A B C (member indices for mask, gender, age)")
 

@@ -145,7 +145,7 @@ def check_folds_finished(run_dir, checkpoints):
     names = sorted({p.parent.name for p in checkpoints} | {f"fold{i}" for i in range(k)})
     strays = [name for name in names if k and int(name[len("fold"):]) >= k]
     if strays:
-        raise SystemExit(f"error: {run_dir}: {', '.join(strays)} is not a fold of its {k}-fold split "
+        raise SystemExit(f"error: {run_dir}: {', '.join(strays)} {'is not a fold' if len(strays) == 1 else 'are not folds'} of its {k}-fold split "
                          f"(val_ratio {saved['val_ratio']}); move it out of the run folder")
     unfinished = [name for name in names if not (run_dir / name / "summary.json").is_file()]
     if unfinished:
@@ -264,6 +264,10 @@ def main(cfg):
     if (out_dir / "config.json").is_file() and not any(inside(run, out_dir) is not None for run in cfg["run"]):
         raise SystemExit(f"error: --output_dir {out_dir} is another run's folder: its own predictions would be replaced "
                          f"by those of {' '.join(cfg['run'])}; give a folder of their own")
+    if (re.fullmatch(r"fold\d+|refit|pseudo", out_dir.name) and (out_dir.parent / "config.json").is_file()
+            and not any(inside(run, out_dir.parent) is not None for run in cfg["run"])):
+        raise SystemExit(f"error: --output_dir {out_dir} is a folder of another run ({out_dir.parent}): its own "
+                         f"predictions would be replaced by those of {' '.join(cfg['run'])}; give a folder of their own")
     if first.is_file() and not cfg["output_dir"]:
         predicting_stage = ("pseudo-label stage" if has_pseudo_stage(out_dir) else
                             "refit model" if (out_dir / "refit").is_dir() else "")

@@ -151,8 +151,14 @@ def test_predictions_are_not_written_into_another_runs_folder(data, run_dir, fol
                                          r"replaced by those of .*; give a folder of their own"):
         inference.main(make_inference_cfg(data, run_dir, other))
     assert not (other / "eval_probs.csv").exists()
+    for stage in ("fold0", "fold1"):  # where ensemble.py reads a fold's own predictions
+        with pytest.raises(SystemExit, match=rf"--output_dir .*other/{stage} is a folder of another run \(.*other\)"):
+            inference.main(make_inference_cfg(data, run_dir, other / stage))
+        assert not (other / stage / "eval_probs.csv").exists()
     inference.main(make_inference_cfg(data, other / "fold0", other))  # its own fold: allowed
     assert (other / "eval_probs.csv").is_file()
+    inference.main(make_inference_cfg(data, other / "fold0", other / "fold0"))
+    assert (other / "fold0" / "eval_probs.csv").is_file()
 
 
 def test_members_count_with_the_weights_given(data, folds_only_dir, tmp_path):
