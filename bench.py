@@ -314,7 +314,7 @@ def median_or_nan(values):
 
 # settings that place or log a run, not what it learns
 PLACE_KEYS = ("output_dir", "overwrite", "resume", "name", "model_dir", "cache_dir", "num_workers", "device", "report",
-              "log_interval", "eval_dir")
+              "wandb_project", "log_interval", "eval_dir")
 
 
 def same_training(run_dir, recipe_cfg):

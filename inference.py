@@ -34,7 +34,7 @@ from dataset import (PROB_COLUMNS, DataError, build_transform, eval_folder, imag
                      make_dataset, num_folds, read_eval_images)
 from model import create_model, task_probabilities
 from train import (LOADER_MINIMUMS, autocast_for, check_at_least, check_not_a_file, check_pseudo_threshold,
-                   load_checkpoint, predict, probs_table, resolve_device, saved_config, setup_logging,
+                   is_stage_folder, load_checkpoint, predict, probs_table, resolve_device, saved_config, setup_logging,
                    write_csv_atomic, write_text_atomic)
 
 log = logging.getLogger("mask")
@@ -264,8 +264,7 @@ def main(cfg):
     if (out_dir / "config.json").is_file() and not any(inside(run, out_dir) is not None for run in cfg["run"]):
         raise SystemExit(f"error: --output_dir {out_dir} is another run's folder: its own predictions would be replaced "
                          f"by those of {' '.join(cfg['run'])}; give a folder of their own")
-    if (re.fullmatch(r"fold\d+|refit|pseudo", out_dir.name) and (out_dir.parent / "config.json").is_file()
-            and not any(inside(run, out_dir.parent) is not None for run in cfg["run"])):
+    if is_stage_folder(out_dir) and not any(inside(run, out_dir.parent) is not None for run in cfg["run"]):
         raise SystemExit(f"error: --output_dir {out_dir} is a folder of another run ({out_dir.parent}): its own "
                          f"predictions would be replaced by those of {' '.join(cfg['run'])}; give a folder of their own")
     if first.is_file() and not cfg["output_dir"]:

@@ -18,6 +18,8 @@ import logging
 import math
 import os
 import random
+import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -446,7 +448,7 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
     state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     if (out_dir / "last.pt").exists():
         state = resume_fit(out_dir, model, ema, optimizer, scheduler, scaler, device)
-    writer = tensorboard_writer(out_dir)
+    writer, tracker = tensorboard_writer(out_dir), wandb_run(cfg, out_dir)
     valid_loader = (DataLoader(valid_set, batch_size=cfg["valid_batch_size"],
                                num_workers=valid_set.loader_workers(cfg, device),
                                pin_memory=device.type == "cuda") if valid_set is not None else None)
@@ -485,9 +487,16 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
         if writer is not None:
             for key, value in row.items():
                 writer.add_scalar(key, value, epoch + 1)
+        if tracker is not None:
+            tracker.log(row, step=epoch + 1)
     summary = {"best_epoch": state["best_epoch"], "best_valid_f1": state["best_f1"], "epochs_run": state["epoch"],
                **{k: v for k, v in state["history"][state["best_epoch"] - 1].items() if k.startswith("valid_")}}
     write_text_atomic(json.dumps(summary, indent=2), out_dir / "summary.json")
+    if writer is not None:
+        writer.close()
+    if tracker is not None:
+        tracker.summary.update(summary)
+        tracker.finish()
     return summary
 
 
@@ -570,12 +579,46 @@ def model_checkpoint(model, cfg, state):
 
 
 def tensorboard_writer(out_dir):
-    """A TensorBoard writer when the tensorboard package is installed, else None."""
+    """A TensorBoard writer into out_dir/tensorboard/ when the tensorboard package is installed,
+    else None (metrics.csv holds the same numbers)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
     return SummaryWriter(out_dir / "tensorboard")
+
+
+def wandb_run(cfg, out_dir):
+    """The Weights & Biases run of the model trained into out_dir (--wandb_project), or None.
+    Named by the run folder and the model's folder in it (exp, exp/fold0, exp/pseudo) and grouped
+    by the run folder, so a k-fold run's models sit together; its id is kept in out_dir/wandb_id.txt,
+    so a resumed model continues its W&B run instead of starting another."""
+    if not cfg["wandb_project"]:
+        return None
+    wandb = import_wandb()
+    run_dir = out_dir.parent if is_stage_folder(out_dir) else out_dir
+    id_file = out_dir / "wandb_id.txt"
+    if not id_file.is_file():
+        write_text_atomic(secrets.token_hex(6), id_file)  # W&B ids: lowercase letters and digits
+    name = run_dir.name if run_dir == out_dir else f"{run_dir.name}/{out_dir.name}"
+    return wandb.init(project=cfg["wandb_project"], name=name, group=run_dir.name, id=id_file.read_text().strip(),
+                      resume="allow", config=cfg, dir=str(out_dir))
+
+
+def import_wandb():
+    """The wandb package, or an error saying how to install it (checked before a run starts)."""
+    try:
+        import wandb
+    except ImportError:
+        raise SystemExit("error: --wandb_project needs the wandb package: pip install wandb (then wandb login, "
+                         "or set WANDB_MODE=offline to keep the logs on this machine)")
+    return wandb
+
+
+def is_stage_folder(folder):
+    """Whether folder is a model folder inside a run folder: fold<k>/, refit/ or pseudo/."""
+    folder = Path(folder)
+    return bool(re.fullmatch(r"fold\d+|refit|pseudo", folder.name)) and (folder.parent / "config.json").is_file()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -781,6 +824,8 @@ def check_training_settings(cfg):
         raise SystemExit(f"error: --overwrite replaces the run in --output_dir, and none was given (a run named by "
                          f"--name never replaces one: it gets {cfg['name']}2, {cfg['name']}3...); give --output_dir "
                          f"{Path(cfg['model_dir']) / cfg['name']} to replace that run")
+    if cfg["wandb_project"]:
+        import_wandb()
     if cfg["refit"] and cfg["val_ratio"] == 0:
         raise SystemExit("error: --refit trains once more on every person after the validated training; with "
                          "--val_ratio 0 the run trains on every person already: drop --refit")
@@ -824,6 +869,8 @@ def main(cfg, given=None):
         if not (run_dir / "config.json").is_file():
             raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
         cfg = resumed_config(cfg, given, saved_config(run_dir))
+        if cfg["wandb_project"]:
+            import_wandb()
         device = resolve_device(cfg["device"])  # the run's own, unless --device was given
     else:
         device = resolve_device(cfg["device"])

@@ -344,6 +344,70 @@ def test_a_run_that_diverges_stops_and_keeps_the_epochs_before(data, tmp_path, m
         inference.load_model(tmp_path / "nan.pt", "cpu")
 
 
+class FakeTracker:
+    """Stands in for a TensorBoard SummaryWriter and a W&B run: records what the run logs."""
+    made = []
+
+    def __init__(self, log_dir=None, **kwargs):
+        self.log_dir, self.kwargs, self.scalars, self.rows, self.summary, self.closed = log_dir, kwargs, [], [], {}, False
+        FakeTracker.made.append(self)
+
+    def add_scalar(self, key, value, step):
+        self.scalars.append((key, value, step))
+
+    def log(self, row, step):
+        self.rows.append((step, dict(row)))
+
+    def close(self):
+        self.closed = True
+
+    finish = close
+
+
+def test_metrics_go_to_tensorboard_when_it_is_installed(data, tmp_path, monkeypatch):
+    FakeTracker.made = []
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", type(sys)("torch.utils.tensorboard"))
+    sys.modules["torch.utils.tensorboard"].SummaryWriter = FakeTracker
+    run_dir, _ = train.main(make_cfg(data, tmp_path, epochs=2))
+    [writer] = FakeTracker.made
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    assert Path(writer.log_dir) == run_dir / "tensorboard" and writer.closed
+    assert [(step, value) for key, value, step in writer.scalars if key == "valid_f1"] == \
+        list(zip(metrics["epoch"], metrics["valid_f1"]))
+
+
+def test_wandb_logs_each_model_of_a_run_as_its_own_run_in_one_group(data, tmp_path, monkeypatch):
+    FakeTracker.made = []
+    wandb = type(sys)("wandb")
+    wandb.init = lambda **kwargs: FakeTracker(**kwargs)
+    ids = iter(["id0", "id1", "id2"])
+    monkeypatch.setattr(train.secrets, "token_hex", lambda n: next(ids))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    run_dir, _ = train.main(make_cfg(data, tmp_path, fold="all", val_ratio=0.5, wandb_project="masks", name="kf"))
+    assert [r.kwargs["name"] for r in FakeTracker.made] == ["kf/fold0", "kf/fold1"]
+    for k, run in enumerate(FakeTracker.made):
+        assert run.kwargs["project"] == "masks" and run.kwargs["group"] == "kf" and run.kwargs["id"] == f"id{k}"
+        assert run.kwargs["config"]["wandb_project"] == "masks" and run.kwargs["resume"] == "allow"
+        assert (run_dir / f"fold{k}" / "wandb_id.txt").read_text() == f"id{k}" and run.closed
+        assert [step for step, _ in run.rows] == [1] and run.rows[0][1]["valid_f1"] == run.summary["best_valid_f1"]
+    # a resumed model continues its W&B run: the id comes from the folder, not a new one
+    again = train.wandb_run({**make_cfg(data, tmp_path), "wandb_project": "masks"}, run_dir / "fold1")
+    assert again.kwargs["id"] == "id1" and again.kwargs["name"] == "kf/fold1"
+
+
+def test_wandb_without_the_package_is_refused_before_a_run_folder_is_made(data, tmp_path, monkeypatch):
+    wandb = type(sys)("wandb")
+    wandb.init = lambda **kwargs: FakeTracker(**kwargs)
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    logged_run, _ = train.main(make_cfg(data, tmp_path / "logged", wandb_project="masks"))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    with pytest.raises(SystemExit, match="--wandb_project needs the wandb package: pip install wandb"):
+        train.main(make_cfg(data, tmp_path / "runs", wandb_project="masks"))
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit, match="--wandb_project needs the wandb package"):  # its saved config has it
+        train.main(make_cfg(data, tmp_path, resume=str(logged_run)), given={"resume"})
+
+
 def test_a_damaged_last_checkpoint_or_config_is_named_on_resume(base_run, tmp_path):
     run_dir, _, _ = base_run
     copy = tmp_path / "copy"
