@@ -453,50 +453,46 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
                                num_workers=valid_set.loader_workers(cfg, device),
                                pin_memory=device.type == "cuda") if valid_set is not None else None)
 
-    for epoch in range(state["epoch"], cfg["epochs"]):
-        if should_stop(cfg, state, epoch):
-            break
-        seed_everything(cfg["seed"] * 1000 + epoch)  # dropout, mixing: a function of (seed, epoch)
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
-        row.update(train_one_epoch(model, make_loader(train_set, cfg, epoch, device), train_batch_transform,
-                                   criterion, optimizer, scheduler, scaler, device, cfg, autocast, epoch, ema))
-        check_not_diverged(scored_model, row, cfg)
-        if valid_loader is not None:
-            probs, valid_row = validate(scored_model, valid_loader, valid_set.labels, device, autocast, channels_last,
-                                        valid_batch_transform)
-            row.update(valid_row)
-        improved = valid_loader is None or row["valid_f1"] > state["best_f1"]
-        log_epoch(row, improved)
-        if valid_loader is not None:
-            log_confusion(valid_set.labels, probs.argmax(1))
-        state["history"].append(row)
-        state["epoch"] = epoch + 1
-        if improved:
-            state.update(best_f1=row.get("valid_f1"), best_epoch=epoch + 1, bad_epochs=0)
-            save_atomic(model_checkpoint(scored_model, cfg, state), out_dir / "best.pt")
+    try:
+        for epoch in range(state["epoch"], cfg["epochs"]):
+            if should_stop(cfg, state, epoch):
+                break
+            seed_everything(cfg["seed"] * 1000 + epoch)  # dropout, mixing: a function of (seed, epoch)
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"]}
+            row.update(train_one_epoch(model, make_loader(train_set, cfg, epoch, device), train_batch_transform,
+                                       criterion, optimizer, scheduler, scaler, device, cfg, autocast, epoch, ema))
+            check_not_diverged(scored_model, row, cfg)
             if valid_loader is not None:
-                write_csv_atomic(probs_table(valid_set.paths, probs, "image_path").assign(label=valid_set.labels),
-                                 out_dir / "valid_probs.csv")
-        else:
-            state["bad_epochs"] += 1
-        save_atomic({**model_checkpoint(scored_model, cfg, state), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
-                     "state": state, "trained_model": model.state_dict() if ema is not None else None,
-                     "rng": rng_states()}, out_dir / "last.pt")
-        write_csv_atomic(pd.DataFrame(state["history"]), out_dir / "metrics.csv")
-        if writer is not None:
-            for key, value in row.items():
-                writer.add_scalar(key, value, epoch + 1)
-        if tracker is not None:
-            tracker.log(row, step=epoch + 1)
+                probs, valid_row = validate(scored_model, valid_loader, valid_set.labels, device, autocast, channels_last,
+                                            valid_batch_transform)
+                row.update(valid_row)
+            improved = valid_loader is None or row["valid_f1"] > state["best_f1"]
+            log_epoch(row, improved)
+            if valid_loader is not None:
+                log_confusion(valid_set.labels, probs.argmax(1))
+            state["history"].append(row)
+            state["epoch"] = epoch + 1
+            if improved:
+                state.update(best_f1=row.get("valid_f1"), best_epoch=epoch + 1, bad_epochs=0)
+                save_atomic(model_checkpoint(scored_model, cfg, state), out_dir / "best.pt")
+                if valid_loader is not None:
+                    write_csv_atomic(probs_table(valid_set.paths, probs, "image_path").assign(label=valid_set.labels),
+                                     out_dir / "valid_probs.csv")
+            else:
+                state["bad_epochs"] += 1
+            save_atomic({**model_checkpoint(scored_model, cfg, state), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                         "state": state, "trained_model": model.state_dict() if ema is not None else None,
+                         "rng": rng_states()}, out_dir / "last.pt")
+            write_csv_atomic(pd.DataFrame(state["history"]), out_dir / "metrics.csv")
+            log_to_trackers(writer, tracker, row)
+    except BaseException as e:  # the trackers learn how it ended before the run folder is settled
+        close_trackers(writer, tracker, exit_code=130 if isinstance(e, KeyboardInterrupt) else 1)
+        raise
     summary = {"best_epoch": state["best_epoch"], "best_valid_f1": state["best_f1"], "epochs_run": state["epoch"],
                **{k: v for k, v in state["history"][state["best_epoch"] - 1].items() if k.startswith("valid_")}}
     write_text_atomic(json.dumps(summary, indent=2), out_dir / "summary.json")
-    if writer is not None:
-        writer.close()
-    if tracker is not None:
-        tracker.summary.update(summary)
-        tracker.finish()
+    close_trackers(writer, tracker, summary=summary)
     return summary
 
 
@@ -578,6 +574,27 @@ def model_checkpoint(model, cfg, state):
     return {"model": model.state_dict(), "config": cfg, "epoch": state["epoch"], "metric": state["best_f1"]}
 
 
+def log_to_trackers(writer, tracker, row):
+    """One epoch's row to TensorBoard and W&B (those in use), at the epoch's step. W&B commits it
+    now: held back, the last row would land after the summary and replace its best-epoch values."""
+    if writer is not None:
+        for key, value in row.items():
+            writer.add_scalar(key, value, row["epoch"])
+    if tracker is not None:
+        tracker.log(row, step=row["epoch"], commit=True)
+
+
+def close_trackers(writer, tracker, summary=None, exit_code=0):
+    """Flush and close them; W&B also gets the summary (best epoch and its metrics) or, for a run
+    that stopped, its exit code (130: interrupted)."""
+    if writer is not None:
+        writer.close()
+    if tracker is not None:
+        if summary is not None:
+            tracker.summary.update(summary)
+        tracker.finish(exit_code=exit_code)
+
+
 def tensorboard_writer(out_dir):
     """A TensorBoard writer into out_dir/tensorboard/ when the tensorboard package is installed,
     else None (metrics.csv holds the same numbers)."""
@@ -601,8 +618,13 @@ def wandb_run(cfg, out_dir):
     if not id_file.is_file():
         write_text_atomic(secrets.token_hex(6), id_file)  # W&B ids: lowercase letters and digits
     name = run_dir.name if run_dir == out_dir else f"{run_dir.name}/{out_dir.name}"
-    return wandb.init(project=cfg["wandb_project"], name=name, group=run_dir.name, id=id_file.read_text().strip(),
-                      resume="allow", config=cfg, dir=str(out_dir))
+    try:
+        return wandb.init(project=cfg["wandb_project"], name=name, group=run_dir.name, id=id_file.read_text().strip(),
+                          resume="allow", config=cfg, dir=str(out_dir))
+    except Exception as e:  # no login, no network: the training goes on, metrics.csv keeps the numbers
+        log.warning("W&B is not logging %s: %s: %s (metrics.csv holds the same numbers; wandb login, or "
+                    "WANDB_MODE=offline)", out_dir, type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+        return None
 
 
 def import_wandb():
@@ -770,9 +792,10 @@ def pseudo_stage(cfg, run_dir, device):
     fit(stage_cfg, run_dir / "pseudo", everyone, None, device, cache)
 
 
-# what --resume takes from the command line when given there; otherwise the run's own values,
-# since another worker count changes the augmentation stream and so the result
-RESUME_SETTINGS = ("resume", "device", "num_workers", "cache_workers")
+# what --resume takes from the command line when given there (none changes what the model learns:
+# the loader's worker counts keep the augmentation stream, and --wandb_project '' stops the W&B
+# logging of a run on a machine without wandb); any other setting keeps the run's own value
+RESUME_SETTINGS = ("resume", "device", "num_workers", "cache_workers", "wandb_project")
 
 
 def resumed_config(cfg, given, saved):

@@ -355,13 +355,20 @@ class FakeTracker:
     def add_scalar(self, key, value, step):
         self.scalars.append((key, value, step))
 
-    def log(self, row, step):
-        self.rows.append((step, dict(row)))
+    def log(self, row, step, commit=None):
+        self.rows.append((step, dict(row), commit))
 
     def close(self):
         self.closed = True
 
-    finish = close
+    def finish(self, exit_code=0):
+        self.closed, self.exit_code = True, exit_code
+
+
+def fake_wandb(monkeypatch, init=None):
+    wandb = type(sys)("wandb")
+    wandb.init = init or (lambda **kwargs: FakeTracker(**kwargs))
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
 
 
 def test_metrics_go_to_tensorboard_when_it_is_installed(data, tmp_path, monkeypatch):
@@ -378,27 +385,26 @@ def test_metrics_go_to_tensorboard_when_it_is_installed(data, tmp_path, monkeypa
 
 def test_wandb_logs_each_model_of_a_run_as_its_own_run_in_one_group(data, tmp_path, monkeypatch):
     FakeTracker.made = []
-    wandb = type(sys)("wandb")
-    wandb.init = lambda **kwargs: FakeTracker(**kwargs)
     ids = iter(["id0", "id1", "id2"])
     monkeypatch.setattr(train.secrets, "token_hex", lambda n: next(ids))
-    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    fake_wandb(monkeypatch)
     run_dir, _ = train.main(make_cfg(data, tmp_path, fold="all", val_ratio=0.5, wandb_project="masks", name="kf"))
     assert [r.kwargs["name"] for r in FakeTracker.made] == ["kf/fold0", "kf/fold1"]
     for k, run in enumerate(FakeTracker.made):
         assert run.kwargs["project"] == "masks" and run.kwargs["group"] == "kf" and run.kwargs["id"] == f"id{k}"
         assert run.kwargs["config"]["wandb_project"] == "masks" and run.kwargs["resume"] == "allow"
-        assert (run_dir / f"fold{k}" / "wandb_id.txt").read_text() == f"id{k}" and run.closed
-        assert [step for step, _ in run.rows] == [1] and run.rows[0][1]["valid_f1"] == run.summary["best_valid_f1"]
+        assert (run_dir / f"fold{k}" / "wandb_id.txt").read_text() == f"id{k}" and run.closed and run.exit_code == 0
+        # committed at once: W&B holds back a row logged with a step and no commit, and writes it at
+        # finish, after the summary, whose best-epoch values it would then replace
+        assert [(step, commit) for step, _, commit in run.rows] == [(1, True)]
+        assert run.rows[0][1]["valid_f1"] == run.summary["best_valid_f1"]
     # a resumed model continues its W&B run: the id comes from the folder, not a new one
     again = train.wandb_run({**make_cfg(data, tmp_path), "wandb_project": "masks"}, run_dir / "fold1")
     assert again.kwargs["id"] == "id1" and again.kwargs["name"] == "kf/fold1"
 
 
 def test_wandb_without_the_package_is_refused_before_a_run_folder_is_made(data, tmp_path, monkeypatch):
-    wandb = type(sys)("wandb")
-    wandb.init = lambda **kwargs: FakeTracker(**kwargs)
-    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    fake_wandb(monkeypatch)
     logged_run, _ = train.main(make_cfg(data, tmp_path / "logged", wandb_project="masks"))
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     with pytest.raises(SystemExit, match="--wandb_project needs the wandb package: pip install wandb"):
@@ -406,6 +412,25 @@ def test_wandb_without_the_package_is_refused_before_a_run_folder_is_made(data, 
     assert not (tmp_path / "runs").exists()
     with pytest.raises(SystemExit, match="--wandb_project needs the wandb package"):  # its saved config has it
         train.main(make_cfg(data, tmp_path, resume=str(logged_run)), given={"resume"})
+    train.main(make_cfg(data, tmp_path, resume=str(logged_run), wandb_project=""), given={"resume", "wandb_project"})
+
+
+def test_a_wandb_failure_warns_and_the_training_goes_on(data, tmp_path, monkeypatch, capsys):
+    """No login or no network (wandb.init raises) must not cost a training; a run that stops tells
+    W&B how it ended before its folder is settled."""
+    def no_login(**kwargs):
+        raise RuntimeError("No API key configured. Use `wandb login` to log to W&B.")
+    fake_wandb(monkeypatch, init=no_login)
+    run_dir, _ = train.main(make_cfg(data, tmp_path, wandb_project="masks", name="offline"))
+    assert (run_dir / "summary.json").is_file()
+    assert "W&B is not logging" in capsys.readouterr().out
+    FakeTracker.made = []
+    fake_wandb(monkeypatch)
+    monkeypatch.setattr(train, "check_not_diverged", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit):
+        train.main(make_cfg(data, tmp_path, wandb_project="masks", name="stopped"))
+    [run] = FakeTracker.made
+    assert run.closed and run.exit_code == 130
 
 
 def test_a_damaged_last_checkpoint_or_config_is_named_on_resume(base_run, tmp_path):
