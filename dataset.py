@@ -270,14 +270,21 @@ def person_images(folder):
     return found
 
 
-def read_train_images(data_dir, corrections="", source="train"):
-    """One row per image: id, file, image_path, mask, gender, age, source."""
+def check_training_folder(data_dir):
+    """The training folder (train_root) if it is one; train.py calls it before making a run
+    folder, so a wrong path leaves nothing behind."""
     root = train_root(data_dir)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; give the training folder (train.csv and images/) with --data_dir "
                         "(python make_sample_data.py writes a small sample, whose training folder is data/sample/train)")
     if not (root / "train.csv").is_file() and (root / "train" / "train.csv").is_file():
         raise DataError(f"{root}: no train.csv here; the training folder is {root / 'train'}: --data_dir {root / 'train'}")
+    return root
+
+
+def read_train_images(data_dir, corrections="", source="train"):
+    """One row per image: id, file, image_path, mask, gender, age, source."""
+    root = check_training_folder(data_dir)
     people = read_people(root)
     files = {rec.id: person_images(root / "images" / rec.path) for rec in people.itertuples()}
     warn_unlisted(root / "images", set(people["path"]), root / "train.csv", "person folder")

@@ -35,7 +35,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, WeightedRandomSampler
 
 from config import default_config, parse_config
-from dataset import (NUM_CLASSES, PROB_COLUMNS, DataError, build_transform, check_decode_errors,
+from dataset import (NUM_CLASSES, PROB_COLUMNS, DataError, build_transform, check_decode_errors, check_training_folder,
                      class_balanced_weights, count_people, decode_class, decode_errors, eval_folder, image_key,
                      load_training_images, make_dataset, mix_batch, num_folds, open_cache, read_eval_images,
                      read_extra, read_valid_probs, split_train_valid)
@@ -738,6 +738,18 @@ def saved_config(run_dir):
         raise SystemExit(f"error: {path}: not valid JSON ({e})")
 
 
+def check_data_paths(cfg):
+    """The training folder and the extra data exist: a wrong path (or working directory) is named
+    before a run folder is made."""
+    try:
+        check_training_folder(cfg["data_dir"])
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    missing = [path for path in cfg["extra_data"] if not Path(path).exists()]
+    if missing:
+        raise SystemExit(f"error: --extra_data {' '.join(missing)}: no such folder or label CSV")
+
+
 def check_pseudo_threshold(threshold):
     if not 0 <= threshold <= 1:
         raise SystemExit(f"error: --pseudo_threshold is a probability, 0 (no pseudo-labels) to 1; got {threshold}")
@@ -898,6 +910,7 @@ def main(cfg, given=None):
     else:
         device = resolve_device(cfg["device"])
         check_run_settings(cfg)
+        check_data_paths(cfg)
         check_pseudo_settings(cfg)
         run_dir = make_run_dir(cfg)
         write_text_atomic(json.dumps(cfg, indent=2), run_dir / "config.json")

@@ -1098,7 +1098,10 @@ def test_bad_data_is_a_clean_error_naming_the_file(data, tmp_path):
     with pytest.raises(SystemExit) as exc:
         train.main(cfg)
     assert str(exc.value.code).startswith("error: ") and "nowhere: no such folder; give the training folder" in str(exc.value.code)
-    assert not list((tmp_path / "runs").iterdir())  # no half-made run folder for the next run or inference to find
+    assert not (tmp_path / "runs").exists()  # checked before any folder is made: nothing for a next run to find
+    with pytest.raises(SystemExit, match=r"--extra_data .*elsewhere: no such folder or label CSV"):
+        train.main(make_cfg(data, tmp_path / "runs", extra_data=[str(tmp_path / "elsewhere")]))
+    assert not (tmp_path / "runs").exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="empty/train.csv: file not found"):
         train.main(make_cfg(data, tmp_path / "runs", data_dir=str(tmp_path / "empty")))
