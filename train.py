@@ -623,7 +623,7 @@ def wandb_run(cfg, out_dir):
                           resume="allow", config=cfg, dir=str(out_dir))
     except Exception as e:  # no login, no network: the training goes on, metrics.csv keeps the numbers
         log.warning("W&B is not logging %s: %s: %s (metrics.csv holds the same numbers; wandb login, or "
-                    "WANDB_MODE=offline)", out_dir, type(e).__name__, str(e).strip().splitlines()[0][:200] if str(e).strip() else "")
+                    "WANDB_MODE=offline)", out_dir, type(e).__name__, (str(e).strip().splitlines() or [""])[0][:200])
         return None
 
 
