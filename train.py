@@ -448,12 +448,13 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
     state = {"epoch": 0, "best_f1": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
     if (out_dir / "last.pt").exists():
         state = resume_fit(out_dir, model, ema, optimizer, scheduler, scaler, device)
-    writer, tracker = tensorboard_writer(out_dir), wandb_run(cfg, out_dir)
     valid_loader = (DataLoader(valid_set, batch_size=cfg["valid_batch_size"],
                                num_workers=valid_set.loader_workers(cfg, device),
                                pin_memory=device.type == "cuda") if valid_set is not None else None)
 
+    writer = tracker = None
     try:
+        writer, tracker = tensorboard_writer(out_dir), wandb_run(cfg, out_dir)
         for epoch in range(state["epoch"], cfg["epochs"]):
             if should_stop(cfg, state, epoch):
                 break
@@ -487,7 +488,7 @@ def fit(cfg, out_dir, train_table, valid_table, device, cache=None):
             write_csv_atomic(pd.DataFrame(state["history"]), out_dir / "metrics.csv")
             log_to_trackers(writer, tracker, row)
     except BaseException as e:  # the trackers learn how it ended before the run folder is settled
-        close_trackers(writer, tracker, exit_code=130 if isinstance(e, KeyboardInterrupt) else 1)
+        close_trackers(writer, tracker, exit_code=interrupted_exit_code(e) if isinstance(e, KeyboardInterrupt) else 1)
         raise
     summary = {"best_epoch": state["best_epoch"], "best_valid_f1": state["best_f1"], "epochs_run": state["epoch"],
                **{k: v for k, v in state["history"][state["best_epoch"] - 1].items() if k.startswith("valid_")}}
@@ -586,7 +587,7 @@ def log_to_trackers(writer, tracker, row):
 
 def close_trackers(writer, tracker, summary=None, exit_code=0):
     """Flush and close them; W&B also gets the summary (best epoch and its metrics) or, for a run
-    that stopped, its exit code (130: interrupted)."""
+    that stopped, its exit code (130: Ctrl-C, 143: SIGTERM, 1: an error)."""
     if writer is not None:
         writer.close()
     if tracker is not None:
@@ -625,6 +626,20 @@ def wandb_run(cfg, out_dir):
         log.warning("W&B is not logging %s: %s: %s (metrics.csv holds the same numbers; wandb login, or "
                     "WANDB_MODE=offline)", out_dir, type(e).__name__, (str(e).strip().splitlines() or [""])[0][:200])
         return None
+
+
+def wandb_login(cfg):
+    """Log in to W&B before a run folder is made, when --wandb_project logs online: without a
+    key, wandb would otherwise stop at its login menu after the data is loaded, once per model
+    (in a terminal it asks now; its "don't visualize" choice logs offline)."""
+    if not cfg["wandb_project"] or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    try:
+        import_wandb().login()
+    except Exception as e:
+        raise SystemExit(f"error: --wandb_project: W&B login failed ({type(e).__name__}: "
+                         f"{(str(e).strip().splitlines() or [''])[0][:200]}); run wandb login (or set WANDB_API_KEY), "
+                         "or set WANDB_MODE=offline to keep the logs on this machine")
 
 
 def import_wandb():
@@ -804,9 +819,10 @@ def pseudo_stage(cfg, run_dir, device):
     fit(stage_cfg, run_dir / "pseudo", everyone, None, device, cache)
 
 
-# what --resume takes from the command line when given there (none changes what the model learns:
-# the loader's worker counts keep the augmentation stream, and --wandb_project '' stops the W&B
-# logging of a run on a machine without wandb); any other setting keeps the run's own value
+# what --resume takes from the command line when given there: where and how it runs (another
+# worker count changes the augmentation stream, so the result, as on another machine) and
+# --wandb_project ('' stops W&B logging on a machine without wandb); any other setting keeps the
+# run's own value
 RESUME_SETTINGS = ("resume", "device", "num_workers", "cache_workers", "wandb_project")
 
 
@@ -904,14 +920,14 @@ def main(cfg, given=None):
         if not (run_dir / "config.json").is_file():
             raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
         cfg = resumed_config(cfg, given, saved_config(run_dir))
-        if cfg["wandb_project"]:
-            import_wandb()
+        wandb_login(cfg)
         device = resolve_device(cfg["device"])  # the run's own, unless --device was given
     else:
         device = resolve_device(cfg["device"])
         check_run_settings(cfg)
         check_data_paths(cfg)
         check_pseudo_settings(cfg)
+        wandb_login(cfg)
         run_dir = make_run_dir(cfg)
         write_text_atomic(json.dumps(cfg, indent=2), run_dir / "config.json")
     setup_logging(run_dir / "train.log")

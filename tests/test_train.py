@@ -365,10 +365,12 @@ class FakeTracker:
         self.closed, self.exit_code = True, exit_code
 
 
-def fake_wandb(monkeypatch, init=None):
+def fake_wandb(monkeypatch, init=None, login=None):
     wandb = type(sys)("wandb")
     wandb.init = init or (lambda **kwargs: FakeTracker(**kwargs))
+    wandb.login = login or (lambda: True)
     monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
 
 
 def test_metrics_go_to_tensorboard_when_it_is_installed(data, tmp_path, monkeypatch):
@@ -424,13 +426,27 @@ def test_a_wandb_failure_warns_and_the_training_goes_on(data, tmp_path, monkeypa
     run_dir, _ = train.main(make_cfg(data, tmp_path, wandb_project="masks", name="offline"))
     assert (run_dir / "summary.json").is_file()
     assert "W&B is not logging" in capsys.readouterr().out
-    FakeTracker.made = []
-    fake_wandb(monkeypatch)
-    monkeypatch.setattr(train, "check_not_diverged", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
-    with pytest.raises(SystemExit):
-        train.main(make_cfg(data, tmp_path, wandb_project="masks", name="stopped"))
-    [run] = FakeTracker.made
-    assert run.closed and run.exit_code == 130
+    for stop, code in ((KeyboardInterrupt, 130), (train.Terminated, 143), (RuntimeError, 1)):
+        FakeTracker.made = []
+        fake_wandb(monkeypatch)
+        monkeypatch.setattr(train, "check_not_diverged", lambda *args: (_ for _ in ()).throw(stop))
+        with pytest.raises((SystemExit, RuntimeError)):
+            train.main(make_cfg(data, tmp_path, wandb_project="masks", name="stopped"))
+        [run] = FakeTracker.made
+        assert run.closed and run.exit_code == code
+
+
+def test_wandb_login_is_settled_before_a_run_folder_is_made(data, tmp_path, monkeypatch):
+    """Without a key, wandb would stop at its login menu after the data is loaded, for each model."""
+    def no_key():
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+    fake_wandb(monkeypatch, login=no_key)
+    with pytest.raises(SystemExit, match=r"W&B login failed \(RuntimeError: No API key configured.*WANDB_MODE=offline"):
+        train.main(make_cfg(data, tmp_path / "runs", wandb_project="masks"))
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no login needed: the logs stay on this machine
+    run_dir, _ = train.main(make_cfg(data, tmp_path / "runs", wandb_project="masks"))
+    assert (run_dir / "summary.json").is_file()
 
 
 def test_a_damaged_last_checkpoint_or_config_is_named_on_resume(base_run, tmp_path):
