@@ -621,7 +621,7 @@ def wandb_run(cfg, out_dir):
     name = run_dir.name if run_dir == out_dir else f"{run_dir.name}/{out_dir.name}"
     try:
         return wandb.init(project=cfg["wandb_project"], name=name, group=run_dir.name, id=id_file.read_text().strip(),
-                          resume="allow", config=cfg, dir=str(out_dir))
+                          resume="allow", config=cfg, allow_val_change=True, dir=str(out_dir))  # a resume changes cfg's resume
     except Exception as e:  # no login, no network: the training goes on, metrics.csv keeps the numbers
         log.warning("W&B is not logging %s: %s: %s (metrics.csv holds the same numbers; wandb login, or "
                     "WANDB_MODE=offline)", out_dir, type(e).__name__, (str(e).strip().splitlines() or [""])[0][:200])
@@ -649,6 +649,8 @@ def import_wandb():
     except ImportError:
         raise SystemExit("error: --wandb_project needs the wandb package: pip install wandb (then wandb login, "
                          "or set WANDB_MODE=offline to keep the logs on this machine)")
+    except Exception as e:  # installed but broken (say, a clash with another package's pins)
+        raise SystemExit(f"error: --wandb_project: the wandb package does not import ({type(e).__name__}: {e})")
     return wandb
 
 

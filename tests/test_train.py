@@ -436,6 +436,19 @@ def test_a_wandb_failure_warns_and_the_training_goes_on(data, tmp_path, monkeypa
         assert run.closed and run.exit_code == code
 
 
+def test_a_wandb_that_does_not_import_is_named_before_a_run_folder_is_made(data, tmp_path, monkeypatch):
+    class Broken:  # an installed wandb whose own imports fail (e.g. a protobuf clash) raises other errors
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name == "wandb":
+                raise TypeError("Descriptors cannot be created directly")
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [Broken, *sys.meta_path])
+    with pytest.raises(SystemExit, match=r"the wandb package does not import \(TypeError: Descriptors cannot"):
+        train.main(make_cfg(data, tmp_path / "runs", wandb_project="masks"))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_wandb_login_is_settled_before_a_run_folder_is_made(data, tmp_path, monkeypatch):
     """Without a key, wandb would stop at its login menu after the data is loaded, for each model."""
     def no_key():
