@@ -582,7 +582,10 @@ def log_to_trackers(writer, tracker, row):
         for key, value in row.items():
             writer.add_scalar(key, value, row["epoch"])
     if tracker is not None:
-        tracker.log(row, step=row["epoch"], commit=True)
+        try:
+            tracker.log(row, step=row["epoch"], commit=True)
+        except Exception as e:  # the epoch is saved already; W&B going away must not stop the training
+            log.warning("W&B did not take epoch %d: %s: %s", row["epoch"], type(e).__name__, e)
 
 
 def close_trackers(writer, tracker, summary=None, exit_code=0):
@@ -591,9 +594,12 @@ def close_trackers(writer, tracker, summary=None, exit_code=0):
     if writer is not None:
         writer.close()
     if tracker is not None:
-        if summary is not None:
-            tracker.summary.update(summary)
-        tracker.finish(exit_code=exit_code)
+        try:
+            if summary is not None:
+                tracker.summary.update(summary)
+            tracker.finish(exit_code=exit_code)
+        except Exception as e:  # as above; and a stopping run keeps its own error
+            log.warning("W&B did not close its run: %s: %s", type(e).__name__, e)
 
 
 def tensorboard_writer(out_dir):

@@ -426,6 +426,18 @@ def test_a_wandb_failure_warns_and_the_training_goes_on(data, tmp_path, monkeypa
     run_dir, _ = train.main(make_cfg(data, tmp_path, wandb_project="masks", name="offline"))
     assert (run_dir / "summary.json").is_file()
     assert "W&B is not logging" in capsys.readouterr().out
+
+    class GoneAway(FakeTracker):  # W&B's service gone mid-training
+        def log(self, row, step, commit=None):
+            raise ConnectionError("service is gone")
+
+        def finish(self, exit_code=0):
+            raise ConnectionError("service is gone")
+    fake_wandb(monkeypatch, init=lambda **kwargs: GoneAway(**kwargs))
+    run_dir, _ = train.main(make_cfg(data, tmp_path, wandb_project="masks", name="gone", epochs=2))
+    out = capsys.readouterr().out
+    assert (run_dir / "summary.json").is_file() and "W&B did not take epoch 2: ConnectionError" in out
+    assert "W&B did not close its run" in out
     for stop, code in ((KeyboardInterrupt, 130), (train.Terminated, 143), (RuntimeError, 1)):
         FakeTracker.made = []
         fake_wandb(monkeypatch)
