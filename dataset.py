@@ -513,11 +513,13 @@ def check_extra_images_are_new(images, extra, extra_paths):
         repeated = []
         for path in table["image_path"]:
             resolved = image_key(path)
-            copy_of = next((training for training in training_by_size.get(os.stat(path).st_size, ())
-                            if digest(training) == digest(path)), None)
-            if resolved in seen or copy_of is not None:
-                repeated.append(resolved if copy_of is None or image_key(copy_of) == resolved
-                                else f"{resolved} (a copy of {copy_of})")
+            if resolved in seen:  # the same file
+                repeated.append(resolved)
+            else:  # a copy: the same bytes (read only where a training image has the same size)
+                copy_of = next((training for training in training_by_size.get(os.stat(path).st_size, ())
+                                if digest(training) == digest(path)), None)
+                if copy_of is not None:
+                    repeated.append(f"{resolved} (a copy of {copy_of})")
             seen.add(resolved)
         if repeated:
             raise DataError(f"{source}: {len(repeated)} image(s) already read from --data_dir or an earlier "

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from config import default_config, parse_config
 from dataset import (PROB_COLUMNS, DataError, build_transform, eval_folder, image_key, is_class,
                      make_dataset, num_folds, read_eval_images)
-from model import create_model, task_probabilities
+from model import create_model, finite_weights, task_probabilities
 from train import (LOADER_MINIMUMS, autocast_for, check_at_least, check_not_a_file, check_pseudo_threshold,
                    is_stage_folder, load_checkpoint, predict, probs_table, resolve_device, saved_config, setup_logging,
                    write_csv_atomic, write_text_atomic)
@@ -166,7 +166,7 @@ def load_model(path, device):
     except (RuntimeError, TypeError) as e:  # PyTorch lists every mismatched tensor; the last line is kept
         raise DataError(f"{path}: the weights do not match its saved config (model {train_cfg['model']}): "
                         f"{str(e).strip().splitlines()[-1].strip()[:200]}")
-    if not all(t.isfinite().all() for t in ckpt["model"].values() if t.is_floating_point()):
+    if not finite_weights(ckpt["model"]):
         raise DataError(f"{path}: its weights are not all finite numbers (the training diverged); train again with "
                         "a lower --lr")
     return model.to(device).eval(), train_cfg
@@ -261,12 +261,11 @@ def main(cfg):
     if not cfg["output_dir"] and len(cfg["run"]) > 1:
         raise SystemExit(f"error: give --output_dir: by default the blend of {len(cfg['run'])} runs would replace "
                          f"{out_dir}'s own predictions (which ensemble.py reads as that run's)")
-    if (out_dir / "config.json").is_file() and not any(inside(run, out_dir) is not None for run in cfg["run"]):
-        raise SystemExit(f"error: --output_dir {out_dir} is another run's folder: its own predictions would be replaced "
-                         f"by those of {' '.join(cfg['run'])}; give a folder of their own")
-    if is_stage_folder(out_dir) and not any(inside(run, out_dir.parent) is not None for run in cfg["run"]):
-        raise SystemExit(f"error: --output_dir {out_dir} is a folder of another run ({out_dir.parent}): its own "
-                         f"predictions would be replaced by those of {' '.join(cfg['run'])}; give a folder of their own")
+    # a run folder, or its fold<k>/, refit/ or pseudo/ folder, holds predictions ensemble.py reads as that run's
+    owner = out_dir.parent if is_stage_folder(out_dir) else out_dir if (out_dir / "config.json").is_file() else None
+    if owner is not None and not any(inside(run, owner) is not None for run in cfg["run"]):
+        raise SystemExit(f"error: --output_dir {out_dir} is a folder of another run ({owner}): its own predictions "
+                         f"would be replaced by those of {' '.join(cfg['run'])}; give a folder of their own")
     if first.is_file() and not cfg["output_dir"]:
         predicting_stage = ("pseudo-label stage" if has_pseudo_stage(out_dir) else
                             "refit model" if (out_dir / "refit").is_dir() else "")

@@ -268,6 +268,11 @@ def class_probabilities(outputs):
     return p_mask[:, mask] * p_gender[:, gender] * p_age[:, band]
 
 
+def finite_weights(state_dict):
+    """Whether every float tensor of a state dict is finite (no NaN or inf: a diverged training)."""
+    return all(t.isfinite().all() for t in state_dict.values() if t.is_floating_point())
+
+
 def task_probabilities(class_probs):
     """Per-task marginals (mask B x 3, gender B x 2, age B x 3) of 18-class probabilities
     (a tensor or a numpy array; class = mask*6 + gender*3 + age band)."""

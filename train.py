@@ -40,7 +40,7 @@ from dataset import (NUM_CLASSES, PROB_COLUMNS, DataError, build_transform, chec
                      load_training_images, make_dataset, mix_batch, num_folds, open_cache, read_eval_images,
                      read_extra, read_valid_probs, split_train_valid)
 from loss import Criterion, check_criterion_settings
-from model import check_model_settings, class_probabilities, create_model, load_torch_file
+from model import check_model_settings, class_probabilities, create_model, finite_weights, load_torch_file
 
 log = logging.getLogger("mask")
 
@@ -501,7 +501,7 @@ def check_not_diverged(model, row, cfg):
     """Stop a run whose weights are no longer finite numbers: it would validate, save and predict
     garbage (every image one class) without a word. Checked on the weights, not the loss: with
     fp16 the gradient scaler skips a step whose loss overflowed, and the run goes on."""
-    if all(t.isfinite().all() for t in model.state_dict().values() if t.is_floating_point()):
+    if finite_weights(model.state_dict()):
         return
     kept = "the checkpoints of earlier epochs are kept" if row["epoch"] > 1 else "nothing was saved"
     raise SystemExit(f"error: the training diverged in epoch {row['epoch']}: its weights are no longer finite numbers "
@@ -629,23 +629,30 @@ def wandb_run(cfg, out_dir):
         return wandb.init(project=cfg["wandb_project"], name=name, group=run_dir.name, id=id_file.read_text().strip(),
                           resume="allow", config=cfg, allow_val_change=True, dir=str(out_dir))  # a resume changes cfg's resume
     except Exception as e:  # no login, no network: the training goes on, metrics.csv keeps the numbers
-        log.warning("W&B is not logging %s: %s: %s (metrics.csv holds the same numbers; wandb login, or "
-                    "WANDB_MODE=offline)", out_dir, type(e).__name__, (str(e).strip().splitlines() or [""])[0][:200])
+        log.warning("W&B is not logging %s: %s (metrics.csv holds the same numbers; wandb login, or "
+                    "WANDB_MODE=offline)", out_dir, error_summary(e))
         return None
 
 
-def wandb_login(cfg):
-    """Log in to W&B before a run folder is made, when --wandb_project logs online: without a
-    key, wandb would otherwise stop at its login menu after the data is loaded, once per model
-    (in a terminal it asks now; its "don't visualize" choice logs offline)."""
-    if not cfg["wandb_project"] or os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+def check_wandb(cfg):
+    """With --wandb_project, before a run folder is made: wandb imports and, when it logs online,
+    is logged in. Without a key wandb would otherwise stop at its login menu after the data is
+    loaded, once per model (in a terminal it asks now; its "don't visualize" choice logs offline)."""
+    if not cfg["wandb_project"]:
+        return
+    wandb = import_wandb()
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
         return
     try:
-        import_wandb().login()
+        wandb.login()
     except Exception as e:
-        raise SystemExit(f"error: --wandb_project: W&B login failed ({type(e).__name__}: "
-                         f"{(str(e).strip().splitlines() or [''])[0][:200]}); run wandb login (or set WANDB_API_KEY), "
-                         "or set WANDB_MODE=offline to keep the logs on this machine")
+        raise SystemExit(f"error: --wandb_project: W&B login failed ({error_summary(e)}); run wandb login (or set "
+                         "WANDB_API_KEY), or set WANDB_MODE=offline to keep the logs on this machine")
+
+
+def error_summary(e):
+    """'Type: first line of the message' (at most 200 characters) of an error from another package."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
 
 
 def import_wandb():
@@ -656,7 +663,7 @@ def import_wandb():
         raise SystemExit("error: --wandb_project needs the wandb package: pip install wandb (then wandb login, "
                          "or set WANDB_MODE=offline to keep the logs on this machine)")
     except Exception as e:  # installed but broken (say, a clash with another package's pins)
-        raise SystemExit(f"error: --wandb_project: the wandb package does not import ({type(e).__name__}: {e})")
+        raise SystemExit(f"error: --wandb_project: the wandb package does not import ({error_summary(e)})")
     return wandb
 
 
@@ -883,8 +890,6 @@ def check_training_settings(cfg):
         raise SystemExit(f"error: --overwrite replaces the run in --output_dir, and none was given (a run named by "
                          f"--name never replaces one: it gets {cfg['name']}2, {cfg['name']}3...); give --output_dir "
                          f"{Path(cfg['model_dir']) / cfg['name']} to replace that run")
-    if cfg["wandb_project"]:
-        import_wandb()
     if cfg["refit"] and cfg["val_ratio"] == 0:
         raise SystemExit("error: --refit trains once more on every person after the validated training; with "
                          "--val_ratio 0 the run trains on every person already: drop --refit")
@@ -928,14 +933,14 @@ def main(cfg, given=None):
         if not (run_dir / "config.json").is_file():
             raise SystemExit(f"error: {run_dir} is not a run folder (no config.json)")
         cfg = resumed_config(cfg, given, saved_config(run_dir))
-        wandb_login(cfg)
+        check_wandb(cfg)
         device = resolve_device(cfg["device"])  # the run's own, unless --device was given
     else:
         device = resolve_device(cfg["device"])
         check_run_settings(cfg)
         check_data_paths(cfg)
         check_pseudo_settings(cfg)
-        wandb_login(cfg)
+        check_wandb(cfg)
         run_dir = make_run_dir(cfg)
         write_text_atomic(json.dumps(cfg, indent=2), run_dir / "config.json")
     setup_logging(run_dir / "train.log")

@@ -147,8 +147,8 @@ def test_predictions_are_not_written_into_another_runs_folder(data, run_dir, fol
     """They would replace that run's own predictions, which ensemble.py reads as the run's."""
     other = tmp_path / "other"
     shutil.copytree(folds_only_dir, other)
-    with pytest.raises(SystemExit, match=r"--output_dir .*other is another run's folder: its own predictions would be "
-                                         r"replaced by those of .*; give a folder of their own"):
+    with pytest.raises(SystemExit, match=r"--output_dir .*other is a folder of another run \(.*other\): its own "
+                                         r"predictions would be replaced by those of .*; give a folder of their own"):
         inference.main(make_inference_cfg(data, run_dir, other))
     assert not (other / "eval_probs.csv").exists()
     for stage in ("fold0", "fold1"):  # where ensemble.py reads a fold's own predictions
